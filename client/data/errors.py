@@ -22,6 +22,7 @@ REASON_CODES = {
     "no_sections": "the report has neither a FINDINGS nor an IMPRESSION section nor usable free text",
     "filtered_view": "the image's view position is outside the configured view filter",
     "unreadable_path": "the path cannot be opened (permissions, a symlink loop, an odd name)",
+    "internal_error": "an unexpected error while reading the file or report (a bug: see the detail and report it)",
 }
 
 

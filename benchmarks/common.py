@@ -1,0 +1,86 @@
+"""What several benchmark sections share: composing models offline, synthetic batches, step timing."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from shared_models.batch import collate
+from shared_models.config import compose
+from shared_models.factory import create_model
+from shared_models.synthetic_corpus import synthetic_reports
+from shared_models.vocab import CHEXPERT_LABELS, OBSERVATIONS, REGIONS, ZONE_ATLAS
+
+# The papers' text encoder (Bio_ClinicalBERT) is not on this machine: benchmark a random-init BERT of
+# the same shape instead (its vocabulary is the synthetic WordPiece one, smaller than Bio_ClinicalBERT's
+# 28996, which makes the impression decoder's output layer cheaper than in the paper setting).
+OFFLINE_TEXT = {
+    "resnet50_bert": [
+        "model.text.name=null",
+        "model.text.pretrained=false",
+        "+model.text.config={model_type: bert, hidden_size: 768, num_hidden_layers: 12, "
+        "num_attention_heads: 12, intermediate_size: 3072, max_position_embeddings: 512}",
+        "+model.text.tokenizer={vocab_size: 2000, num_reports: 2000, seed: 0}",
+    ],
+}
+OFFLINE_TEXT["vit_b16_bert"] = OFFLINE_TEXT["resnet50_bert"]
+
+
+def model_config(model: str, objective: str, extra: list[str] | None = None):
+    return compose([f"model={model}", f"objective={objective}", *OFFLINE_TEXT.get(model, []), *(extra or [])])
+
+
+def synthetic_samples(n: int, image_size: int, seed: int = 0) -> list[dict]:
+    """Dataset-shaped samples with random images and synthetic report text (no data set needed)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for i, text in enumerate(synthetic_reports(n, seed=seed)):
+        findings, impression = text.removeprefix("FINDINGS: ").split(" IMPRESSION: ")
+        sentences = [s.strip() + "." for s in findings.split(".") if s.strip()]
+        samples.append({
+            "image": torch.rand(1, image_size, image_size, generator=generator),
+            "patient_id": f"p{i}", "study_id": f"s{i}", "image_id": f"i{i}",
+            "findings": findings, "impression": impression, "report": text,
+            "sentences": sentences,
+            "sentence_regions": [int(torch.randint(len(REGIONS), (1,), generator=generator)) for _ in sentences],
+            "tags": torch.randint(-1, 2, (len(OBSERVATIONS),), generator=generator).float(),
+            "labels": torch.randint(0, 2, (len(CHEXPERT_LABELS),), generator=generator).float(),
+            "boxes": torch.tensor([ZONE_ATLAS[r] for r in REGIONS], dtype=torch.float32),
+        })
+    return samples
+
+
+def all_terms_step(cfg) -> int:
+    """A step at which every scheduled term of the objective is active."""
+    schedule = cfg.objective.get("schedule", {}) or {}
+    starts = [int(v) for v in (schedule.get("start_step", {}) or {}).values()]
+    return max([0, int(schedule.get("stage2_step", 0)), *starts]) + 1
+
+
+def time_train_step(model, batch: dict, step: int, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of forward + backward + AdamW step on one batch."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    times = []
+    for i in range(warmup + repeats):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        model(batch, step=step)["loss"].backward()
+        optimizer.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def make_batch(model, cfg, batch_size: int) -> dict:
+    samples = synthetic_samples(batch_size, int(cfg.model.image.img_size))
+    return collate(samples, model.tokenizer, int(cfg.model.text.max_length))
+
+
+def build(model_name: str, objective: str, extra: list[str] | None = None):
+    cfg = model_config(model_name, objective, extra)
+    torch.manual_seed(0)
+    return cfg, create_model(cfg)

@@ -1,0 +1,134 @@
+"""The torch Dataset over the catalog and the image cache: one sample per usable image."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from torch.utils.data import Dataset
+
+from client.data.cache import ImageCache
+from client.data.catalog import Catalog, Image, Study, labels_as_floats, open_catalog
+from client.data.transforms import EvalTransform, TrainTransform
+from shared_models.vocab import OBSERVATIONS, REGIONS, ZONE_ATLAS
+
+ATLAS_BOXES = torch.tensor([ZONE_ATLAS[region] for region in REGIONS], dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class StudyText:
+    findings: str
+    impression: str
+    report: str
+    sentences: list[str]
+    sentence_regions: list[int]
+    tags: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    image_id: str
+    study_id: str
+    patient_id: str
+    cache: tuple[int, int, int, int]                 # shard, offset, height, width
+    boxes: torch.Tensor                              # [len(REGIONS), 4] in the cached image
+
+
+def report_text(findings: str, impression: str, sentences: list[str]) -> str:
+    """Findings then impression; free-text reports (neither section) as their sentences."""
+    return " ".join(part for part in (findings, impression) if part) or " ".join(sentences)
+
+
+def boxes_for(image: Image) -> torch.Tensor:
+    """Region boxes in the cached image: the layout's own where given (moved through the crop), else the atlas."""
+    boxes = ATLAS_BOXES.clone()
+    if image.boxes and image.cols and image.rows:
+        x0, y0, x1, y1 = image.crop_x0, image.crop_y0, image.crop_x1, image.crop_y1
+        for region, (bx1, by1, bx2, by2) in image.boxes.items():
+            moved = [(bx1 * image.cols - x0) / (x1 - x0), (by1 * image.rows - y0) / (y1 - y0),
+                     (bx2 * image.cols - x0) / (x1 - x0), (by2 * image.rows - y0) / (y1 - y0)]
+            boxes[REGIONS.index(region)] = torch.tensor(moved).clamp(0.0, 1.0)
+    return boxes
+
+
+class CxrDataset(Dataset):
+    """Images with status `ok` whose study has a usable report, read from the cache.
+
+    `study_ids` / `patient_ids` restrict it (a site's partition); `site_transform(image, image_id)`
+    runs on the cached image before augmentation (the simulation's per-site scanner).
+    """
+
+    def __init__(self, catalog: Catalog | str | os.PathLike, cache_dir: str | os.PathLike,
+                 split: str | Iterable[str] | None = None, image_size: int = 224, train: bool = False,
+                 study_ids: Iterable[str] | None = None, patient_ids: Iterable[str] | None = None,
+                 site_transform: Callable[[torch.Tensor, str], torch.Tensor] | None = None):
+        self.cache = ImageCache(cache_dir)
+        self.transform = TrainTransform(image_size) if train else EvalTransform(image_size)
+        self.site_transform = site_transform
+        self.images, self.studies = self._load(catalog, split, study_ids, patient_ids)
+
+    def _load(self, catalog, split, study_ids, patient_ids) -> tuple[list[ImageEntry], dict[str, StudyText]]:
+        owned = not isinstance(catalog, Catalog)
+        catalog = open_catalog(catalog, readonly=True) if owned else catalog
+        query = (select(Image, Study).join(Study, Image.study_id == Study.id)
+                 .where(Image.status == "ok", Image.cache_shard.is_not(None), Study.report_status == "ok")
+                 .order_by(Image.study_id, Image.id))
+        if split is not None:
+            query = query.where(Study.split.in_([split] if isinstance(split, str) else list(split)))
+        if study_ids is not None:
+            query = query.where(Study.id.in_(list(study_ids)))
+        if patient_ids is not None:
+            query = query.where(Study.patient_id.in_(list(patient_ids)))
+        images, studies = [], {}
+        try:
+            with catalog.session() as session:
+                for image, study in session.execute(query):
+                    if study.id not in studies:
+                        studies[study.id] = self._study_text(study)
+                    images.append(ImageEntry(image.id, study.id, study.patient_id,
+                                             (image.cache_shard, image.cache_offset, image.cache_height,
+                                              image.cache_width), boxes_for(image)))
+        finally:
+            if owned:
+                catalog.close()
+        return images, studies
+
+    @staticmethod
+    def _study_text(study: Study) -> StudyText:
+        findings, impression, sentences = study.findings or "", study.impression or "", list(study.sentences or [])
+        tags = study.tags if study.tags is not None else [0.0] * len(OBSERVATIONS)
+        return StudyText(findings, impression, report_text(findings, impression, sentences), sentences,
+                         [int(r) for r in study.sentence_regions or [-1] * len(sentences)],
+                         torch.tensor(tags, dtype=torch.float32),
+                         torch.tensor(labels_as_floats(study.labels), dtype=torch.float32))
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [entry.patient_id for entry in self.images]
+
+    @property
+    def study_ids(self) -> list[str]:
+        return [entry.study_id for entry in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.images[index]
+        pixels = np.array(self.cache.read(*entry.cache))          # copy out of the read-only map
+        image = torch.from_numpy(pixels).to(torch.float32).div_(255.0)[None]
+        if self.site_transform is not None:
+            image = self.site_transform(image, entry.image_id)
+        image, boxes = self.transform(image, entry.boxes)
+        study = self.studies[entry.study_id]
+        return {
+            "image": image.clamp_(0.0, 1.0), "patient_id": entry.patient_id, "study_id": entry.study_id,
+            "image_id": entry.image_id, "findings": study.findings, "impression": study.impression,
+            "report": study.report, "sentences": list(study.sentences),
+            "sentence_regions": list(study.sentence_regions), "tags": study.tags.clone(),
+            "labels": study.labels.clone(), "boxes": boxes,
+        }

@@ -1,0 +1,209 @@
+"""Local training: k optimizer steps of a pre-training model on a site's data (no Flower here)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+
+@dataclass
+class TrainSettings:
+    """What one call of `train_steps` needs; built from the Hydra `train` group."""
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    amp: bool = True
+    num_workers: int = 0
+    log_every: int = 10
+    seed: int = 0
+    # Federated rounds continue one schedule across rounds: the cosine runs over total_steps
+    # starting at start_step; the centralized run has start_step 0 and total_steps == steps.
+    start_step: int = 0
+    total_steps: int | None = None
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 over the shared parameters
+
+    @classmethod
+    def from_config(cls, train_cfg, **overrides) -> "TrainSettings":
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in dict(train_cfg).items() if k in known}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int
+    seconds: float
+    loss_start: dict[str, float]
+    loss_end: dict[str, float]
+    loss_mean: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float) -> float:
+    """Linear warm-up then cosine decay to base_lr * min_lr_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    floor = base_lr * min_lr_ratio
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms and other 1-d parameters (as in CLIP/timm)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 else decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def endless_batches(loader: DataLoader) -> Iterator:
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the training data set is empty: no study has an ok image and a usable report")
+
+
+def move_to(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def proximal_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * ||w - w_anchor||^2 over the anchored (shared) parameters."""
+    params = dict(model.named_parameters())
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, ref in anchor.items():
+        param = params.get(name)
+        if param is not None and param.requires_grad:
+            total = total + (param - ref.to(param.device)).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def train_steps(
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    settings: TrainSettings,
+    device: torch.device | str = "cpu",
+    proximal_anchor: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Run `settings.steps` optimizer steps; returns per-term loss at start, end and on average.
+
+    Step numbers given to the model (its objective schedules) continue from `settings.start_step`.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    generator = seed_everything(settings.seed + settings.start_step)
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > settings.batch_size,
+        collate_fn=collate_fn,
+        num_workers=settings.num_workers,
+        generator=generator,
+        persistent_workers=settings.num_workers > 0,
+    )
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+    total_steps = settings.total_steps or (settings.start_step + settings.steps)
+    use_amp = settings.amp and device.type == "cuda"
+    batches = endless_batches(loader)
+
+    history: list[dict[str, float]] = []
+    examples = 0
+    started = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=description, disable=not progress, leave=False)
+    for i in bar:
+        step = settings.start_step + i
+        lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        terms_sum: dict[str, float] = {}
+        for _ in range(settings.grad_accum):
+            batch = move_to(next(batches), device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(batch, step=step)
+            loss = out["loss"]
+            if proximal_anchor is not None and settings.proximal_mu > 0:
+                loss = loss + proximal_penalty(model, proximal_anchor, settings.proximal_mu)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }; "
+                    "lower train.lr or check the data"
+                )
+            (loss / settings.grad_accum).backward()
+            examples += int(batch["images"].shape[0])
+            for name, value in out.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / settings.grad_accum
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], settings.grad_clip
+            )
+        optimizer.step()
+        terms_sum["lr"] = lr
+        history.append(terms_sum)
+        if progress and (i % max(1, settings.log_every) == 0 or i == settings.steps - 1):
+            bar.set_postfix(loss=f"{terms_sum['loss']:.3f}")
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=settings.steps,
+        examples=examples,
+        seconds=seconds,
+        loss_start=_window_mean(history, first=True),
+        loss_end=_window_mean(history, first=False),
+        loss_mean=_window_mean(history, first=True, window=len(history)),
+        history=history,
+    )
+
+
+def _window_mean(history: list[dict[str, float]], first: bool, window: int | None = None) -> dict[str, float]:
+    """Mean of each term over the first or last few steps (single steps are too noisy to compare)."""
+    if not history:
+        return {}
+    window = window or max(1, min(10, len(history) // 5 or 1))
+    rows = history[:window] if first else history[-window:]
+    names = {k for row in rows for k in row if k != "lr"}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(names)}

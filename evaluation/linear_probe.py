@@ -1,0 +1,143 @@
+"""Linear probe on frozen features: class-balanced logistic regression (full-batch L-BFGS) per label set."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluation.metrics import multiclass_accuracy, per_label_auc, spread
+from evaluation.sampling import sample_fraction
+
+
+@dataclass
+class ProbeSettings:
+    l2: float = 1e-2          # weight decay on the standardised-feature weights (not the bias)
+    max_iter: int = 200       # L-BFGS iterations; convex problem, converges well within this
+    balanced: bool = True     # weight each class so positives and negatives count equally
+
+
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    """Zero mean, unit variance with the training features' statistics, applied to every array."""
+    x = torch.as_tensor(np.ascontiguousarray(train, dtype=np.float32))
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    return [(torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32)) - mean) / std for a in (train, *others)]
+
+
+def _minimise(params: list[torch.Tensor], loss_fn, max_iter: int) -> None:
+    optimiser = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+
+
+def fit_multilabel(x: torch.Tensor, y: np.ndarray, settings: ProbeSettings) -> torch.nn.Linear:
+    """One logistic regression per column of y ([N, K], NaN = missing, left out of that column's loss)."""
+    target = torch.as_tensor(np.nan_to_num(y, nan=0.0), dtype=torch.float32)
+    known = torch.as_tensor(~np.isnan(y), dtype=torch.float32)
+    n_known = known.sum(0).clamp_min(1)
+    pos_share = (target * known).sum(0) / n_known
+    if settings.balanced:
+        # Each class gets half of the label's total weight; a label absent from a class keeps weight 0 there.
+        weight = torch.where(target > 0, 0.5 / pos_share.clamp_min(1e-12), 0.5 / (1 - pos_share).clamp_min(1e-12))
+    else:
+        weight = torch.ones_like(target)
+    weight = weight * known / n_known
+    head = torch.nn.Linear(x.shape[1], y.shape[1])
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+
+    def loss():
+        bce = F.binary_cross_entropy_with_logits(head(x), target, reduction="none")
+        return (weight * bce).sum() + 0.5 * settings.l2 * head.weight.pow(2).sum()
+
+    _minimise(list(head.parameters()), loss, settings.max_iter)
+    return head
+
+
+def fit_multiclass(x: torch.Tensor, y: np.ndarray, n_classes: int, settings: ProbeSettings) -> torch.nn.Linear:
+    """Softmax regression over integer classes y [N]."""
+    target = torch.as_tensor(y, dtype=torch.long)
+    counts = torch.bincount(target, minlength=n_classes).float()
+    class_weight = (len(target) / (n_classes * counts.clamp_min(1))) if settings.balanced else torch.ones(n_classes)
+    head = torch.nn.Linear(x.shape[1], n_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+
+    def loss():
+        return F.cross_entropy(head(x), target, weight=class_weight) + 0.5 * settings.l2 * head.weight.pow(2).sum()
+
+    _minimise(list(head.parameters()), loss, settings.max_iter)
+    return head
+
+
+def probe_multilabel(train_x, train_y, test_x, test_y, names: Sequence[str], settings: ProbeSettings = ProbeSettings()):
+    """Train on (train_x, train_y), score test_x; returns {"mean_auc", "per_label", "skipped", "scores"}.
+
+    A label with one class among the training rows cannot be learned and is skipped (with the
+    reason), as is a label with one class in the test set."""
+    train_y, test_y = np.asarray(train_y, dtype=np.float64), np.asarray(test_y, dtype=np.float64)
+    xtr, xte = standardise(train_x, test_x)
+    head = fit_multilabel(xtr, train_y, settings)
+    with torch.no_grad():
+        scores = torch.sigmoid(head(xte)).numpy()
+    aucs, skipped = per_label_auc(test_y, scores, names)
+    for k, name in enumerate(names):
+        column = train_y[:, k][~np.isnan(train_y[:, k])]
+        if len(np.unique(column)) < 2:
+            aucs.pop(name, None)
+            skipped[name] = f"one class only in the training sample ({int(column.sum())} positive of {len(column)})"
+    mean_auc = float(np.mean(list(aucs.values()))) if aucs else math.nan
+    return {"mean_auc": mean_auc, "per_label": aucs, "skipped": skipped, "scores": scores}
+
+
+def probe_multiclass(train_x, train_y, test_x, test_y, classes: Sequence[str], settings: ProbeSettings = ProbeSettings()):
+    """Softmax probe; returns {"accuracy", "mean_auc" (one-vs-rest, macro), "per_label", "skipped", "scores"}."""
+    xtr, xte = standardise(train_x, test_x)
+    head = fit_multiclass(xtr, np.asarray(train_y), len(classes), settings)
+    with torch.no_grad():
+        scores = torch.softmax(head(xte), dim=1).numpy()
+    test_y = np.asarray(test_y)
+    one_hot = (test_y[:, None] == np.arange(len(classes))[None, :]).astype(np.float64)
+    aucs, skipped = per_label_auc(one_hot, scores, classes)
+    mean_auc = float(np.mean(list(aucs.values()))) if aucs else math.nan
+    return {"accuracy": multiclass_accuracy(test_y, scores), "mean_auc": mean_auc, "per_label": aucs,
+            "skipped": skipped, "scores": scores}
+
+
+def run_linear_probe(train_x, train_y, train_patients: Sequence[str], test_x, test_y, names: Sequence[str],
+                     fractions: Sequence[float], seeds: Sequence[int], multiclass: bool = False,
+                     settings: ProbeSettings = ProbeSettings()) -> tuple[dict, dict]:
+    """Probe at each label fraction (patients sampled per seed) -> (contract JSON, seed-0 test scores per fraction).
+
+    JSON per fraction (key `str(fraction)`): mean_auc {mean, std, per_seed}, per_label {label: {mean, std}},
+    accuracy {mean, std, per_seed} for multi-class sets, train_images per seed, skipped {label: reason}."""
+    train_x, train_y = np.asarray(train_x), np.asarray(train_y)
+    probe = probe_multiclass if multiclass else probe_multilabel
+    results, first_scores = {}, {}
+    for fraction in fractions:
+        runs = []
+        for seed in seeds:
+            rows = sample_fraction(train_patients, fraction, seed)
+            runs.append((len(rows), probe(train_x[rows], train_y[rows], test_x, test_y, names, settings)))
+        first_scores[str(fraction)] = runs[0][1]["scores"]
+        entry = {
+            "mean_auc": spread([r["mean_auc"] for _, r in runs]),
+            "per_label": {n: {k: v for k, v in spread([r["per_label"].get(n, math.nan) for _, r in runs]).items()
+                              if k != "per_seed"} for n in names},
+            "train_images": [n for n, _ in runs],
+            "skipped": {n: why for _, r in runs for n, why in r["skipped"].items()},
+        }
+        if multiclass:
+            entry["accuracy"] = spread([r["accuracy"] for _, r in runs])
+        results[str(fraction)] = entry
+    return results, first_scores
+

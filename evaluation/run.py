@@ -1,0 +1,175 @@
+"""`python -m evaluation.run checkpoint=PATH|random task=... data=...`: evaluate one checkpoint's encoders downstream."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from evaluation.data import EvalSet, attach_masks, load_split, prepare_catalog, use_truth_labels
+from evaluation.linear_probe import ProbeSettings, run_linear_probe
+from evaluation.report import TASKS, plot_dice_histogram, plot_overlays, plot_roc_curves, write_results
+from evaluation.retrieval import evaluate_retrieval
+from evaluation.segmentation import SegmentationSettings, run_segmentation
+from evaluation.zero_shot import evaluate_zero_shot, load_prompts, zero_shot_scores
+from shared_models.vocab import CHEXPERT_LABELS
+
+log = logging.getLogger("evaluation")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Pyramid(nn.Module):
+    """The image encoder seen as a pyramid function (an nn.Module, so segmentation can fine-tune it)."""
+
+    def __init__(self, image_encoder: nn.Module):
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.image_encoder(images).pyramid
+
+
+def load_model(cfg: DictConfig):
+    """(model, name): the checkpoint's model, or `random`, the configured model untrained (seeded)."""
+    from shared_models.checkpoint import load_checkpoint
+    from shared_models.factory import create_model
+
+    if str(cfg.checkpoint) == "random":
+        torch.manual_seed(cfg.seed)
+        return create_model(cfg).eval(), "random"
+    model, _ = load_checkpoint(cfg.checkpoint)   # raises CheckpointError naming what is wrong
+    return model.eval(), str(cfg.checkpoint)
+
+
+@torch.no_grad()
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    return torch.cat([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+
+
+def text_encoder_fn(model, max_length: int) -> Callable[[list[str]], torch.Tensor]:
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = model.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    return encode
+
+
+def probe_label_names(cfg: DictConfig, train: EvalSet) -> list[str]:
+    """Configured labels, or every CheXpert label with both classes among the training images."""
+    if cfg.probe.labels:
+        unknown = sorted(set(cfg.probe.labels) - set(CHEXPERT_LABELS))
+        if unknown:
+            raise ValueError(f"probe.labels {unknown} are not CheXpert labels {CHEXPERT_LABELS}")
+        return list(cfg.probe.labels)
+    return [n for k, n in enumerate(CHEXPERT_LABELS) if len(np.unique(train.labels[~np.isnan(train.labels[:, k]), k])) == 2]
+
+
+def columns(labels: np.ndarray, names: list[str]) -> np.ndarray:
+    return labels[:, [CHEXPERT_LABELS.index(n) for n in names]]
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def linear_probe_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
+    names = probe_label_names(cfg, train)
+    features = lambda images: model.image_encoder(images).global_emb   # noqa: E731 - backbone features, as MGCA
+    settings = ProbeSettings(l2=cfg.probe.l2, max_iter=cfg.probe.max_iter, balanced=cfg.probe.balanced)
+    results, scores = run_linear_probe(batched(features, train.images), columns(train.labels, names),
+                                       train.patient_ids, batched(features, test.images), columns(test.labels, names),
+                                       names, list(cfg.label_fraction), list(range(cfg.seeds)), settings=settings)
+    for fraction, fraction_scores in scores.items():
+        plot_roc_curves(run_dir / f"roc_linear_probe_{fraction}.png", columns(test.labels, names), fraction_scores,
+                        names, title=f"linear probe, {fraction} of training patients (seed 0)")
+    return results
+
+
+def zero_shot_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
+    prompts, temperature = load_prompts(PROJECT_ROOT / cfg.zero_shot.prompts)
+    names = [n for n in CHEXPERT_LABELS if n in prompts]
+    scores = zero_shot_scores(batched(model.encode_image, test.images), text_encoder_fn(model, cfg.model.text.max_length),
+                              prompts, names, temperature)
+    labels = columns(test.labels, names)
+    plot_roc_curves(run_dir / "roc_zero_shot.png", labels, scores, names, title="zero-shot")
+    return evaluate_zero_shot(scores, labels, names, cfg.zero_shot.threshold)
+
+
+def segmentation_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
+    seg = cfg.segmentation
+    settings = SegmentationSettings(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, width=seg.width,
+                                    bce_weight=seg.bce_weight, threshold=seg.threshold, fine_tune=seg.fine_tune,
+                                    encoder_lr=seg.encoder_lr)
+    pyramid = Pyramid(model.image_encoder)
+    results, details = run_segmentation(
+        pyramid, model.image_encoder.pyramid_channels, train.images, torch.as_tensor(train.masks[:, None]).float(),
+        train.patient_ids, test.images, test.masks, list(cfg.label_fraction), list(range(cfg.seeds)), settings)
+    for fraction, detail in details.items():
+        plot_dice_histogram(run_dir / f"dice_{fraction}.png", detail["dice"],
+                            title=f"Dice per image, {fraction} of training patients (seed 0)")
+        plot_overlays(run_dir / f"overlays_{fraction}.png", test.images.numpy(), test.masks, detail["probabilities"],
+                      count=seg.overlays, threshold=seg.threshold)
+    return results
+
+
+def retrieval_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
+    rows = test.one_per_study()
+    images = batched(model.encode_image, test.images[torch.as_tensor(rows)])
+    texts = text_encoder_fn(model, cfg.model.text.max_length)([test.reports[i] for i in rows]).numpy()
+    return evaluate_retrieval(images, texts, tuple(cfg.retrieval.ks))
+
+
+TASK_RUNNERS = {"linear_probe": linear_probe_task, "zero_shot": zero_shot_task,
+                "segmentation": segmentation_task, "retrieval": retrieval_task}
+
+
+def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> dict:
+    """Run the configured task(s) and write results.json, results.md and the plots into run_dir.
+
+    `data_name` is what results.json calls the data (the Hydra `data=` choice); default the layout."""
+    tasks = list(TASKS) if cfg.task == "all" else [cfg.task]
+    unknown = [t for t in tasks if t not in TASK_RUNNERS]
+    if unknown:
+        raise ValueError(f"task={cfg.task!r} is not one of {sorted(TASK_RUNNERS)} or 'all'")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    model, name = load_model(cfg)
+    catalog, cache = prepare_catalog(cfg.data)
+    size = model.image_encoder.img_size
+    train = load_split(catalog, cache, cfg.eval_split.train, size, cfg.uncertain)
+    test = load_split(catalog, cache, cfg.eval_split.test, size, cfg.uncertain)
+    if Path(cfg.data.root, "ground_truth.json").is_file():
+        for split in (train, test):   # the phantom's true labels, not those its reports state
+            use_truth_labels(split, Path(cfg.data.root))
+    if "segmentation" in tasks:
+        for split in (train, test):
+            attach_masks(split, cfg.data, catalog, cfg.segmentation.target)
+    results = {"checkpoint": name, "data": data_name or str(cfg.data.layout),
+               "images": {"train": len(train), "test": len(test)}, "seconds": {}}
+    for task in tasks:
+        start = time.perf_counter()
+        results[task] = TASK_RUNNERS[task](model, train, test, cfg, run_dir)
+        results["seconds"][task] = round(time.perf_counter() - start, 2)
+        log.info("%s done in %.1f s", task, results["seconds"][task])
+    write_results(run_dir, results)
+    return results
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    evaluate(cfg, run_dir, data_name=hydra_cfg.runtime.choices.get("data"))
+    print((run_dir / "results.md").read_text())
+    print(f"results: {run_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Combining the sites' shared parameters into the next global model (numpy only, no Flower)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+Update = tuple[Params, int]  # (shared parameters, number of examples)
+
+
+def validate_update(update: Params, reference: Params) -> list[str]:
+    """Everything wrong with a site's update compared with the global shared parameters (empty: fine)."""
+    problems = []
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing:
+        problems.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} parameter(s): {', '.join(extra[:5])}")
+    for name in sorted(set(update) & set(reference)):
+        value, ref = np.asarray(update[name]), reference[name]
+        if value.shape != ref.shape:
+            problems.append(f"{name}: shape {value.shape}, expected {ref.shape}")
+        elif value.dtype != ref.dtype:
+            problems.append(f"{name}: dtype {value.dtype}, expected {ref.dtype}")
+        elif np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            problems.append(f"{name}: {int((~np.isfinite(value)).sum())} NaN/Inf value(s)")
+    return problems
+
+
+def _stack(updates: list[Update], name: str) -> np.ndarray:
+    return np.stack([params[name] for params, _ in updates]).astype(np.float64)
+
+
+def _cast_like(combined: dict[str, np.ndarray], updates: list[Update]) -> Params:
+    first = updates[0][0]
+    return {name: value.astype(first[name].dtype) for name, value in combined.items()}
+
+
+def weighted_mean(updates: list[Update]) -> Params:
+    """FedAvg: the mean of the sites' parameters weighted by their numbers of examples."""
+    weights = np.array([n for _, n in updates], dtype=np.float64)
+    if weights.sum() <= 0:
+        raise ValueError(f"FedAvg needs a positive number of examples, got {weights.tolist()}")
+    weights /= weights.sum()
+    combined = {name: np.tensordot(weights, _stack(updates, name), axes=1) for name in updates[0][0]}
+    return _cast_like(combined, updates)
+
+
+def coordinate_median(updates: list[Update]) -> Params:
+    """Coordinate-wise median: robust to a minority of arbitrary updates; ignores example counts."""
+    return _cast_like({name: np.median(_stack(updates, name), axis=0) for name in updates[0][0]}, updates)
+
+
+def trimmed_mean(updates: list[Update], trim_fraction: float = 0.2) -> Params:
+    """Coordinate-wise mean after dropping the `trim_fraction` largest and smallest values of each coordinate."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"federation.trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    cut = int(len(updates) * trim_fraction)
+    combined = {}
+    for name in updates[0][0]:
+        values = np.sort(_stack(updates, name), axis=0)
+        combined[name] = values[cut : len(updates) - cut].mean(axis=0)
+    return _cast_like(combined, updates)
+
+
+@dataclass
+class ServerOptimizer:
+    """FedAdam / FedYogi (Reddi et al. 2021): an adaptive step on the pseudo-gradient mean(update) - global.
+
+    Its moments carry across rounds and are checkpointed with the global model (`state_dict`).
+    """
+
+    kind: str = "adam"  # "adam" | "yogi"
+    lr: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    m: Params = field(default_factory=dict)
+    v: Params = field(default_factory=dict)
+    steps: int = 0
+
+    def step(self, global_params: Params, averaged: Params) -> Params:
+        new = {}
+        for name, current in global_params.items():
+            delta = averaged[name].astype(np.float64) - current.astype(np.float64)
+            m = self.beta1 * self.m.get(name, np.zeros_like(delta)) + (1 - self.beta1) * delta
+            v_prev = self.v.get(name, np.full_like(delta, self.tau**2))
+            if self.kind == "yogi":
+                v = v_prev - (1 - self.beta2) * delta**2 * np.sign(v_prev - delta**2)
+            else:
+                v = self.beta2 * v_prev + (1 - self.beta2) * delta**2
+            self.m[name], self.v[name] = m, v
+            new[name] = (current + self.lr * m / (np.sqrt(v) + self.tau)).astype(current.dtype)
+        self.steps += 1
+        return new
+
+    def state_dict(self) -> Params:
+        state = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
+        return state | {"steps": np.array(self.steps, dtype=np.int64)}
+
+    def load_state_dict(self, state: Params) -> None:
+        self.m = {k[2:]: v for k, v in state.items() if k.startswith("m.")}
+        self.v = {k[2:]: v for k, v in state.items() if k.startswith("v.")}
+        self.steps = int(state.get("steps", 0))
+
+
+# strategy name -> how the accepted updates become one set of parameters
+COMBINERS: dict[str, Callable[..., Params]] = {
+    "fedavg": weighted_mean,
+    "fedprox": weighted_mean,  # FedProx differs only in the sites' proximal term
+    "fedadam": weighted_mean,
+    "fedyogi": weighted_mean,
+    "median": coordinate_median,
+    "trimmed_mean": trimmed_mean,
+}
+SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi"}
+
+
+@dataclass
+class Aggregator:
+    """One federation's aggregation rule, built from the `federation` config group."""
+
+    strategy: str = "fedavg"
+    trim_fraction: float = 0.2
+    optimizer: ServerOptimizer | None = None
+
+    @classmethod
+    def from_config(cls, fed) -> "Aggregator":
+        if fed.strategy not in COMBINERS:
+            raise ValueError(f"federation.strategy={fed.strategy!r} is unknown; choose one of {sorted(COMBINERS)}")
+        optimizer = None
+        if fed.strategy in SERVER_OPTIMIZERS:
+            optimizer = ServerOptimizer(
+                SERVER_OPTIMIZERS[fed.strategy], lr=fed.server_lr, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau
+            )
+        return cls(fed.strategy, fed.trim_fraction, optimizer)
+
+    def __call__(self, global_params: Params, updates: list[Update]) -> Params:
+        if not updates:
+            raise ValueError("no valid update to aggregate")
+        combine = COMBINERS[self.strategy]
+        combined = combine(updates, self.trim_fraction) if combine is trimmed_mean else combine(updates)
+        return self.optimizer.step(global_params, combined) if self.optimizer else combined

@@ -1,0 +1,183 @@
+"""The coordinator's Flower ServerApp: sends rounds, checks and aggregates replies, checkpoints, records."""
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from server.aggregation import Aggregator, validate_update
+from server.checkpoints import discard_after, load_latest_valid, save_round
+from server.registry import Registry
+from server.rounds import round_config
+from shared_models.config import compose, config_hash, fingerprints
+
+log = logging.getLogger("fedcxr.server")
+app = ServerApp()
+
+
+def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in params.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
+    """Push `messages` and collect replies until all have come back or `timeout_s` has passed."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if pending:
+            time.sleep(poll_s)
+    return replies
+
+
+def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
+    deadline = time.monotonic() + float(fed.wait_for_sites_s)
+    while len(nodes := sorted(grid.get_node_ids())) < int(fed.min_sites):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} SuperNode(s) connected after {fed.wait_for_sites_s} s; "
+                               f"federation.min_sites={fed.min_sites}")
+        time.sleep(float(fed.poll_s))
+    return nodes
+
+
+def initial_parameters(grid: Grid, node: int, config: dict, fed: DictConfig) -> dict[str, np.ndarray]:
+    """Ask one site for the seeded initial shared parameters (the model is built where its code lives)."""
+    message = Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node,
+                      message_type=MessageType.QUERY, ttl=float(fed.round_timeout_s))
+    replies = exchange(grid, [message], float(fed.round_timeout_s), float(fed.poll_s))
+    if not replies or replies[0].has_error():
+        reason = replies[0].error.reason if replies else f"no reply within {fed.round_timeout_s} s"
+        raise RuntimeError(f"could not get the initial shared parameters from node {node}: {reason}")
+    return from_record(replies[0].content["arrays"])
+
+
+def _weighted_metrics(accepted: list[tuple[str, dict, int]]) -> dict[str, float]:
+    total = sum(n for _, _, n in accepted)
+    names = set.intersection(*(set(m) for _, m, _ in accepted))
+    return {k: sum(m[k] * n for _, m, n in accepted) / total for k in sorted(names)} | {"examples": total}
+
+
+class Federation:
+    """One run: resume or start, then rounds until `federation.rounds`."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig, flwr_run_id: int | None = None):
+        self.grid, self.cfg, self.fed = grid, cfg, cfg.federation
+        self.flwr_run_id = str(flwr_run_id) if flwr_run_id is not None else None
+        self.name = self.fed.run_name or time.strftime("%Y-%m-%d_%H-%M-%S")
+        self.run_dir = Path(self.fed.output_dir) / self.name
+        self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
+        self.aggregator = Aggregator.from_config(self.fed)
+        self.fingerprints = fingerprints(cfg)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config_hash = config_hash(cfg)
+
+    def _starting_point(self) -> tuple[int, dict[str, np.ndarray] | None]:
+        latest = load_latest_valid(self.run_dir)
+        if not self.fed.resume:
+            if latest is not None:
+                raise RuntimeError(f"{self.run_dir} already has checkpoints up to round {latest.round}; set "
+                                   "federation.resume=true to continue it, or choose another federation.run_name")
+            return 1, None
+        if latest is None:
+            raise RuntimeError(f"federation.resume=true but {self.run_dir} has no complete checkpoint to resume from")
+        if latest.meta.get("fingerprints") != self.fingerprints:
+            raise RuntimeError(f"cannot resume {self.name}: model/tokenizer/objective changed since round "
+                               f"{latest.round} ({latest.meta.get('fingerprints')} != {self.fingerprints})")
+        discard_after(self.run_dir, latest.round)
+        if self.aggregator.optimizer is not None:
+            self.aggregator.optimizer.load_state_dict(latest.server_state)
+        log.info("resuming run %s after its last complete round %d", self.name, latest.round)
+        return latest.round + 1, latest.params
+
+    def run(self) -> None:
+        start, params = self._starting_point()
+        self.registry.start_run(self.name, self.flwr_run_id, int(self.fed.rounds), self.config, self.config_hash)
+        try:
+            nodes = wait_for_sites(self.grid, self.fed)
+            if params is None:
+                params = initial_parameters(self.grid, nodes[0], self._round_config(0), self.fed)
+            for round_ in range(start, int(self.fed.rounds) + 1):
+                params = self.round(round_, params)
+        except Exception as err:
+            self.registry.finish_run(self.name, error=str(err))
+            raise
+        self.registry.finish_run(self.name)
+        log.info("run %s finished: %d rounds, checkpoint at %s", self.name, self.fed.rounds, self.run_dir / "checkpoint")
+
+    def _round_config(self, round_: int) -> dict:
+        return round_config(self.cfg, round_, self.name, self.fingerprints)
+
+    def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.monotonic()
+        nodes = wait_for_sites(self.grid, self.fed)
+        content = RecordDict({"arrays": to_record(params), "config": ConfigRecord(self._round_config(round_))})
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
+                            ttl=float(self.fed.round_timeout_s)) for node in nodes]
+        bytes_sent = len(nodes) * content["arrays"].count_bytes()
+        replies = exchange(self.grid, messages, float(self.fed.round_timeout_s), float(self.fed.poll_s))
+
+        accepted, bytes_received = [], 0
+        for node in sorted(set(nodes) - {r.metadata.src_node_id for r in replies}):
+            self._reject(round_, f"node {node}", node, [f"no reply within {self.fed.round_timeout_s} s"])
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self._reject(round_, f"node {node}", node, [f"site refused or failed: {reply.error.reason}"])
+                continue
+            site = str(reply.content["site"]["name"])
+            update = from_record(reply.content["arrays"])
+            metrics = dict(reply.content["metrics"])
+            bytes_received += reply.content["arrays"].count_bytes()
+            examples = int(metrics.pop("examples", 0))
+            problems = validate_update(update, params) + ([] if examples > 0 else [f"examples = {examples}"])
+            if problems:
+                self._reject(round_, site, node, problems)
+                continue
+            accepted.append((site, node, update, examples, metrics))
+            self.registry.add_site_metrics(self.name, round_, site, node, examples, metrics)
+
+        round_fields = dict(sites_asked=len(nodes), sites_accepted=len(accepted), bytes_sent=bytes_sent,
+                            bytes_received=bytes_received)
+        if len(accepted) < int(self.fed.min_sites):
+            self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
+                                    seconds=time.monotonic() - started, **round_fields)
+            raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), federation.min_sites="
+                               f"{self.fed.min_sites}; the run can resume from round {round_ - 1} with federation.resume=true")
+
+        params = self.aggregator(params, [(update, n) for _, _, update, n, _ in accepted])
+        metrics = _weighted_metrics([(site, m, n) for site, _, _, n, m in accepted])
+        seconds = time.monotonic() - started
+        meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
+                "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
+                "sites": {site: n for site, _, _, n, _ in accepted}, "shared": sorted(params), "config": self.config}
+        folder, written = save_round(self.run_dir, round_, params, meta,
+                                     self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None)
+        self.registry.add_checkpoint(self.name, round_, folder, written["sha256"]["model.safetensors"])
+        self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds, **round_fields)
+        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        log.info("round %d/%d: %d/%d sites%s, %.1f s", round_, self.fed.rounds, len(accepted), len(nodes), loss, seconds)
+        return params
+
+    def _reject(self, round_: int, site: str, node: int, problems: list[str]) -> None:
+        log.warning("round %d: update from site %s rejected: %s", round_, site, "; ".join(problems))
+        self.registry.add_rejection(self.name, round_, site, node, problems)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    Federation(grid, compose(overrides), flwr_run_id=context.run_id).run()

@@ -1,0 +1,109 @@
+"""Per-round checkpoints of the global shared parameters: atomic writes, hash-checked loads."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+SERVER_STATE_FILE = "server_state.safetensors"  # FedAdam/FedYogi moments
+META_FILE = "meta.json"
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    path: Path
+    params: dict[str, np.ndarray]
+    meta: dict
+    server_state: dict[str, np.ndarray]
+
+
+def round_dir(run_dir: Path, round_: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round_{round_:04d}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` is either the old file or the complete new one, even after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_round(
+    run_dir: Path,
+    round_: int,
+    params: dict[str, np.ndarray],
+    meta: dict,
+    server_state: dict[str, np.ndarray] | None = None,
+) -> tuple[Path, dict]:
+    """Write round `round_`'s checkpoint folder (meta.json last: it marks completeness), refresh checkpoint/;
+    returns the folder and the meta written (with the files' sha256)."""
+    folder = round_dir(run_dir, round_)
+    files = {MODEL_FILE: save_safetensors({k: np.ascontiguousarray(v) for k, v in params.items()})}
+    if server_state:
+        files[SERVER_STATE_FILE] = save_safetensors({k: np.ascontiguousarray(v) for k, v in server_state.items()})
+    for name, data in files.items():
+        write_atomic(folder / name, data)
+    meta = dict(meta, round=round_, sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+    meta_bytes = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
+    write_atomic(folder / META_FILE, meta_bytes)
+
+    latest = Path(run_dir) / "checkpoint"
+    for name, data in [*files.items(), (META_FILE, meta_bytes)]:
+        write_atomic(latest / name, data)
+    for stale in {SERVER_STATE_FILE} - set(files):
+        (latest / stale).unlink(missing_ok=True)
+    return folder, meta
+
+
+def _read_verified(folder: Path) -> Checkpoint:
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path} is missing (the round did not finish writing)")
+    meta = json.loads(meta_path.read_text())
+    loaded = {}
+    for name, expected in meta["sha256"].items():
+        data = (folder / name).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{folder / name} has sha256 {actual[:12]}…, meta.json says {expected[:12]}… (truncated or altered)")
+        loaded[name] = load_safetensors(data)
+    return Checkpoint(int(meta["round"]), folder, loaded[MODEL_FILE], meta, loaded.get(SERVER_STATE_FILE, {}))
+
+
+def load_latest_valid(run_dir: Path) -> Checkpoint | None:
+    """The newest round whose files match their recorded hashes; damaged rounds are logged and skipped."""
+    folders = sorted((Path(run_dir) / "checkpoints").glob("round_[0-9][0-9][0-9][0-9]"), reverse=True)
+    for folder in folders:
+        try:
+            return _read_verified(folder)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            log.error("checkpoint %s is unusable, falling back to the previous round: %s", folder, err)
+    return None
+
+
+def discard_after(run_dir: Path, round_: int) -> None:
+    """Remove round folders newer than `round_` (damaged or from an abandoned attempt) before resuming."""
+    for folder in (Path(run_dir) / "checkpoints").glob("round_[0-9][0-9][0-9][0-9]"):
+        if int(folder.name.split("_")[1]) > round_:
+            shutil.rmtree(folder)

@@ -1,0 +1,161 @@
+"""The run registry: runs, rounds, per-site metrics, checkpoints and rejected updates (no patient or study ids)."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import JSON, ForeignKey, Integer, String, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    flwr_run_id: Mapped[str | None]
+    status: Mapped[str] = mapped_column(default="running")  # running | finished | failed
+    rounds_planned: Mapped[int]
+    config_hash: Mapped[str]
+    config: Mapped[dict] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(default=_now)
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None]
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run: Mapped[str] = mapped_column(ForeignKey("runs.name"))
+    round: Mapped[int]
+    status: Mapped[str]  # complete | too_few_sites
+    sites_asked: Mapped[int]
+    sites_accepted: Mapped[int]
+    seconds: Mapped[float]
+    bytes_sent: Mapped[int]
+    bytes_received: Mapped[int]
+    metrics: Mapped[dict] = mapped_column(JSON)
+    finished_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class SiteMetrics(Base):
+    __tablename__ = "site_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run: Mapped[str] = mapped_column(ForeignKey("runs.name"))
+    round: Mapped[int]
+    site: Mapped[str]
+    node_id: Mapped[str]
+    examples: Mapped[int]
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run: Mapped[str] = mapped_column(ForeignKey("runs.name"))
+    round: Mapped[int]
+    path: Mapped[str]
+    sha256: Mapped[str]
+
+
+class Rejection(Base):
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run: Mapped[str] = mapped_column(ForeignKey("runs.name"))
+    round: Mapped[int]
+    site: Mapped[str]
+    node_id: Mapped[str]
+    problems: Mapped[list] = mapped_column(JSON)
+
+
+def open_engine(url_or_path: str | Path) -> Engine:
+    """An engine for an SQLAlchemy URL or a plain file path (SQLite in WAL mode, shared by several processes)."""
+    text = str(url_or_path)
+    if "://" not in text:
+        Path(text).parent.mkdir(parents=True, exist_ok=True)
+        text = f"sqlite:///{Path(text).resolve()}"
+    engine = create_engine(text, connect_args={"timeout": 30} if text.startswith("sqlite") else {})
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class Registry:
+    """Writes and reads one registry database; every method is one short transaction."""
+
+    def __init__(self, url_or_path: str | Path):
+        self.engine = open_engine(url_or_path)
+
+    def start_run(self, name: str, flwr_run_id: str | None, rounds: int, config: dict, config_hash: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            run = session.get(Run, name)
+            if run is None:
+                session.add(Run(name=name, flwr_run_id=flwr_run_id, rounds_planned=rounds, config=config, config_hash=config_hash))
+            else:  # a resumed run keeps its history
+                run.status, run.flwr_run_id, run.rounds_planned, run.error = "running", flwr_run_id, rounds, None
+
+    def finish_run(self, name: str, error: str | None = None) -> None:
+        with Session(self.engine) as session, session.begin():
+            run = session.get(Run, name)
+            run.status, run.error, run.finished_at = ("failed" if error else "finished"), error, _now()
+
+    def add_round(self, run: str, round_: int, **fields) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(Round(run=run, round=round_, **fields))
+
+    def add_site_metrics(self, run: str, round_: int, site: str, node_id: int, examples: int, metrics: dict) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(SiteMetrics(run=run, round=round_, site=site, node_id=str(node_id), examples=examples, metrics=metrics))
+
+    def add_checkpoint(self, run: str, round_: int, path: Path, sha256: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(CheckpointRow(run=run, round=round_, path=str(path), sha256=sha256))
+
+    def add_rejection(self, run: str, round_: int, site: str, node_id: int, problems: list[str]) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(Rejection(run=run, round=round_, site=site, node_id=str(node_id), problems=problems))
+
+    def runs(self) -> list[Run]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(select(Run).order_by(Run.started_at)))
+
+    def describe(self, name: str) -> dict:
+        """Everything recorded about one run, as plain data."""
+        with Session(self.engine) as session:
+            run = session.get(Run, name)
+            if run is None:
+                known = ", ".join(r.name for r in session.scalars(select(Run))) or "none"
+                raise KeyError(f"no run named {name!r} in the registry (known: {known})")
+
+            def rows(model):
+                query = select(model).where(model.run == name).order_by(model.round, model.id)
+                return [{c.name: getattr(r, c.name) for c in model.__table__.columns if c.name not in ("id", "run")}
+                        for r in session.scalars(query)]
+
+            return {
+                "run": {c.name: getattr(run, c.name) for c in Run.__table__.columns if c.name != "config"},
+                "rounds": rows(Round),
+                "site_metrics": rows(SiteMetrics),
+                "checkpoints": rows(CheckpointRow),
+                "rejections": rows(Rejection),
+            }
+
+
+def to_json(data) -> str:
+    return json.dumps(data, indent=2, default=str)

@@ -1,0 +1,51 @@
+"""Composing the run configuration from `configs/` the same way in every entry point and process."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """The composed config for these Hydra overrides, outside a Hydra app (ServerApp, ClientApp, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def hydra_entry(command: str, task: Callable[[DictConfig], object]) -> None:
+    """Run `task` as a Hydra app whose run directory is outputs/<command>/<timestamp>/."""
+    import hydra
+
+    if not any(arg.startswith("hydra.job.name=") for arg in sys.argv[1:]):
+        sys.argv.insert(1, f"hydra.job.name={command}")
+    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
+
+
+def config_hash(section: DictConfig | dict | None) -> str:
+    """A stable short hash of a config section (sites compare these before training)."""
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    payload = json.dumps(section, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+# What a site checks against the round message before training (federation helper; the tokenizer entry
+# hashes the tokenizer's spec: swap in shared_models.tokenizer.tokenizer_hash of the built one when wired).
+FINGERPRINTED = {"model": "model", "objective": "objective", "tokenizer": "model.text.tokenizer"}
+
+
+def fingerprints(cfg: DictConfig) -> dict[str, str]:
+    """Hashes of the model config, tokenizer and objective that the coordinator and every site must share."""
+    return {name: config_hash(OmegaConf.select(cfg, path)) for name, path in FINGERPRINTED.items()}

@@ -1,0 +1,41 @@
+"""Build the pre-training model (and its tokenizer) from the composed config's `model` and `objective`."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from shared_models.image_encoder import ImageEncoder
+from shared_models.model import PretrainModel
+from shared_models.text_encoder import TextEncoder
+from shared_models.tokenizer import build_tokenizer
+
+
+def as_dict(section: DictConfig | dict) -> dict:
+    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+
+
+def create_text_encoder(text_cfg: dict, tokenizer: PreTrainedTokenizerBase) -> TextEncoder:
+    config = text_cfg.get("config")
+    if config is not None:
+        # A random-init encoder's embedding table is sized by its (trained) tokenizer.
+        config = {**config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    return TextEncoder(
+        name=None if config is not None else text_cfg["name"],
+        config=config,
+        pretrained=text_cfg.get("pretrained", False),
+        freeze_layers=text_cfg.get("freeze_layers", 0),
+        truncate_layers=text_cfg.get("truncate_layers"),
+    )
+
+
+def create_model(cfg: DictConfig | dict, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainModel:
+    """`PretrainModel` for `cfg.model` + `cfg.objective`; pass `tokenizer` when it comes from a checkpoint."""
+    model_cfg, objective = as_dict(cfg["model"]), as_dict(cfg["objective"])
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg["text"])
+    return PretrainModel(
+        image_encoder=ImageEncoder(**model_cfg["image"]),
+        text_encoder=create_text_encoder(model_cfg["text"], tokenizer),
+        tokenizer=tokenizer,
+        objective=objective,
+        projection_dim=model_cfg.get("projection_dim", 128),
+    )

@@ -1,0 +1,172 @@
+"""Image encoder: any timm backbone -> global embedding, patch tokens, feature pyramid and attention maps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ImageFeatures:
+    global_emb: torch.Tensor        # [B, D]
+    patch_tokens: torch.Tensor      # [B, N, D], N = h * w, row-major over grid_hw
+    grid_hw: tuple[int, int]        # (h, w) of the patch grid
+    pyramid: list[torch.Tensor]     # [B, C_i, H_i, W_i], fine to coarse
+    patch_weights: torch.Tensor     # [B, N] head-averaged attention of the global query to each patch
+    pool_attention: torch.Tensor    # [B, heads, N] the same attention per head (G2D pseudo masks)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling of a feature map, queried by the map's mean token."""
+
+    def __init__(self, grid_hw: tuple[int, int], dim: int, num_heads: int, output_dim: int | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention pool: feature dim {dim} is not divisible by pool_heads={num_heads}")
+        self.grid_hw = tuple(grid_hw)
+        self.num_heads = num_heads
+        self.positional_embedding = nn.Parameter(torch.randn(grid_hw[0] * grid_hw[1] + 1, dim) / dim**0.5)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.c_proj = nn.Linear(dim, output_dim or dim)
+
+    def _positions(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        if tuple(grid_hw) == self.grid_hw:
+            return self.positional_embedding
+        # Other input sizes: resample the grid part of the positional embedding.
+        mean_pos, grid_pos = self.positional_embedding[:1], self.positional_embedding[1:]
+        grid_pos = grid_pos.T.reshape(1, -1, *self.grid_hw)
+        grid_pos = F.interpolate(grid_pos, size=grid_hw, mode="bilinear", align_corners=False)
+        return torch.cat([mean_pos, grid_pos.flatten(2)[0].T], dim=0)
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feature_map [B, C, h, w] -> (pooled [B, output_dim], attention of the query to the grid [B, heads, h*w])."""
+        b, c, h, w = feature_map.shape
+        tokens = feature_map.flatten(2).transpose(1, 2)                    # [B, N, C]
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], 1)   # mean token first
+        tokens = tokens + self._positions((h, w)).to(tokens.dtype)
+        head_dim = c // self.num_heads
+        q = self.q_proj(tokens[:, :1]).reshape(b, 1, self.num_heads, head_dim).transpose(1, 2)
+        k = self.k_proj(tokens).reshape(b, -1, self.num_heads, head_dim).transpose(1, 2)
+        v = self.v_proj(tokens).reshape(b, -1, self.num_heads, head_dim).transpose(1, 2)
+        attention = (q @ k.transpose(-2, -1) * head_dim**-0.5).softmax(dim=-1)   # [B, heads, 1, 1+N]
+        pooled = (attention @ v).transpose(1, 2).reshape(b, c)
+        return self.c_proj(pooled), attention[:, :, 0, 1:]
+
+
+def _without_inplace_activations(model: nn.Module) -> None:
+    # In-place activations break per-sample gradient hooks (Opacus) and backward hooks in general.
+    for module in model.modules():
+        if hasattr(module, "inplace") and isinstance(module.inplace, bool):
+            module.inplace = False
+
+
+class ImageEncoder(nn.Module):
+    """Wraps `timm.create_model(timm_name, **timm_kwargs)`; input is [B, 1, H, W] in [0, 1]."""
+
+    def __init__(
+        self,
+        timm_name: str,
+        img_size: int = 224,
+        pretrained: bool = False,
+        norm: str = "batch",
+        pool_heads: int = 8,
+        pyramid_levels: int = 4,
+        kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if norm not in ("batch", "group"):
+            raise ValueError(f"image encoder norm must be 'batch' or 'group', got {norm!r}")
+        self.timm_name = timm_name
+        self.img_size = img_size
+        timm_kwargs = {"num_classes": 0, "in_chans": 1, **(kwargs or {})}
+        self.model, self.timm_kwargs = _create_timm(timm_name, pretrained, img_size, timm_kwargs)
+        if norm == "group" and _has_batch_norm(self.model):
+            # Rebuilt through timm's own kwarg rather than swapped module by module, so that export's
+            # `timm.create_model(name, **kwargs)` gives the identical architecture.
+            timm_kwargs["norm_layer"] = "groupnorm"
+            self.model, self.timm_kwargs = _create_timm(timm_name, pretrained, img_size, timm_kwargs)
+            if _has_batch_norm(self.model):
+                raise ValueError(f"{timm_name} keeps BatchNorm with norm_layer='groupnorm'; use norm=batch for it")
+        _without_inplace_activations(self.model)
+
+        self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
+        self.is_transformer = hasattr(self.model, "blocks")
+        if self.is_transformer and self.num_prefix_tokens == 0:
+            raise ValueError(
+                f"{timm_name}: transformer encoders need a class token (its attention weights the patches)"
+            )
+        self.pyramid_indices, self.pyramid_channels = self._pyramid_layout(pyramid_levels)
+        self.feature_dim = self.model.num_features
+        self.attention_pool = None
+        self._last_block_input: torch.Tensor | None = None
+        if self.is_transformer:
+            self.model.blocks[-1].attn.register_forward_pre_hook(self._keep_last_block_input)
+        else:
+            reduction = self.model.feature_info[-1]["reduction"]
+            grid = (img_size // reduction, img_size // reduction)
+            self.attention_pool = AttentionPool2d(grid, self.feature_dim, pool_heads)
+
+    def _pyramid_layout(self, levels: int) -> tuple[list[int], list[int]]:
+        if self.is_transformer:
+            depth = len(self.model.blocks)
+            indices = sorted({round(depth - 1 - i * depth / levels) for i in range(levels)})
+            return indices, [self.model.embed_dim] * len(indices)
+        info = self.model.feature_info[-levels:]
+        first = len(self.model.feature_info) - len(info)
+        return list(range(first, len(self.model.feature_info))), [i["num_chs"] for i in info]
+
+    def _keep_last_block_input(self, module: nn.Module, args: tuple) -> None:
+        self._last_block_input = args[0]
+
+    def _cls_attention(self) -> torch.Tensor:
+        """Recompute the last block's attention of the class token to the patches: [B, heads, N]."""
+        attn, x = self.model.blocks[-1].attn, self._last_block_input
+        b, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
+        weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+        return weights[:, :, 0, self.num_prefix_tokens:]
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be [B, 1, H, W], got {tuple(images.shape)}")
+        x = (images - 0.5) / 0.5
+        final, pyramid = self.model.forward_intermediates(x, indices=self.pyramid_indices, output_fmt="NCHW")
+        if self.is_transformer:
+            grid_hw = tuple(pyramid[-1].shape[-2:])
+            global_emb = final[:, 0]
+            patch_tokens = final[:, self.num_prefix_tokens:]
+            attention = self._cls_attention()
+            self._last_block_input = None
+        else:
+            grid_hw = tuple(final.shape[-2:])
+            global_emb, attention = self.attention_pool(final)
+            patch_tokens = final.flatten(2).transpose(1, 2)
+        return ImageFeatures(
+            global_emb=global_emb,
+            patch_tokens=patch_tokens,
+            grid_hw=grid_hw,
+            pyramid=list(pyramid),
+            patch_weights=attention.mean(dim=1),
+            pool_attention=attention,
+        )
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _create_timm(name: str, pretrained: bool, img_size: int, kwargs: dict) -> tuple[nn.Module, dict]:
+    """Create the timm model, passing img_size only to families that take it; returns the kwargs used."""
+    try:
+        kwargs_with_size = {**kwargs, "img_size": img_size}
+        return timm.create_model(name, pretrained=pretrained, **kwargs_with_size), kwargs_with_size
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs), dict(kwargs)

@@ -1,0 +1,267 @@
+"""The pre-training model: encoders, projection heads and the enabled objectives, weighted and scheduled."""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from shared_models.image_encoder import ImageEncoder, ImageFeatures
+from shared_models.objectives import (
+    GlobalContrastive,
+    ImpressionDecoder,
+    ImpressionGeneration,
+    PseudoSegmentation,
+    RegionSentenceAlignment,
+    SoftLabelContrastive,
+    TagRecognition,
+    TokenAlignment,
+)
+from shared_models.text_encoder import TextEncoder, TextFeatures
+from shared_models.vocab import OBSERVATIONS
+
+# Loss terms and the objective module (config section) that produces each.
+TERM_MODULE = {
+    "global": "global",                          # image <-> report (ASG IRA, G2D)
+    "global_impression": "global_impression",    # image <-> impression, report when none (HybridMED L_CG)
+    "token": "token",                            # HybridMED L_CL
+    "summary": "impression",                     # HybridMED L_Sum
+    "caption": "impression",                     # HybridMED L_Cap
+    "distill": "impression",                     # HybridMED L_Dis
+    "region": "region",                          # ASG ARSA
+    "tag": "tag",                                # ASG IRL
+    "soft_label": "soft_label",                  # ASG ERL
+    "seg": "seg",                                # G2D pseudo segmentation
+}
+
+# Builders of each objective module from its config section and the model holding the encoders.
+OBJECTIVE_BUILDERS: dict[str, Callable[[dict, "PretrainModel"], nn.Module]] = {
+    "global": lambda c, m: GlobalContrastive(c["temperature"]),
+    "global_impression": lambda c, m: GlobalContrastive(c["temperature"]),
+    "token": lambda c, m: TokenAlignment(c["temperature"]),
+    "impression": lambda c, m: ImpressionGeneration(
+        ImpressionDecoder(
+            vocab_size=len(m.tokenizer),
+            dim=m.projection_dim,
+            num_layers=c["layers"],
+            num_heads=c["heads"],
+            max_len=c["max_len"],
+            pad_id=m.tokenizer.pad_token_id,
+        ),
+        c["distill_temperature"],
+    ),
+    "region": lambda c, m: RegionSentenceAlignment(c["temperature"]),
+    "tag": lambda c, m: TagRecognition(m.projection_dim, len(OBSERVATIONS), c["layers"], c["heads"], c["uncertain"]),
+    "soft_label": lambda c, m: SoftLabelContrastive(c["temperature"], c["alpha"]),
+    "seg": lambda c, m: PseudoSegmentation(
+        m.image_encoder.pyramid_channels, c["quantile"], c["bce_weight"], c["width"]
+    ),
+}
+
+
+class PretrainModel(nn.Module):
+    """`forward(batch, step)` returns every active loss term and `loss` = sum of lambda * term."""
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: dict,
+        projection_dim: int = 128,
+    ):
+        super().__init__()
+        unknown = set(objective["lambdas"]) - set(TERM_MODULE)
+        if unknown:
+            raise ValueError(f"objective.lambdas names unknown terms {sorted(unknown)}; known: {sorted(TERM_MODULE)}")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.projection_dim = projection_dim
+        self.lambdas = {term: float(w) for term, w in objective["lambdas"].items() if float(w) > 0}
+        schedule = objective.get("schedule", {})
+        self.stage2_step = int(schedule.get("stage2_step", 0))
+        self.start_step = {term: int(s) for term, s in schedule.get("start_step", {}).items()}
+
+        # Global heads map to the contrastive space; token heads map patches, words and sentences to one
+        # space shared by the local objectives and the decoders.
+        image_dim, text_dim = image_encoder.feature_dim, text_encoder.hidden_size
+        self.image_projection = nn.Linear(image_dim, projection_dim)
+        self.text_projection = nn.Linear(text_dim, projection_dim)
+        self.image_token_projection = nn.Linear(image_dim, projection_dim)
+        self.text_token_projection = nn.Linear(text_dim, projection_dim)
+
+        modules = sorted({TERM_MODULE[term] for term in self.lambdas})
+        missing = [m for m in modules if m not in objective]
+        if missing:
+            raise ValueError(f"objective enables terms of {missing} but has no config section for them")
+        self.objectives = nn.ModuleDict({m: OBJECTIVE_BUILDERS[m](dict(objective[m]), self) for m in modules})
+
+    # -- schedule -------------------------------------------------------------------------------
+    def active_terms(self, step: int) -> list[str]:
+        return [term for term in self.lambdas if step >= self.start_step.get(term, 0)]
+
+    def hybridmed_stage(self, step: int) -> int:
+        return 2 if step >= self.stage2_step else 1
+
+    # -- tag queries ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_tag_queries(self) -> None:
+        """Embed the tag names with the current text encoder (once at start, then when asked, e.g. per round)."""
+        names = [name.replace("_", " ") for name in OBSERVATIONS]
+        encoded = self.tokenizer(names, padding=True, return_tensors="pt").to(self.text_projection.weight.device)
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        cls = self.text_encoder(encoded["input_ids"], encoded["attention_mask"]).report_emb
+        self.text_encoder.train(was_training)
+        self.objectives["tag"].set_tag_queries(self.text_token_projection(cls))
+
+    # -- embeddings for retrieval, zero-shot and evaluation -------------------------------------
+    def encode_image(self, images: Tensor) -> Tensor:
+        return F.normalize(self.image_projection(self.image_encoder(images).global_emb), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask).report_emb), dim=-1)
+
+    # -- training step --------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        terms_now = self.active_terms(step)
+        if not terms_now:
+            raise ValueError(f"no objective term is active at step {step}; lambdas: {self.lambdas}")
+        if "tag" in self.lambdas and int(self.objectives["tag"].query_updates) == 0:
+            self.refresh_tag_queries()
+        inputs = StepInputs(self, batch)
+        out: dict[str, Tensor] = {}
+        for module in dict.fromkeys(TERM_MODULE[term] for term in terms_now):
+            computed = TERM_FUNCTIONS[module](self, inputs, step)
+            out.update({term: value for term, value in computed.items() if term in terms_now})
+        out["loss"] = sum(self.lambdas[term] * out[term] for term in terms_now)
+        return out
+
+
+class StepInputs:
+    """Encoder outputs of one batch, each computed on first use and only if some active term needs it."""
+
+    def __init__(self, model: PretrainModel, batch: dict[str, Tensor]):
+        self.model, self.batch = model, batch
+
+    @cached_property
+    def image(self) -> ImageFeatures:
+        return self.model.image_encoder(self.batch["images"])
+
+    @cached_property
+    def image_emb(self) -> Tensor:
+        return self.model.image_projection(self.image.global_emb)
+
+    @cached_property
+    def patch_tokens(self) -> Tensor:
+        return self.model.image_token_projection(self.image.patch_tokens)
+
+    @cached_property
+    def report(self) -> TextFeatures:
+        b = self.batch
+        return self.model.text_encoder(
+            b["report_ids"], b["report_mask"], b["sentence_ids"], num_sentences=b["sentence_regions"].shape[1]
+        )
+
+    @cached_property
+    def report_emb(self) -> Tensor:
+        return self.model.text_projection(self.report.report_emb)
+
+    @cached_property
+    def findings(self) -> TextFeatures:
+        return self.model.text_encoder(self.batch["findings_ids"], self.batch["findings_mask"])
+
+    @cached_property
+    def findings_tokens(self) -> Tensor:
+        return self.model.text_token_projection(self.findings.token_embeds)
+
+    @cached_property
+    def word_mask(self) -> Tensor:
+        """Findings words: real tokens other than [CLS]/[SEP], none for studies without findings."""
+        ids, tokenizer = self.batch["findings_ids"], self.model.tokenizer
+        special = (ids == tokenizer.cls_token_id) | (ids == tokenizer.sep_token_id)
+        return self.batch["findings_mask"].bool() & ~special & self.batch["has_findings"][:, None]
+
+    @cached_property
+    def impression_emb(self) -> Tensor:
+        """Projected impression embedding; the whole report's where a study has no impression."""
+        b = self.batch
+        impression = self.model.text_encoder(b["impression_ids"], b["impression_mask"]).report_emb
+        return torch.where(b["has_impression"][:, None], self.model.text_projection(impression), self.report_emb)
+
+    def zero(self) -> Tensor:
+        # A term with no eligible sample: an exact 0 that still belongs to the graph.
+        return self.image_emb.sum() * 0.0
+
+
+def _global(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    return {"global": model.objectives["global"](s.image_emb, s.report_emb)}
+
+
+def _global_impression(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    return {"global_impression": model.objectives["global_impression"](s.image_emb, s.impression_emb)}
+
+
+def _token(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    loss = model.objectives["token"](
+        s.patch_tokens, s.image.patch_weights, s.findings_tokens, s.word_mask, s.findings.word_weights
+    )
+    return {"token": loss}
+
+
+def _impression(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    b = s.batch
+    rows = b["has_findings"] & b["has_impression"]
+    stage = model.hybridmed_stage(step)
+    if not rows.any():
+        return {term: s.zero() for term in ("summary", "caption", "distill")}
+    length = int(b["impression_mask"][rows].sum(dim=1).max())
+    # In stage 1 only the summary branch runs, so the image encoder is not needed for it.
+    patches = s.patch_tokens[rows] if stage == 2 else s.findings_tokens.new_zeros(int(rows.sum()), 1, 1)
+    return model.objectives["impression"](
+        b["impression_ids"][rows, :length],
+        b["impression_mask"][rows, :length],
+        patches,
+        s.findings_tokens[rows],
+        b["findings_mask"][rows],
+        stage,
+    )
+
+
+def _region(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    h, w = s.image.grid_hw
+    grid = s.patch_tokens.transpose(1, 2).reshape(s.patch_tokens.shape[0], -1, h, w)
+    sentences = model.text_token_projection(s.report.sentence_embeds)
+    regions = s.batch["sentence_regions"].masked_fill(~s.report.sentence_mask, -1)
+    return {"region": model.objectives["region"](grid, s.batch["boxes"], sentences, regions)}
+
+
+def _tag(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    loss, _ = model.objectives["tag"](s.patch_tokens, s.batch["tags"])
+    return {"tag": loss}
+
+
+def _soft_label(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    return {"soft_label": model.objectives["soft_label"](s.image_emb, s.report_emb, s.batch["tags"])}
+
+
+def _seg(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    image_hw = tuple(s.batch["images"].shape[-2:])
+    loss = model.objectives["seg"](s.image.pyramid, s.image.pool_attention, s.image.grid_hw, image_hw)
+    return {"seg": loss}
+
+
+TERM_FUNCTIONS: dict[str, Callable[[PretrainModel, StepInputs, int], dict[str, Tensor]]] = {
+    "global": _global,
+    "global_impression": _global_impression,
+    "token": _token,
+    "impression": _impression,
+    "region": _region,
+    "tag": _tag,
+    "soft_label": _soft_label,
+    "seg": _seg,
+}

@@ -1,0 +1,167 @@
+"""HybridMED's impression generation: one decoder, shared self-attention/FFN, a cross-attention per branch."""
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+BRANCHES = ("caption", "summary")  # caption attends to image patches, summary to findings tokens
+
+
+def _check_branch(branch: str) -> None:
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+
+
+class SharedBranchLayer(nn.Module):
+    """Pre-norm decoder layer: causal self-attention and FFN for every branch, cross-attention per branch."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_norm = nn.ModuleDict({b: nn.LayerNorm(dim) for b in BRANCHES})
+        self.cross_attention = nn.ModuleDict(
+            {b: nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True) for b in BRANCHES}
+        )
+        hidden = int(dim * mlp_ratio)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, causal_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str) -> Tensor:
+        h = self.self_norm(x)
+        x = x + self.self_attention(h, h, h, attn_mask=causal_mask, need_weights=False)[0]
+        # A row with no valid memory (e.g. a study without findings) attends to all of it to stay finite
+        # (a fully masked softmax is NaN, and NaN leaks into every gradient), then its output is zeroed.
+        has_memory = memory_mask.any(dim=1)
+        padding = ~memory_mask & has_memory[:, None]
+        h = self.cross_norm[branch](x)
+        context = self.cross_attention[branch](h, memory, memory, key_padding_mask=padding, need_weights=False)[0]
+        x = x + context * has_memory[:, None, None]
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ImpressionDecoder(nn.Module):
+    """Causal transformer decoder over impression tokens, conditioned on `memory` through the chosen branch."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        max_len: int,
+        pad_id: int,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.max_len = max_len
+        self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.position_embedding = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.layers = nn.ModuleList(SharedBranchLayer(dim, num_heads, dropout=dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def named_branch_parameters(self, branch: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters owned by one branch (its cross-attention and that attention's norm), with names."""
+        _check_branch(branch)
+        owned = (f"cross_attention.{branch}.", f"cross_norm.{branch}.")
+        for name, parameter in self.named_parameters():
+            if any(part in name for part in owned):
+                yield name, parameter
+
+    def branch_parameters(self, branch: str) -> Iterator[nn.Parameter]:
+        return (parameter for _, parameter in self.named_branch_parameters(branch))
+
+    def summary_branch_parameters(self) -> Iterator[nn.Parameter]:
+        return self.branch_parameters("summary")
+
+    def caption_branch_parameters(self) -> Iterator[nn.Parameter]:
+        return self.branch_parameters("caption")
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything both branches use: embeddings, self-attention, FFN, output head."""
+        owned = {id(p) for branch in BRANCHES for p in self.branch_parameters(branch)}
+        return (p for p in self.parameters() if id(p) not in owned)
+
+    def forward(
+        self, input_ids: Tensor, input_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str
+    ) -> Tensor:
+        _check_branch(branch)
+        length = input_ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"impression has {length} tokens, more than the decoder's max_len={self.max_len}")
+        # Only a causal mask in self-attention: with right padding a real token never sees padding.
+        if (input_mask[:, 1:].bool() & ~input_mask[:, :-1].bool()).any():
+            raise ValueError("impression tokens must be right-padded (tokenizer padding_side='right')")
+        causal_mask = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).triu(1)
+        x = self.token_embedding(input_ids) + self.position_embedding[:length]
+        for layer in self.layers:
+            x = layer(x, causal_mask, memory, memory_mask.bool(), branch)
+        return self.head(self.norm(x))
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Next-token cross-entropy averaged over real (unpadded) target tokens; 0 when there are none."""
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    mask = mask.flatten().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) per token at `temperature`, times temperature^2 (Hinton et al.), over real tokens."""
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # float: low precision breaks small KLs
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+
+
+class ImpressionGeneration(nn.Module):
+    """Loss terms `summary`, `caption`, `distill` of HybridMED for one stage of its two-stage schedule.
+
+    Stage 1 trains summarisation alone. Stage 2 trains everything, with the summarisation branch frozen
+    as the teacher: its own parameters enter the graph detached (so they receive no gradient whatever the
+    optimizer holds) and its logits are detached as distillation targets; the shared self-attention/FFN
+    keep learning through both terms.
+    """
+
+    def __init__(self, decoder: ImpressionDecoder, distill_temperature: float = 2.0):
+        super().__init__()
+        self.decoder = decoder
+        self.distill_temperature = distill_temperature
+
+    def _summary_logits(self, inputs: Tensor, input_mask: Tensor, memory: Tensor, memory_mask: Tensor, frozen: bool):
+        args = (inputs, input_mask, memory, memory_mask, "summary")
+        if not frozen:
+            return self.decoder(*args)
+        detached = {name: p.detach() for name, p in self.decoder.named_branch_parameters("summary")}
+        return functional_call(self.decoder, detached, args, strict=False)
+
+    def forward(
+        self,
+        impression_ids: Tensor,
+        impression_mask: Tensor,
+        patch_tokens: Tensor,
+        findings_tokens: Tensor,
+        findings_mask: Tensor,
+        stage: int,
+    ) -> dict[str, Tensor]:
+        if stage not in (1, 2):
+            raise ValueError(f"HybridMED stage must be 1 (summarisation only) or 2 (all terms), got {stage!r}")
+        inputs, targets = impression_ids[:, :-1], impression_ids[:, 1:]
+        input_mask, target_mask = impression_mask[:, :-1], impression_mask[:, 1:].bool()
+
+        summary_logits = self._summary_logits(inputs, input_mask, findings_tokens, findings_mask, frozen=stage == 2)
+        terms = {"summary": token_cross_entropy(summary_logits, targets, target_mask)}
+        if stage == 1:
+            return terms
+
+        patch_mask = torch.ones(patch_tokens.shape[:2], dtype=torch.bool, device=patch_tokens.device)
+        caption_logits = self.decoder(inputs, input_mask, patch_tokens, patch_mask, "caption")
+        terms["caption"] = token_cross_entropy(caption_logits, targets, target_mask)
+        terms["distill"] = distillation_kl(
+            caption_logits, summary_logits.detach(), target_mask, self.distill_temperature
+        )
+        return terms

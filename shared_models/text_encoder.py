@@ -1,0 +1,108 @@
+"""Text encoder: any Hugging Face encoder -> token, sentence and report embeddings plus word weights."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+
+@dataclass
+class TextFeatures:
+    token_embeds: torch.Tensor      # [B, L, D] last hidden state
+    report_emb: torch.Tensor        # [B, D] CLS token
+    word_weights: torch.Tensor      # [B, L] last layer's CLS attention, head-averaged, 0 on padding
+    sentence_embeds: torch.Tensor | None = None   # [B, S, D] mean over each sentence's tokens
+    sentence_mask: torch.Tensor | None = None     # [B, S] True where the sentence has tokens
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_hf(name: str, config: dict | None, pretrained: bool) -> nn.Module:
+    if config is not None:
+        config = dict(config)
+        model_type = config.pop("model_type", "bert")
+        hf_config = AutoConfig.for_model(model_type, attn_implementation="eager", **config)
+        return AutoModel.from_config(hf_config, add_pooling_layer=False)
+    try:
+        if pretrained:
+            return AutoModel.from_pretrained(
+                name, attn_implementation="eager", add_pooling_layer=False, local_files_only=hub_offline()
+            )
+        hf_config = AutoConfig.from_pretrained(name, local_files_only=hub_offline(), attn_implementation="eager")
+        return AutoModel.from_config(hf_config, add_pooling_layer=False)
+    except OSError as error:
+        raise OSError(
+            f"text encoder {name!r} is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is "
+            f"{'on' if hub_offline() else 'off'}); download it once with `huggingface-cli download {name}` "
+            f"or point model.text.name at a local copy"
+        ) from error
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder, optionally truncated to its first layers and with its lower layers frozen."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        config: dict | None = None,
+        pretrained: bool = False,
+        freeze_layers: int = 0,
+        truncate_layers: int | None = None,
+    ):
+        super().__init__()
+        if (name is None) == (config is None):
+            raise ValueError("text encoder: give exactly one of `name` (hub name or local path) or `config`")
+        self.model = _load_hf(name, config, pretrained)
+        layers = self._layers()
+        if truncate_layers is not None:
+            if not 0 < truncate_layers <= len(layers):
+                raise ValueError(f"truncate_layers={truncate_layers} outside 1..{len(layers)}")
+            del layers[truncate_layers:]
+            self.model.config.num_hidden_layers = truncate_layers
+        if not 0 <= freeze_layers <= len(layers):
+            raise ValueError(f"freeze_layers={freeze_layers} outside 0..{len(layers)}")
+        if freeze_layers:
+            for module in [self.model.embeddings, *layers[:freeze_layers]]:
+                module.requires_grad_(False)
+        self.freeze_layers = freeze_layers
+        self.hidden_size = self.model.config.hidden_size
+
+    def _layers(self) -> nn.ModuleList:
+        try:
+            return self.model.encoder.layer
+        except AttributeError as error:
+            raise TypeError(
+                f"{type(self.model).__name__} has no encoder.layer list; only BERT-style encoders are supported"
+            ) from error
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_ids: torch.Tensor | None = None,
+        num_sentences: int | None = None,
+    ) -> TextFeatures:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+        tokens = out.last_hidden_state
+        word_weights = out.attentions[-1][:, :, 0, :].mean(dim=1) * attention_mask
+        features = TextFeatures(token_embeds=tokens, report_emb=tokens[:, 0], word_weights=word_weights)
+        if sentence_ids is not None:
+            features.sentence_embeds, features.sentence_mask = sentence_means(tokens, sentence_ids, num_sentences)
+        return features
+
+
+def sentence_means(
+    tokens: torch.Tensor, sentence_ids: torch.Tensor, num_sentences: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token embedding per sentence; sentence_ids [B, L] holds each token's sentence, -1 outside any."""
+    if num_sentences is None:
+        num_sentences = max(int(sentence_ids.max()) + 1, 1)
+    membership = (sentence_ids.unsqueeze(-1) == torch.arange(num_sentences, device=tokens.device)).to(tokens.dtype)
+    counts = membership.sum(dim=1)                                        # [B, S]
+    sums = membership.transpose(1, 2) @ tokens                            # [B, S, D]
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts > 0

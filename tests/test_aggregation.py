@@ -1,0 +1,203 @@
+"""Aggregators, update validation, checkpoints, registry, sharing rule, privacy caps, fingerprints (no Flower runtime)."""
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from client.app import FingerprintMismatch, check_fingerprints
+from client.federated import initial_shared, is_shared, split_state, train_round
+from client.site import SiteConfigError, effective_caps, validate_caps
+from server.aggregation import (Aggregator, ServerOptimizer, coordinate_median, trimmed_mean, validate_update,
+                                weighted_mean)
+from server.checkpoints import load_latest_valid, save_round
+from server.registry import Registry
+from server.rounds import hybridmed_stage, round_config
+from server.runs import main as runs_main
+
+
+def _updates(*pairs):
+    return [({"w": np.asarray(w, dtype=np.float32)}, n) for w, n in pairs]
+
+
+def test_weighted_mean_weights_by_examples():
+    out = weighted_mean(_updates(([1.0, 2.0], 1), ([4.0, 8.0], 3)))
+    np.testing.assert_allclose(out["w"], [(1 * 1 + 4 * 3) / 4, (2 * 1 + 8 * 3) / 4])
+    assert out["w"].dtype == np.float32
+
+
+def test_median_and_trimmed_mean_ignore_an_outlier():
+    updates = _updates(([1.0], 10), ([2.0], 1), ([3.0], 1), ([4.0], 1), ([1000.0], 1))
+    assert coordinate_median(updates)["w"][0] == 3.0
+    # 20 % of 5 sites = 1 cut at each end: mean of 2, 3, 4
+    assert trimmed_mean(updates, 0.2)["w"][0] == pytest.approx(3.0)
+    assert weighted_mean(updates)["w"][0] > 60  # plain FedAvg is dragged by the outlier
+    with pytest.raises(ValueError, match="trim_fraction"):
+        trimmed_mean(updates, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "yogi"])
+def test_server_optimizer_first_step_by_hand(kind):
+    opt = ServerOptimizer(kind, lr=0.5, beta1=0.9, beta2=0.99, tau=0.01)
+    out = opt.step({"w": np.zeros(1, np.float32)}, {"w": np.full(1, 2.0, np.float32)})
+    delta, tau = 2.0, 0.01
+    m = 0.1 * delta
+    v = 0.99 * tau**2 + 0.01 * delta**2 if kind == "adam" else tau**2 + 0.01 * delta**2  # sign(tau^2 - 4) = -1
+    assert out["w"][0] == pytest.approx(0.5 * m / (math.sqrt(v) + tau), rel=1e-6)
+
+
+def test_yogi_and_adam_differ_once_v_exceeds_delta_squared():
+    args = dict(lr=0.1, beta1=0.0, beta2=0.5, tau=1e-3)
+    adam, yogi = ServerOptimizer("adam", **args), ServerOptimizer("yogi", **args)
+    g = {"w": np.zeros(1)}
+    for delta in (10.0, 0.1):
+        a = adam.step(g, {"w": g["w"] + delta})
+        y = yogi.step(g, {"w": g["w"] + delta})
+    # Adam decays v geometrically toward delta^2; Yogi moves it by (1-beta2)*delta^2 only
+    v1_adam, v1_yogi = 0.5 * 1e-6 + 0.5 * 100, 1e-6 + 0.5 * 100
+    assert adam.v["w"][0] == pytest.approx(0.5 * v1_adam + 0.5 * 0.01)
+    assert yogi.v["w"][0] == pytest.approx(v1_yogi - 0.5 * 0.01)
+    assert not np.allclose(a["w"], y["w"])
+
+
+def test_server_optimizer_state_survives_a_checkpoint():
+    global_params = {"w": np.zeros(3, np.float32)}
+    straight = ServerOptimizer("adam")
+    resumed = ServerOptimizer("adam")
+    for target in (1.0, 3.0):
+        expected = straight.step(global_params, {"w": np.full(3, target, np.float32)})
+    resumed.step(global_params, {"w": np.full(3, 1.0, np.float32)})
+    restored = ServerOptimizer("adam")
+    restored.load_state_dict(resumed.state_dict())
+    np.testing.assert_array_equal(restored.step(global_params, {"w": np.full(3, 3.0, np.float32)})["w"], expected["w"])
+    assert restored.steps == 2
+
+
+def test_aggregator_from_config_rejects_unknown_strategy():
+    fed = OmegaConf.create({"strategy": "fedsgd", "trim_fraction": 0.2})
+    with pytest.raises(ValueError, match="fedsgd.*fedavg"):
+        Aggregator.from_config(fed)
+
+
+def test_validate_update_names_every_problem():
+    reference = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32), "c": np.zeros(1, np.float32)}
+    update = {
+        "a": np.array([[0, np.nan], [np.inf, 0]], np.float32),
+        "b": np.zeros(4, np.float32),
+        "x": np.zeros(1, np.float32),
+    }
+    problems = validate_update(update, reference)
+    text = "\n".join(problems)
+    assert "missing 1 parameter(s): c" in text
+    assert "unexpected 1 parameter(s): x" in text
+    assert "b: shape (4,), expected (3,)" in text
+    assert "a: 2 NaN/Inf" in text
+    assert validate_update({"b": np.zeros(3, np.float64), "a": reference["a"], "c": reference["c"]}, reference) == [
+        "b: dtype float64, expected float32"]
+    assert validate_update(dict(reference), reference) == []
+
+
+def test_checkpoint_falls_back_when_newest_is_truncated(tmp_path, caplog):
+    for round_ in (1, 2):
+        save_round(tmp_path, round_, {"w": np.full(4, round_, np.float32)}, {"run": "r", "metrics": {"loss": 1.0 / round_}},
+                   server_state={"m.w": np.ones(4)} if round_ == 2 else None)
+    latest = load_latest_valid(tmp_path)
+    assert latest.round == 2 and latest.params["w"][0] == 2 and "m.w" in latest.server_state
+    assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"] == 2
+    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == \
+        (tmp_path / "checkpoints" / "round_0002" / "model.safetensors").read_bytes()
+
+    model = tmp_path / "checkpoints" / "round_0002" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-7])
+    with caplog.at_level(logging.ERROR):
+        latest = load_latest_valid(tmp_path)
+    assert latest.round == 1 and latest.params["w"][0] == 1
+    assert "round_0002" in caplog.text and "truncated or altered" in caplog.text
+
+
+def test_registry_records_and_prints_a_run(tmp_path, capsys):
+    registry = Registry(tmp_path / "registry.sqlite")
+    registry.start_run("r1", "123", 2, {"seed": 0}, "abc")
+    registry.add_site_metrics("r1", 1, "A", 7, 12, {"loss": 0.5})
+    registry.add_rejection("r1", 1, "B", 8, ["w: 3 NaN/Inf value(s)"])
+    registry.add_round("r1", 1, status="complete", sites_asked=2, sites_accepted=1, seconds=1.5,
+                       bytes_sent=100, bytes_received=50, metrics={"loss": 0.5, "examples": 12})
+    registry.add_checkpoint("r1", 1, tmp_path / "round_0001", "f" * 64)
+    registry.finish_run("r1")
+    assert registry.engine.connect().exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+    assert runs_main(["--registry", str(tmp_path / "registry.sqlite"), "show", "r1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["run"]["status"] == "finished"
+    assert shown["rejections"][0]["site"] == "B" and "NaN" in shown["rejections"][0]["problems"][0]
+    assert shown["site_metrics"][0]["examples"] == 12
+    assert runs_main(["--registry", str(tmp_path / "registry.sqlite"), "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "r1" in listed and "finished" in listed and " 1/2" in listed
+    assert runs_main(["--registry", str(tmp_path / "registry.sqlite"), "show", "nope"]) == 2
+    assert "no run named 'nope'" in capsys.readouterr().err
+
+
+def test_privacy_caps_tighten_but_never_loosen(caplog):
+    site = validate_caps({"max_epsilon": 4.0, "max_delta": 1e-5}, "site")
+    assert effective_caps(site, {"max_epsilon": 2.0}) == {"max_epsilon": 2.0, "max_delta": 1e-5}
+    with caplog.at_level(logging.WARNING):
+        assert effective_caps(site, {"max_epsilon": 10.0, "max_delta": 1e-3}) == site
+    assert "looser" in caplog.text
+    with pytest.raises(SiteConfigError, match="max_sigma"):
+        effective_caps(site, {"max_sigma": 1.0})
+    with pytest.raises(SiteConfigError, match="max_delta must be"):
+        validate_caps({"max_epsilon": 1.0}, "site")
+
+
+def test_site_refuses_mismatched_fingerprints():
+    mine = {"model": "aaa", "objective": "bbb", "tokenizer": "ccc"}
+    check_fingerprints({"fingerprint_model": "aaa", "fingerprint_objective": "bbb", "fingerprint_tokenizer": "ccc"}, mine)
+    with pytest.raises(FingerprintMismatch, match="tokenizer: coordinator ddd, site ccc"):
+        check_fingerprints({"fingerprint_model": "aaa", "fingerprint_objective": "bbb", "fingerprint_tokenizer": "ddd"}, mine)
+
+
+def test_sharing_rule_and_fedbn():
+    shared, norms = ["image_encoder.*", "image_projection.*"], ["*norm*"]
+    assert is_shared("image_encoder.fc.weight", shared, norms, fedbn=True)
+    assert is_shared("image_encoder.norm.weight", shared, norms, fedbn=False)
+    assert not is_shared("image_encoder.norm.running_mean", shared, norms, fedbn=True)
+    assert not is_shared("decoder.weight", shared, norms, fedbn=False)
+    state = {"image_encoder.norm.weight": torch.ones(2), "decoder.weight": torch.zeros(2)}
+    travels, stays = split_state(state, {"shared_patterns": shared, "norm_patterns": norms, "fedbn": True})
+    assert travels == {} and set(stays) == set(state)
+
+
+def test_round_schedule():
+    from shared_models.config import compose
+
+    cfg = compose(["federation.rounds=4", "federation.hybridmed_stage1_rounds=2", "federation.strategy=fedprox",
+                   "federation.privacy.max_epsilon=3.0"])
+    config = round_config(cfg, 3, "run", {"model": "m"})
+    assert [hybridmed_stage(cfg.federation, r) for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert config["proximal_mu"] == cfg.federation.proximal_mu > 0
+    assert config["fingerprint_model"] == "m" and config["privacy_max_epsilon"] == 3.0
+    assert round_config(compose([]), 1, "run", {})["proximal_mu"] == 0.0
+
+
+def test_local_only_parameters_persist_between_rounds(tmp_path):
+    site = {"name": "A", "state_dir": str(tmp_path), "device": "cpu"}
+    config = {"run": "r", "round": 1, "rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 0.01, "seed": 0,
+              "shared_patterns": ["image_encoder.*", "image_projection.*"], "norm_patterns": ["*norm*"], "fedbn": False}
+    shared = initial_shared(config, site)
+    new_shared, examples, metrics = train_round(shared, config, site, "r")
+    local_file = tmp_path / "runs" / "r" / "local.safetensors"
+    from safetensors.numpy import load_file
+
+    after_round_1 = load_file(local_file)
+    assert set(after_round_1) == {"decoder.weight", "decoder.bias"} and set(new_shared) == set(shared)
+    assert examples > 0 and math.isfinite(metrics["loss"])
+    assert any(not np.array_equal(new_shared[k], shared[k]) for k in shared)
+    # lr 0: nothing changes, so round 2's local-only parameters are round 1's only if they were restored
+    train_round(new_shared, dict(config, round=2, lr=0.0), site, "r")
+    after_round_2 = load_file(local_file)
+    for name, value in after_round_1.items():
+        np.testing.assert_array_equal(after_round_2[name], value)

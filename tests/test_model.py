@@ -1,0 +1,331 @@
+"""Encoders, tokenizer, collate, the composed pre-training model and parameter sharing (tiny random-init models)."""
+import pytest
+import torch
+from torch import nn
+
+from shared_models.batch import collate
+from shared_models.config import compose
+from shared_models.factory import create_model
+from shared_models.image_encoder import ImageEncoder
+from shared_models.model import TERM_MODULE
+from shared_models.sharing import shared_parameter_names, split_state
+from shared_models.text_encoder import TextEncoder, sentence_means
+from shared_models.tokenizer import tokenizer_hash, train_wordpiece
+from shared_models.vocab import OBSERVATIONS, REGIONS, ZONE_ATLAS
+
+SIZE = 64
+FAST = [f"model.image.img_size={SIZE}", "model.image.kwargs.depth=2", "model.text.max_length=48",
+        "model.text.tokenizer.num_reports=300"]
+SENTENCES = [
+    ("There is a small left pleural effusion.", "findings", REGIONS.index("left_costophrenic_angle")),
+    ("Heart size is normal.", "findings", REGIONS.index("heart")),
+    ("The lungs are clear.", "findings", -1),
+    ("No pneumothorax.", "impression", REGIONS.index("right_lung")),
+]
+
+
+def make_sample(i: int, findings: bool = True, impression: bool = True) -> dict:
+    chosen = [s for s in SENTENCES if (s[1] == "findings" and findings) or (s[1] == "impression" and impression)]
+    chosen = chosen[i % 2:] if len(chosen) > 2 else chosen  # vary the sentence count across the batch
+    find = " ".join(t for t, sec, _ in chosen if sec == "findings")
+    imp = " ".join(t for t, sec, _ in chosen if sec == "impression")
+    tags = torch.zeros(len(OBSERVATIONS))
+    tags[OBSERVATIONS.index("pleural_effusion")] = 1.0 if i % 2 == 0 else 0.0
+    tags[OBSERVATIONS.index("cardiomegaly")] = -1.0 if i % 3 == 0 else 1.0
+    generator = torch.Generator().manual_seed(i)
+    return {
+        "image": torch.rand(1, SIZE, SIZE, generator=generator),
+        "patient_id": f"p{i}", "study_id": f"s{i}", "image_id": f"i{i}",
+        "findings": find, "impression": imp, "report": f"{find} {imp}".strip(),
+        "sentences": [t for t, _, _ in chosen], "sentence_regions": [r for _, _, r in chosen],
+        "tags": tags, "labels": torch.zeros(14),
+        "boxes": torch.tensor([ZONE_ATLAS[r] for r in REGIONS]),
+    }
+
+
+def hybrid_cfg(*extra: str):
+    return compose([*FAST, "objective=hybrid", "objective.schedule.stage2_step=10",
+                    "objective.schedule.warmup_steps=5", *extra])
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    torch.manual_seed(0)
+    return create_model(hybrid_cfg())
+
+
+@pytest.fixture(scope="module")
+def batch(hybrid):
+    return collate([make_sample(i) for i in range(4)], hybrid.tokenizer, max_length=48)
+
+
+# -- encoders -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, kwargs, grid, dim, pyramid",
+    [
+        ("resnet18", {}, (2, 2), 512, [(64, 16), (128, 8), (256, 4), (512, 2)]),
+        ("vit_tiny_patch16_224", {"depth": 2}, (4, 4), 192, [(192, 4)] * 2),
+    ],
+)
+def test_image_encoder_shapes(name, kwargs, grid, dim, pyramid):
+    encoder = ImageEncoder(name, img_size=SIZE, kwargs=kwargs, pool_heads=4, pyramid_levels=4)
+    out = encoder(torch.rand(3, 1, SIZE, SIZE))
+    n = grid[0] * grid[1]
+    assert out.grid_hw == grid
+    assert out.global_emb.shape == (3, dim) and out.patch_tokens.shape == (3, n, dim)
+    assert [(p.shape[1], p.shape[2]) for p in out.pyramid] == pyramid
+    assert encoder.pyramid_channels == [c for c, _ in pyramid]
+    heads = out.pool_attention.shape[1]
+    assert out.pool_attention.shape == (3, heads, n)
+    torch.testing.assert_close(out.patch_weights, out.pool_attention.mean(dim=1))
+    # Attention over the grid: non-negative and at most 1 (the rest goes to the query/CLS token itself).
+    assert (out.patch_weights >= 0).all() and (out.patch_weights.sum(-1) <= 1 + 1e-5).all()
+    assert encoder.timm_kwargs["num_classes"] == 0 and encoder.timm_kwargs["in_chans"] == 1
+    assert ("img_size" in encoder.timm_kwargs) == name.startswith("vit")
+
+
+def test_vit_patch_weights_equal_timm_attention():
+    encoder = ImageEncoder("vit_tiny_patch16_224", img_size=SIZE, kwargs={"depth": 2}).eval()
+    attn = encoder.model.blocks[-1].attn
+    attn.fused_attn = False  # timm's explicit path passes the softmax through attn_drop: observe it there
+    seen = []
+    attn.attn_drop.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    out = encoder(torch.rand(2, 1, SIZE, SIZE))
+    torch.testing.assert_close(out.pool_attention, seen[-1][:, :, 0, 1:])
+
+
+def test_input_is_normalised_inside():
+    encoder = ImageEncoder("vit_tiny_patch16_224", img_size=SIZE, kwargs={"depth": 1}).eval()
+    images = torch.rand(1, 1, SIZE, SIZE)
+    expected = encoder.model.forward_features((images - 0.5) / 0.5)[:, 0]
+    torch.testing.assert_close(encoder(images).global_emb, expected)
+
+
+def test_group_norm_option_replaces_batch_norm():
+    encoder = ImageEncoder("resnet18", img_size=SIZE, norm="group")
+    kinds = {type(m) for m in encoder.modules()}
+    assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds)
+    assert any(issubclass(k, nn.GroupNorm) for k in kinds)
+    assert encoder.timm_kwargs["norm_layer"] == "groupnorm"
+    assert not any(getattr(m, "inplace", False) is True for m in encoder.modules())
+    vit = ImageEncoder("vit_tiny_patch16_224", img_size=SIZE, norm="group", kwargs={"depth": 1})
+    assert "norm_layer" not in vit.timm_kwargs  # nothing to replace: LayerNorm stays
+
+
+def tiny_text(**kwargs) -> TextEncoder:
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    return TextEncoder(config=config, **kwargs)
+
+
+def test_frozen_text_layers_get_no_gradient():
+    encoder = tiny_text(freeze_layers=1)
+    ids = torch.randint(5, 100, (2, 7))
+    encoder(ids, torch.ones_like(ids)).token_embeds.pow(2).sum().backward()
+    for name, parameter in encoder.named_parameters():
+        frozen = ".embeddings." in name or ".layer.0." in name
+        assert (parameter.grad is None) == frozen, name
+    assert any(".layer.1." in n and p.grad.abs().sum() > 0 for n, p in encoder.named_parameters())
+
+
+def test_truncated_text_encoder_keeps_first_layers():
+    torch.manual_seed(0)
+    full = tiny_text()
+    torch.manual_seed(0)
+    truncated = tiny_text(truncate_layers=1)
+    assert len(truncated.model.encoder.layer) == 1 and truncated.model.config.num_hidden_layers == 1
+    torch.testing.assert_close(truncated.model.encoder.layer[0].state_dict(), full.model.encoder.layer[0].state_dict())
+    with pytest.raises(ValueError, match="truncate_layers"):
+        tiny_text(truncate_layers=5)
+
+
+def test_text_features_sentences_and_word_weights():
+    encoder = tiny_text().eval()
+    ids = torch.randint(5, 100, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    sentence_ids = torch.tensor([[-1, 0, 0, 1, 1, -1], [-1, 0, 0, -1, -1, -1]])
+    out = encoder(ids, mask, sentence_ids)
+    tokens = out.token_embeds
+    torch.testing.assert_close(out.sentence_embeds[0, 1], tokens[0, 3:5].mean(0))
+    torch.testing.assert_close(out.sentence_embeds[1, 0], tokens[1, 1:3].mean(0))
+    assert out.sentence_mask.tolist() == [[True, True], [True, False]]
+    torch.testing.assert_close(out.report_emb, tokens[:, 0])
+    assert (out.word_weights[1, 4:] == 0).all() and out.word_weights.shape == (2, 6)
+    # A softmax row over the real tokens of the CLS query, averaged over heads.
+    torch.testing.assert_close(out.word_weights.sum(-1), torch.ones(2))
+    padded, padded_mask = sentence_means(tokens, sentence_ids, num_sentences=4)
+    assert padded.shape == (2, 4, 32) and not padded_mask[:, 2:].any()
+
+
+# -- tokenizer and collate ------------------------------------------------------------------------
+def test_tokenizer_is_deterministic_and_covers_text():
+    first, second = train_wordpiece(num_reports=300), train_wordpiece(num_reports=300)
+    assert tokenizer_hash(first) == tokenizer_hash(second)
+    assert tokenizer_hash(first) != tokenizer_hash(train_wordpiece(num_reports=300, vocab_size=150))
+    ids = first("Pneumothorax: 2.5 cm, per Dr. X!", add_special_tokens=False)["input_ids"]
+    assert first.unk_token_id not in ids
+    assert first.decode(first("the lungs are clear.")["input_ids"], skip_special_tokens=True) == "the lungs are clear."
+
+
+def test_collate_tracks_sentence_spans(hybrid):
+    tokenizer = hybrid.tokenizer
+    samples = [make_sample(0), make_sample(1)]
+    out = collate(samples, tokenizer, max_length=48)
+    for row, sample in enumerate(samples):
+        ids, sids = out["report_ids"][row], out["sentence_ids"][row]
+        assert ids[0] == tokenizer.cls_token_id
+        for index, sentence in enumerate(sample["sentences"]):
+            expected = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+            assert ids[sids == index].tolist() == expected
+        regions = out["sentence_regions"][row].tolist()
+        n = len(sample["sentences"])
+        assert regions[:n] == sample["sentence_regions"] and all(r == -1 for r in regions[n:])
+        assert out["report_mask"][row].sum() == (ids != tokenizer.pad_token_id).sum()
+    # Truncation: a sentence left without tokens loses its region too.
+    short = collate(samples, tokenizer, max_length=6)
+    kept = set(short["sentence_ids"][0].tolist()) - {-1}
+    assert short["report_ids"].shape[1] == 6
+    assert all((r == -1) for i, r in enumerate(short["sentence_regions"][0].tolist()) if i not in kept)
+
+
+def test_collate_marks_missing_sections(hybrid):
+    out = collate([make_sample(0, impression=False), make_sample(1, findings=False)], hybrid.tokenizer, 48)
+    assert out["has_findings"].tolist() == [True, False] and out["has_impression"].tolist() == [False, True]
+    empty = make_sample(2)
+    empty.update(report="  ", sentences=[], sentence_regions=[])
+    with pytest.raises(ValueError, match="i2"):
+        collate([empty], hybrid.tokenizer, 48)
+    unpaired = make_sample(3)
+    unpaired["sentence_regions"] = unpaired["sentence_regions"][:-1]
+    with pytest.raises(ValueError, match="pair one to one"):
+        collate([unpaired], hybrid.tokenizer, 48)
+
+
+def test_sample_order_keeps_regions_with_their_image(hybrid):
+    samples = [make_sample(i) for i in range(3)]
+    order = [2, 0, 1]
+    forward = collate(samples, hybrid.tokenizer, 48)
+    shuffled = collate([samples[i] for i in order], hybrid.tokenizer, 48)
+    for key in ("images", "boxes", "sentence_regions", "tags"):
+        torch.testing.assert_close(shuffled[key], forward[key][order])
+
+
+# -- composition ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["clip", "hybridmed", "asg", "g2d", "hybrid"])
+def test_preset_total_is_weighted_sum(preset, batch):
+    cfg = compose([*FAST, f"objective={preset}"])
+    model = create_model(cfg)
+    step = 10_000  # past every warm-up and stage switch
+    out = model(batch, step=step)
+    lambdas = {k: v for k, v in cfg.objective.lambdas.items() if v > 0}
+    assert set(out) - {"loss"} == set(lambdas)
+    expected = sum(lambdas[term] * out[term] for term in lambdas)
+    torch.testing.assert_close(out["loss"], expected)
+    assert all(torch.isfinite(v) and v.requires_grad for v in out.values())
+
+
+def test_schedules_switch_terms(hybrid):
+    assert set(hybrid.active_terms(0)) == {"global", "summary", "region", "tag", "soft_label"}
+    assert set(hybrid.active_terms(5)) == {"global", "summary", "region", "tag", "soft_label", "seg"}
+    assert set(hybrid.active_terms(10)) == set(TERM_MODULE)
+    assert (hybrid.hybridmed_stage(9), hybrid.hybridmed_stage(10)) == (1, 2)
+
+
+def _gradient_owners(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_stage2_gradients_reach_all_but_the_summary_teacher(hybrid, batch):
+    got = _gradient_owners(hybrid, hybrid(batch, step=10)["loss"])
+    decoder = hybrid.objectives["impression"].decoder
+    teacher = {f"objectives.impression.decoder.{n}" for n, _ in decoder.named_branch_parameters("summary")}
+    trainable = {n for n, p in hybrid.named_parameters() if p.requires_grad}
+    assert teacher and not (got & teacher)
+    assert got == trainable - teacher
+
+
+def test_stage1_trains_only_the_summary_path(batch):
+    model = create_model(compose([*FAST, "objective=hybridmed", "objective.schedule.stage2_step=10"]))
+    out = model(batch, step=0)
+    assert set(out) == {"summary", "loss"}
+    got = _gradient_owners(model, out["loss"])
+    assert not any(n.startswith(("image_encoder.", "image_projection", "image_token_projection")) for n in got)
+    assert not any(".caption." in n for n in got)
+    assert any(".summary." in n for n in got) and any(n.startswith("text_encoder.") for n in got)
+
+
+def test_missing_sections_fall_back(hybrid):
+    samples = [make_sample(i, findings=False, impression=False) for i in range(3)]
+    for s in samples:  # free text only
+        s.update(report="The lungs are clear. No pneumothorax.", sentences=[], sentence_regions=[])
+    out = hybrid(collate(samples, hybrid.tokenizer, 48), step=10)
+    torch.testing.assert_close(out["global_impression"], out["global"])  # impression falls back to the report
+    for term in ("token", "summary", "caption", "distill", "region"):
+        assert out[term].item() == 0.0 and out[term].requires_grad, term
+    assert torch.isfinite(out["loss"])
+
+
+def test_token_alignment_on_cnn_uses_attention_pool(batch):
+    cnn = [o for o in FAST if "depth" not in o]
+    model = create_model(compose([*cnn, "~model.image.kwargs.depth", "model.image.timm_name=resnet18",
+                                  "objective=hybridmed", "objective.schedule.stage2_step=0"]))
+    seen = {}
+    model.objectives["token"].register_forward_pre_hook(lambda m, args: seen.update(weights=args[1]))
+    out = model(batch, step=0)
+    expected = model.image_encoder(batch["images"]).patch_weights
+    torch.testing.assert_close(seen["weights"], expected)
+    assert seen["weights"].shape == (4, 4)  # 64 px ResNet: 2 x 2 grid
+    got = _gradient_owners(model, out["token"])
+    assert any(n.startswith("image_encoder.model.layer4") for n in got)
+
+
+def test_tag_queries_are_cached_not_recomputed(batch):
+    model = create_model(compose([*FAST, "objective=asg"]))
+    tag = model.objectives["tag"]
+    calls = []
+    model.text_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(batch, step=step)["loss"].backward()
+        optimizer.step()
+        if step == 0:
+            queries = tag.tag_queries.clone()
+    assert int(tag.query_updates) == 1
+    assert calls.count(len(OBSERVATIONS)) == 1  # the tag names went through the text encoder once
+    torch.testing.assert_close(tag.tag_queries, queries)
+    model.refresh_tag_queries()  # e.g. once per round: the trained text encoder gives new queries
+    assert int(tag.query_updates) == 2 and not torch.allclose(tag.tag_queries, queries)
+
+
+def test_encode_image_and_text_are_normalised(hybrid, batch):
+    hybrid.eval()
+    images = hybrid.encode_image(batch["images"])
+    texts = hybrid.encode_text(batch["report_ids"], batch["report_mask"])
+    hybrid.train()
+    assert images.shape == texts.shape == (4, 128)
+    torch.testing.assert_close(images.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(texts.norm(dim=-1), torch.ones(4))
+
+
+# -- sharing --------------------------------------------------------------------------------------
+def test_split_state_by_patterns(hybrid):
+    cfg = hybrid_cfg()
+    shared, local = split_state(hybrid, cfg)
+    assert set(shared) | set(local) == set(hybrid.state_dict()) and not set(shared) & set(local)
+    prefixes = ("image_encoder.", "text_encoder.", "image_projection.", "text_projection.",
+                "image_token_projection.", "text_token_projection.")
+    assert all(n.startswith(prefixes) for n in shared)
+    assert all(n.startswith("objectives.") for n in local)
+    assert "objectives.tag.tag_queries" in local
+    narrowed = split_state(hybrid, hybrid_cfg("model.sharing.local=[text_encoder.*]"))[0]
+    assert not any(n.startswith("text_encoder.") for n in narrowed)
+
+
+def test_fedbn_keeps_norm_layers_local():
+    model = ImageEncoder("resnet18", img_size=SIZE)
+    names = shared_parameter_names(model, patterns=["*"], fedbn=True)
+    assert "model.bn1.running_mean" not in names and "model.bn1.weight" not in names
+    assert "model.conv1.weight" in names
+    assert "model.bn1.running_mean" in shared_parameter_names(model, patterns=["*"])
