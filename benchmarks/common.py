@@ -19,7 +19,7 @@ OFFLINE_TEXT = {
     "resnet50_bert": [
         "model.text.name=null",
         "model.text.pretrained=false",
-        "+model.text.config={model_type: bert, hidden_size: 768, num_hidden_layers: 12, "
+        "model.text.config={model_type: bert, hidden_size: 768, num_hidden_layers: 12, "
         "num_attention_heads: 12, intermediate_size: 3072, max_position_embeddings: 512}",
         "+model.text.tokenizer={vocab_size: 2000, num_reports: 2000, seed: 0}",
     ],

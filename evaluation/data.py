@@ -43,18 +43,16 @@ class EvalSet:
 
 
 def prepare_catalog(data_cfg) -> tuple[Path, Path]:
-    """(catalog, cache) for `data_cfg`, generating the phantom and indexing first when needed.
-
-    Indexing is incremental, so on a prepared folder this only checks sizes and times."""
+    """(catalog, cache) for `data_cfg`, indexing first (incremental: on an indexed folder this only
+    checks sizes and times). A phantom is not generated here: evaluation sits below simulations."""
     from client.data.index import index_data
     from client.data.layouts import open_layout
 
     root = Path(data_cfg.root)
     if data_cfg.get("generate") and not (root / "ground_truth.json").is_file():
-        from simulations.phantom import generate_phantom
-
-        log.info("generating the phantom (%d studies) in %s", data_cfg.studies, root)
-        generate_phantom(root, data_cfg.studies, seed=data_cfg.phantom_seed)
+        raise FileNotFoundError(
+            f"no phantom at {root}; generate it first: python -m simulations.phantom --out {root} "
+            f"--studies {data_cfg.studies} --seed {data_cfg.phantom_seed} (or train on it, which generates it)")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; point data.root at the dataset folder")
     options = {"manifest": data_cfg.manifest} if data_cfg.layout == "manifest" else {}
@@ -67,8 +65,10 @@ def prepare_catalog(data_cfg) -> tuple[Path, Path]:
     return Path(data_cfg.catalog), Path(data_cfg.cache)
 
 
-def load_split(catalog: Path, cache: Path, split: str, image_size: int, uncertain: str) -> EvalSet:
-    """Every usable image of `split` through the evaluation transform, labels mapped by the uncertain policy."""
+def load_split(catalog: Path, cache: Path, split: str | list[str], image_size: int, uncertain: str) -> EvalSet:
+    """Every usable image of `split` (one name or several) through the evaluation transform, labels
+    mapped by the uncertain policy."""
+    split = split if isinstance(split, str) else list(split)
     dataset = CxrDataset(catalog, cache, split=split, image_size=image_size, train=False)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {catalog} has no usable images; check the split names in the data")

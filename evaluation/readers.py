@@ -356,11 +356,12 @@ def read_mimic_cxr(root: Path, split: str = "test", uncertain: str = "ones", vie
     return _check_files(records, check_files, str(root))
 
 
-def read_phantom(root: Path, split: str = "test", mask_target: str = MASK_TARGET_ANY,
+def read_phantom(root: Path, split: str | Sequence[str] = "test", mask_target: str = MASK_TARGET_ANY,
                  check_files: bool = True) -> list[Record]:
-    """The phantom's `ground_truth.json`: study labels, and per image the union of the masks of the
-    findings named `mask_target` (an observation, or `any` for every finding); empty when none."""
+    """The phantom's `ground_truth.json` for one split or several: study labels, and per image the union
+    of the masks of the findings named `mask_target` (an observation, or `any`); empty when none."""
     root = Path(root)
+    splits = {split} if isinstance(split, str) else set(split)
     if mask_target != MASK_TARGET_ANY and mask_target not in OBSERVATIONS:
         raise ValueError(f"mask target {mask_target!r} is neither 'any' nor an observation in shared_models.vocab")
     truth_path = root / "ground_truth.json"
@@ -369,7 +370,7 @@ def read_phantom(root: Path, split: str = "test", mask_target: str = MASK_TARGET
     truth = json.loads(truth_path.read_text())
     records = []
     for study_id, study in truth["studies"].items():
-        if study["split"] != split:
+        if study["split"] not in splits:
             continue
         subject, study_number = str(study["subject_id"]).lstrip("p"), str(study_id).lstrip("s")
         for dicom in study["dicom_ids"]:
@@ -378,7 +379,7 @@ def read_phantom(root: Path, split: str = "test", mask_target: str = MASK_TARGET
             records.append(Record(
                 image_path=_mimic_image_path(root, subject, study_number, dicom, ".dcm"),
                 patient_id=subject, image_id=dicom, study_id=study_number,
-                labels={k: float(v) for k, v in study["labels"].items()}, mask=PngMask(masks), split=split,
+                labels={k: float(v) for k, v in study["labels"].items()}, mask=PngMask(masks), split=study["split"],
                 meta={"findings": ",".join(sorted({f["finding"] for f in study["findings"]}))}))
     return _check_files(records, check_files, str(truth_path))
 

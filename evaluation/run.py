@@ -142,6 +142,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> di
     size = model.image_encoder.img_size
     train = load_split(catalog, cache, cfg.eval_split.train, size, cfg.uncertain)
     test = load_split(catalog, cache, cfg.eval_split.test, size, cfg.uncertain)
+    shared = set(train.patient_ids) & set(test.patient_ids)
+    if shared:
+        raise ValueError(f"eval_split train {cfg.eval_split.train} and test {cfg.eval_split.test} share "
+                         f"{len(shared)} patients; choose disjoint splits")
     if Path(cfg.data.root, "ground_truth.json").is_file():
         for split in (train, test):   # the phantom's true labels, not those its reports state
             use_truth_labels(split, Path(cfg.data.root))

@@ -36,19 +36,21 @@ class ConvBlock(nn.Sequential):
 
 
 class UNetDecoder(nn.Module):
-    """Coarsest level in, then per finer level: upsample to its grid, concatenate it, two 3x3 convs;
-    a 1x1 conv gives one logit per pixel, upsampled to the image size."""
+    """Each level squeezed to `width` channels by a 1x1 conv (wide encoders stay cheap); coarsest level
+    in, then per finer level: upsample to its grid, concatenate it, two 3x3 convs; a 1x1 conv gives one
+    logit per pixel, upsampled to the image size."""
 
     def __init__(self, channels: Sequence[int], width: int = 32, out_channels: int = 1):
         super().__init__()
-        channels = list(channels)
-        self.bottom = ConvBlock(channels[-1], width)
-        self.up = nn.ModuleList(ConvBlock(width + c, width) for c in reversed(channels[:-1]))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.bottom = ConvBlock(width, width)
+        self.up = nn.ModuleList(ConvBlock(2 * width, width) for _ in channels[:-1])
         self.head = nn.Conv2d(width, out_channels, 1)
 
     def forward(self, pyramid: Sequence[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
-        x = self.bottom(pyramid[-1])
-        for block, skip in zip(self.up, reversed(pyramid[:-1])):
+        levels = [lateral(level) for lateral, level in zip(self.lateral, pyramid)]
+        x = self.bottom(levels[-1])
+        for block, skip in zip(self.up, reversed(levels[:-1])):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         return F.interpolate(self.head(x), size=image_size, mode="bilinear", align_corners=False)

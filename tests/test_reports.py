@@ -1,5 +1,7 @@
 """Report parsing: sections, sentences, triplets, tag vector, and the IU X-ray evaluation."""
+import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -131,7 +133,8 @@ def test_numbered_items_are_sentences_without_their_numbers():
 
 
 def test_iu_xxxx_tokens_do_not_break_sentences():
-    assert split_sentences("Normal chest x-XXXX. XXXX XXXX are intact.") == ["Normal chest x-XXXX.", "XXXX XXXX are intact."]
+    text = "Normal chest x-XXXX. XXXX XXXX are intact."
+    assert split_sentences(text) == ["Normal chest x-XXXX.", "XXXX XXXX are intact."]
 
 
 def test_paragraph_break_ends_a_sentence_without_a_period():
@@ -324,6 +327,44 @@ def test_mesh_map_matches_first_components_and_prefixes():
          "Technical Quality of Image Unsatisfactory ", "Fractures, Bone/ribs"]
     ) == {"lung_opacity", "cardiomegaly", "emphysema", "fracture"}
     assert evaluate_reports.mesh_observations(["normal"]) == set()
+
+
+def _iu_xml(findings: str, impression: str, major: list[str]) -> bytes:
+    tags = "".join(f"<major>{m}</major>" for m in major)
+    return (f'<?xml version="1.0" encoding="utf-8"?><eCitation><MedlineCitation><Article><Abstract>'
+            f'<AbstractText Label="FINDINGS">{findings}</AbstractText>'
+            f'<AbstractText Label="IMPRESSION">{impression}</AbstractText>'
+            f"</Abstract></Article></MedlineCitation><MeSH>{tags}</MeSH></eCitation>").encode()
+
+
+def test_iu_scores_on_a_hand_built_archive(tmp_path):
+    reports = {
+        "1": ("Mild cardiomegaly. No effusion.", "Cardiomegaly.", ["Cardiomegaly/mild"]),  # true positive
+        "3": ("Small left pleural effusion.", "", ["normal"]),  # false positive on a normal report
+        "5": ("The lungs are clear.", "No acute disease.", ["normal"]),  # clean normal report
+        "7": ("Heart size normal.", "Normal chest.", ["Opacity/lung/base/left"]),  # missed opacity
+    }
+    archive = tmp_path / "iu.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, (findings, impression, major) in reports.items():
+            data = _iu_xml(findings, impression, major)
+            info = tarfile.TarInfo(f"ecgen-radiology/{name}.xml")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    results = evaluate_reports.evaluate_iu(archive)
+    assert results["reports"] == 4
+    assert results["finding_micro_f1"] == pytest.approx(0.5)  # TP 1, FP 1, FN 1
+    assert results["normal_precision"] == pytest.approx(0.5)
+    per = results["per_observation"]
+    assert per["cardiomegaly"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert per["pleural_effusion"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert per["lung_opacity"]["recall"] == 0.0 and per["lung_opacity"]["support"] == 1
+
+
+def test_evaluate_reports_names_a_missing_archive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_reports.main(["--iu-tgz", str(tmp_path / "missing.tgz"), "--json", str(tmp_path / "out.json")])
+    assert "missing.tgz" in capsys.readouterr().err
 
 
 def test_iu_evaluation_meets_the_aims(iu_reports_tgz, tmp_path):

@@ -10,7 +10,6 @@ from client.data.errors import Rejected
 from shared_models.vocab import OBSERVATIONS, REGIONS
 
 EXISTENCE = ("present", "absent", "uncertain")
-TAG_VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 REGION_INDEX = {name: i for i, name in enumerate(REGIONS)}
 OBSERVATION_INDEX = {name: i for i, name in enumerate(OBSERVATIONS)}
 
@@ -100,27 +99,21 @@ def _blocks(text: str) -> list[str]:
     return [re.sub(r"\s+", " ", b).strip() for b in blocks if b.strip()]
 
 
-def _clean(text: str) -> str:
-    return "\n\n".join(_blocks(text))
-
-
 def split_sections(text: str) -> ReportSections:
     """Split report text at its upper-case headers; text under no header goes to other['text']."""
-    text = _BANNER_RE.sub("", text)
+    text = _BANNER_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     matches = list(_HEADER_RE.finditer(text))
     bodies: dict[str, list[str]] = {}
     free: list[str] = [text[: matches[0].start()] if matches else text]
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         name = _header_name(m.group("upper") or m.group("line"))
-        blocks = _blocks(text[m.end():end])
+        body = text[m.end():end]
         if name in SHORT_FIELDS:
             # Only the first paragraph belongs to a short field; later ones are unlabelled text.
-            body = text[m.end():end].lstrip(" \t\n")
-            first, *rest = re.split(r"\n[ \t]*\n", body, maxsplit=1)
-            blocks = _blocks(first)
+            body, *rest = re.split(r"\n[ \t]*\n", body.lstrip(" \t\n"), maxsplit=1)
             free.extend(rest)
-        bodies.setdefault(name, []).extend(blocks)
+        bodies.setdefault(name, []).extend(_blocks(body))
     sections = ReportSections(
         findings="\n\n".join(bodies.pop("findings", [])),
         impression="\n\n".join(bodies.pop("impression", [])),
@@ -156,7 +149,7 @@ def _ends_with_abbreviation(chunk: str) -> bool:
         return True  # dotted abbreviations: e.g, i.e, a.m, p.m
     if re.fullmatch(r"[A-Z]", token):
         return True  # an initial
-    return token.lower() in ABBREVIATIONS and not token.isupper()
+    return token.lower() in ABBREVIATIONS
 
 
 def split_sentences(text: str) -> list[str]:
@@ -185,22 +178,23 @@ def split_sentences(text: str) -> list[str]:
 
 _GAP = r"(?: [a-z_]+){0,4}?"  # up to four words between a subject and its predicate
 
-# (observations, pattern). Earlier entries win where matches overlap, so longer phrases come first.
+# (observations, pattern). At one position the earlier entry wins, so longer phrases come first.
 FINDING_LEXICON: list[tuple[tuple[str, ...], str]] = [
     # Phrases that name no finding although they contain a lexicon word.
-    ((), r"pericardial effusions?|joint effusions?|bone density|bone mineral density|breast (?:prosthes[ie]s|implants?)|soft tissue (?:o?edema|swelling)|sclerotic densit(?:y|ies)"
+    ((), r"pericardial effusions?|joint effusions?|bone density|bone mineral density|sclerotic densit(?:y|ies)"
+         r"|breast (?:prosthes[ie]s|implants?)|soft tissue (?:o?edema|swelling)"
          r"|(?:sclerotic|lytic|blastic|bony|bone|osseous|destructive|skin|cutaneous) lesions?"),
     (("nodule", "lung_opacity"), r"nodular (?:opacit(?:y|ies)|densit(?:y|ies))"),
     (("cardiomegaly", "enlarged_cardiomediastinum"),
      r"(?:enlarged|prominent) cardiomediastinal (?:silhouette|contours?)"
      rf"|cardiomediastinal (?:silhouette|contours?)s?{_GAP} (?:enlarged|large|widened|prominent)"),
     (("cardiomegaly",),
-     r"cardiomegaly|cardiac enlargement|cardiac hypertrophy"
+     r"cardiomegaly|cardiac enlargement|cardiac hypertrophy|heart enlargement"
      r"|enlargement of the (?:heart|cardiac (?:silhouette|shadow|contour))"
      r"|(?:enlarged|large|prominent) (?:heart|cardiac (?:silhouette|shadow|size|contour))"
-     rf"|(?:heart|cardiac (?:silhouette|shadow|size|contour)s?){_GAP} (?:enlarged|large|increased|prominent|enlarging)"
-     r"|borderline (?:heart|cardiac) size|heart enlargement"
-     rf"|(?:heart|cardiac (?:silhouette|shadow|size|contour)s?){_GAP} borderline"),
+     rf"|(?:heart|cardiac (?:silhouette|shadow|size|contour)s?){_GAP}"
+     r" (?:enlarged|large|increased|prominent|enlarging|borderline)"
+     r"|borderline (?:heart|cardiac) size"),
     (("enlarged_cardiomediastinum",),
      r"(?:widen(?:ed|ing)|enlarged|prominent) (?:superior )?mediast\w*(?: silhouette| contours?)?"
      rf"|mediastin\w*(?: silhouette| contours?)?{_GAP} (?:widen(?:ed|ing)|enlarged|prominent)"),
@@ -210,15 +204,22 @@ FINDING_LEXICON: list[tuple[tuple[str, ...], str]] = [
      r"(?:pleural )?effusions?|pleural fluid|hydrothora(?:x|ces)|fluid in the (?:\w+ )?fissure"
      r"|blunt(?:ed|ing)(?: of)?(?: the)?(?: \w+){0,2}? (?:costophrenic|cp) (?:angles?|sulc(?:us|i)|recess(?:es)?)"
      r"|(?:costophrenic|cp) (?:angles?|sulc(?:us|i))(?: \w+){0,2}? blunt(?:ed|ing)"),
-    (("pleural_thickening",), r"pleural (?:thickening|plaques?|scarring|calcifications?)|apical (?:pleural )?cap(?:s|ping)?|pleuroparenchymal (?:scarring|thickening|opacit(?:y|ies))"),
+    (("pleural_thickening",),
+     r"pleural (?:thickening|plaques?|scarring|calcifications?)|apical (?:pleural )?cap(?:s|ping)?"
+     r"|pleuroparenchymal (?:scarring|thickening|opacit(?:y|ies))"),
     (("granuloma",),
      r"(?:calcified |noncalcified )?granulom(?:a|as|ata)|granulomatous(?: \w+)?"
-     r"|calcified (?:pulmonary |lung |parenchymal )?(?:nodul(?:e|es|ar densit(?:y|ies)|ar opacit(?:y|ies))|densit(?:y|ies)|foc(?:us|i))"),
+     r"|calcified (?:pulmonary |lung |parenchymal )?"
+     r"(?:nodul(?:e|es|ar densit(?:y|ies)|ar opacit(?:y|ies))|densit(?:y|ies)|foc(?:us|i))"),
+    # An interstitial opacity is an opacity; interstitial markings or prominence are not.
     (("interstitial_opacity", "lung_opacity"),
-     r"(?:interstitial|reticular|reticulonodular|reticulo nodular)(?: \w+)? (?:opacit(?:y|ies)|densit(?:y|ies)|infiltrat(?:e|es|ion))"),
+     r"(?:interstitial|reticular|reticulonodular|reticulo nodular)(?: \w+)?"
+     r" (?:opacit(?:y|ies)|densit(?:y|ies)|infiltrat(?:e|es|ion))"),
     (("interstitial_opacity",),
-     r"(?:interstitial|reticular|reticulonodular|reticulo nodular)(?: \w+)? (?:markings?|prominence|pattern|disease|lung disease|abnormalit(?:y|ies)|changes?|thickening)"
-     r"|(?:increased|prominent|coarse(?:ned)?|accentuated) (?:\w+ )?(?:lung |interstitial |pulmonary |bronchovascular )?markings"
+     r"(?:interstitial|reticular|reticulonodular|reticulo nodular)(?: \w+)?"
+     r" (?:markings?|prominence|pattern|disease|lung disease|abnormalit(?:y|ies)|changes?|thickening)"
+     r"|(?:increased|prominent|coarse(?:ned)?|accentuated) (?:\w+ )?"
+     r"(?:lung |interstitial |pulmonary |bronchovascular )?markings"
      r"|peribronchial (?:thickening|cuffing)|bronchial wall thickening|bronchitic changes"),
     (("nodule",), r"nodul(?:e|es|arity)|micronodul\w*"),
     (("mass",), r"mass(?:es)?|mass like"),
@@ -226,44 +227,53 @@ FINDING_LEXICON: list[tuple[tuple[str, ...], str]] = [
     (("edema",),
      r"(?:pulmonary |interstitial |alveolar |perihilar )?o?edema|fluid overload|(?:congestive )?heart failure|chf"),
     (("vascular_congestion",),
-     r"(?:pulmonary |vascular |venous |interstitial )*congest(?:ion|ive changes?)|vascular engorgement|engorged|cephali[sz]ation"
+     r"(?:pulmonary |vascular |venous |interstitial )*congest(?:ion|ive changes?)"
+     r"|vascular engorgement|engorged|cephali[sz]ation"
      r"|(?:increased|prominent|prominence of the)(?: \w+){0,2}? vascular(?:ity|ture)"
      r"|vascular(?:ity|ture)(?: \w+){0,2}? (?:increased|prominent|indistinct)"),
     (("emphysema",),
      r"emphysema(?:tous)?(?: changes?)?|copd|chronic obstructive(?: \w+){0,2}|bullae|bullous(?: \w+)?|bulla"),
     (("hyperinflation",),
-     r"hyper ?(?:inflat|expan|aerat|lucen)\w*|over ?(?:inflat|expan)\w*|(?:flatten(?:ed|ing)(?: of)?(?: the)?|flat) (?:hemi)?diaphragms?"
+     r"hyper ?(?:inflat|expan|aerat|lucen)\w*|over ?(?:inflat|expan)\w*"
+     r"|(?:flatten(?:ed|ing)(?: of)?(?: the)?|flat) (?:hemi)?diaphragms?"
      r"|(?:hemi)?diaphragms?(?: \w+){0,2}? flat(?:tened)?"),
     (("atelectasis",), r"atelectas(?:is|es)|atelectatic(?: \w+)?|(?:lobar |segmental )?collapsed?|volume loss"),
     (("consolidation",), r"consolidat(?:ion|ions|ed|ive|ing)"),
     (("pneumonia",), r"(?:broncho)?pneumoni(?:a|as|tis)|infectious process|infection|aspiration"),
     (("lung_opacity",),
-     r"opacit(?:y|ies)|opacifi(?:cation|ed)|(?:airspace|air space|alveolar) (?:disease|process|opacit(?:y|ies)|filling)"
+     r"opacit(?:y|ies)|opacifi(?:cation|ed)"
+     r"|(?:airspace|air space|alveolar) (?:disease|process|opacit(?:y|ies)|filling)"
      r"|infiltrat(?:e|es|ion|ive(?: \w+)?)|densit(?:y|ies)|haziness|hazy(?: \w+)?|ground glass|shadowing"),
     (("scarring",), r"scar(?:s|ring|red)?|cicatri\w*|fibrotic scar\w*"),
     (("fibrosis",), r"fibros(?:is|es)|fibrotic(?: changes?)?"),
-    (("calcification",),
-     r"calcifi(?:cation|cations|ed)(?: \w+)?|atherosclero\w*|atheromatous(?: \w+)?"),
+    (("calcification",), r"calcifi(?:cation|cations|ed)(?: \w+)?|atherosclero\w*|atheromatous(?: \w+)?"),
+    # A rib or clavicle "deformity" is not called a fracture; a vertebral compression is one.
     (("fracture",),
      r"fractur(?:e|es|ed)|(?:vertebral |wedge )?compression(?: deformit(?:y|ies))?|wedge deformit(?:y|ies)"),
     (("hernia",), r"hernia(?:s|tion)?"),
-    (("scoliosis",), r"(?:levo|dextro)?scolio(?:sis|tic)(?: curvature)?|(?:levo|dextro)curvature|curvature of the(?: \w+)? spine"),
+    (("scoliosis",),
+     r"(?:levo|dextro)?scolio(?:sis|tic)(?: curvature)?|(?:levo|dextro)curvature|curvature of the(?: \w+)? spine"),
     (("degenerative_change",),
-     r"degenerat\w*(?: \w+){0,2}? (?:changes?|disease|disc|spondylosis)|degenerative|osteophyt\w*|spondylo(?:sis|tic)(?: changes?)?"
-     r"|arthriti(?:s|c)(?: changes?)?|arthropathy|(?:dish|diffuse idiopathic skeletal hyperostosis)"),
+     r"degenerat\w*(?: \w+){0,2}? (?:changes?|disease|disc|spondylosis)|degenerative|osteophyt\w*"
+     r"|spondylo(?:sis|tic)(?: changes?)?|arthriti(?:s|c)(?: changes?)?|arthropathy"
+     r"|dish|diffuse idiopathic skeletal hyperostosis"),
     (("tortuous_aorta",),
-     r"tortu(?:ous|osity)|ectati?c(?: \w+)?|ectasia|unfold(?:ed|ing)(?: of)?(?: the)? aorta|(?:dilated|dilatation of the|ectatic) (?:thoracic )?aorta"),
+     r"tortu(?:ous|osity)|ectati?c(?: \w+)?|ectasia|unfold(?:ed|ing)(?: of)?(?: the)? aorta"
+     r"|(?:dilated|dilatation of the) (?:thoracic )?aorta"),
     (("hilar_enlargement",),
-     r"(?:(?:hilar|mediastinal|paratracheal) )?(?:lymph ?adenopathy|adenopathy)|enlarged(?: \w+){0,2}? (?:hila|hilum|lymph nodes?)"
+     r"(?:(?:hilar|mediastinal|paratracheal) )?(?:lymph ?adenopathy|adenopathy)"
+     r"|enlarged(?: \w+){0,2}? (?:hila|hilum|lymph nodes?)"
      r"|hilar (?:enlargement|prominence|fullness|mass(?:es)?)|(?:prominent|full|bulky) hila"),
     (("support_device",),
-     r"(?:endotracheal|tracheostomy|et|ng|og|nasogastric|orogastric|feeding|enteric|chest|gastric|dobhoff|dobbhoff|nasoenteric) tubes?"
-     r"|tubes?|catheters?|(?:picc|central|venous|arterial|midline|jugular|subclavian|ij|dialysis|port|swan ganz|pulmonary artery) (?:line|lines)"
-     r"|picc|pacemakers?|pacer|aicd|icd|defibrillators?|(?:pacing|cardiac|implanted|monitoring) devices?|generator|leads?"
+     r"(?:endotracheal|tracheostomy|et|ng|og|nasogastric|orogastric|feeding|enteric|chest|gastric"
+     r"|dobhoff|dobbhoff|nasoenteric) tubes?|tubes?|catheters?"
+     r"|(?:picc|central|venous|arterial|midline|jugular|subclavian|ij|dialysis|port|swan ganz|pulmonary artery)"
+     r" lines?|picc|pacemakers?|pacer|aicd|icd|defibrillators?|generator|leads?|electrodes?"
      r"|port a cath|portacath|(?:chest )?port|(?:sternotomy|sternal|surgical|cerclage) (?:wires?|clips?)|wires?"
-     r"|(?:surgical |vascular |cholecystectomy |axillary )?clips?|stents?|valve replacement"
-     r"|drains?|hardware|(?:surgical |spinal |orthopedic )?(?:fixation|fusion) (?:hardware|rods?|plates?|screws?)|rods?|screws?|plates?"
-     r"|electrodes?|(?:\w+ )?devices?|stimulators?|(?:bone |suture )?anchors?|occluders?|prosthe(?:sis|ses|tic)(?: \w+){0,2}|arthroplast\w*"
+     r"|(?:surgical |vascular |cholecystectomy |axillary )?clips?|stents?|valve replacement|drains?|hardware"
+     r"|(?:surgical |spinal |orthopedic )?(?:fixation|fusion) (?:hardware|rods?|plates?|screws?)|rods?|screws?"
+     r"|plates?|devices?|stimulators?|(?:bone |suture )?anchors?|occluders?|arthroplast\w*"
+     r"|prosthe(?:sis|ses|tic)(?: \w+){0,2}"
      r"|tip"),  # a "tip" in a chest film report is a line's or a tube's (IU often masks the device's name)
 ]
 
@@ -283,7 +293,8 @@ NORMAL_LEXICON: list[tuple[tuple[str, ...], str]] = [
      r"|normal mediastin\w*(?: silhouette| contours?)?"),
     (("lung_opacity",), r"lungs?(?: \w+){0,3}? clear|clear lungs?"),
     (("pleural_effusion",),
-     r"(?:costophrenic|cp) (?:angles?|sulci|recesses)(?: \w+){0,2}? (?:clear|sharp|preserved|normal)|sharp (?:costophrenic|cp) angles?"),
+     r"(?:costophrenic|cp) (?:angles?|sulci|recesses)(?: \w+){0,2}? (?:clear|sharp|preserved|normal)"
+     r"|sharp (?:costophrenic|cp) angles?"),
     (("fracture",),
      rf"(?:osseous|bony|skeletal) (?:structures?|thorax|findings?)?{_NORMAL_GAP}{{0,4}}? (?:intact|{_NORMAL})"),
     (("vascular_congestion",), rf"(?:pulmonary )?vascular(?:ity|ture| engorgement){_NORMAL_GAP}{{0,5}}? {_NORMAL}"),
@@ -292,30 +303,46 @@ NORMAL_LEXICON: list[tuple[tuple[str, ...], str]] = [
 # Global "nothing acute" phrases: they name these observations only when negated.
 NEGATED_ONLY_LEXICON: list[tuple[tuple[str, ...], str]] = [
     (("lung_opacity", "pleural_effusion", "pneumothorax"),
-     r"(?:acute|active) (?:\w+ ){0,3}?(?:process|processes|disease|abnormalit(?:y|ies)|findings?|pathology|changes?|infiltrates?)"
+     r"(?:acute|active) (?:\w+ ){0,3}?"
+     r"(?:process|processes|disease|abnormalit(?:y|ies)|findings?|pathology|changes?|infiltrates?)"
      r"|cardiopulmonary (?:process|disease|abnormalit(?:y|ies)|findings?)"),
-    (("fracture",), r"(?:acute )?(?:bony|osseous|skeletal) (?:abnormalit(?:y|ies)|findings?|injur(?:y|ies)|process|lesions?)"),
+    (("fracture",),
+     r"(?:acute )?(?:bony|osseous|skeletal) (?:abnormalit(?:y|ies)|findings?|injur(?:y|ies)|process|lesions?)"),
 ]
 
-# Trigger phrases: (kind, direction, pattern); kind None marks a pseudo-trigger that only blocks
-# shorter triggers inside it ("no change" does not negate what follows).
+# Trigger phrases: (kind, direction, pattern). Kind None marks a pseudo-trigger that only keeps
+# shorter triggers inside it from acting ("no change in the opacity" does not negate the opacity).
 TRIGGERS: list[tuple[str | None, str, str]] = [
-    (None, "pre", r"no (?:significant |interval |definite |appreciable )*(?:change|changes|increase|decrease|worsening|improvement)"
-                  r"|not (?:significantly )?(?:changed|increased|decreased|worsened|improved)|not only|not necessarily|to suggest|to indicate"
-                  r"|without (?:significant |interval )*(?:change|changes)|gram negative"),
-    ("uncertain", "post", r"(?:cannot|can not|can't|could not|couldn't|not) be (?:entirely |completely |definitely )?(?:excluded|ruled out)"
-                          r"|not (?:entirely |completely |definitely )?(?:excluded|ruled out)"),
-    ("uncertain", "pre", r"(?:cannot|can not|can't|could not|couldn't|difficult to) (?:entirely |completely |definitely )?(?:exclude|rule out)"),
+    (None, "pre",
+     r"no (?:significant |interval |definite |appreciable )*"
+     r"(?:change|changes|increase|decrease|worsening|improvement)"
+     r"|not (?:significantly )?(?:changed|increased|decreased|worsened|improved)"
+     r"|without (?:significant |interval )*(?:change|changes)"
+     r"|not only|not necessarily|to suggest|to indicate|gram negative"),
+    ("uncertain", "post",
+     r"(?:cannot|can not|can't|could not|couldn't|not) be (?:entirely |completely |definitely )?(?:excluded|ruled out)"
+     r"|not (?:entirely |completely |definitely )?(?:excluded|ruled out)"),
+    ("uncertain", "pre",
+     r"(?:cannot|can not|can't|could not|couldn't|difficult to) (?:entirely |completely |definitely )?"
+     r"(?:exclude|rule out)"),
     ("uncertain", "both", r"versus|vs\.?|\?"),
-    ("uncertain", "post", r"(?:is|are|was|were|remains?) (?:also )?(?:possible|suspected|questioned|likely|not excluded|favored)"),
-    ("absent", "post", r"(?:is|are|was|were|has been|have been|has|have)? ?(?:not (?:well |clearly |definitely |convincingly )?(?:seen|identified|visuali[sz]ed|appreciated|evident|present"
-                       r"|demonstrated|noted|detected|visible|apparent|seen)|resolved|cleared|been removed|removed|absent|no longer \w+)"),
-    ("absent", "pre", r"(?:interval )?(?:resolution|removal|resolving|clearing) of|resolved|(?:no|without) (?:evidence|signs?|findings?) of"),
-    ("uncertain", "pre", r"may|might|could|possib(?:le|ly|ility(?: of)?)|probabl[ey]|likely|suggest(?:s|ed|ing|ive(?: of)?)?|question(?:able)?(?: of)?"
-                         r"|concern(?:ing)? (?:for|of)|suspicio(?:us|n) (?:for|of)|suspect(?:ed)?|presum(?:ed|ably|ptive)"
-                         r"|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation of)?|borderline|equivocal|indeterminate"
-                         r"|uncertain|worrisome for|raises? the possibility(?: of)?|cannot be ruled out|vs"),
-    ("absent", "pre", r"no|not|without|free of|clear of|negative for|absence of|rather than|unlikely|nor|neither|ruled out|rules out|excludes?"),
+    ("uncertain", "post", r"(?:is|are|was|were|remains?) (?:also )?(?:possible|suspected|questioned|likely|favored)"),
+    ("absent", "post",
+     r"(?:is|are|was|were|has been|have been|has|have)? ?"
+     r"(?:not (?:well |clearly |definitely |convincingly )?(?:seen|identified|visuali[sz]ed|appreciated|evident"
+     r"|present|demonstrated|noted|detected|visible|apparent)"
+     r"|resolved|cleared|been removed|removed|absent|no longer \w+)"),
+    ("absent", "pre",
+     r"(?:interval )?(?:resolution|removal|resolving|clearing) of|resolved"
+     r"|(?:no|without) (?:evidence|signs?|findings?) of"),
+    ("uncertain", "pre",
+     r"may|might|could|possib(?:le|ly|ility(?: of)?)|probabl[ey]|likely|suggest(?:s|ed|ing|ive(?: of)?)?"
+     r"|question(?:able)?(?: of)?|concern(?:ing)? (?:for|of)|suspicio(?:us|n) (?:for|of)|suspect(?:ed)?"
+     r"|presum(?:ed|ably|ptive)|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation of)?"
+     r"|borderline|equivocal|indeterminate|uncertain|worrisome for|raises? the possibility(?: of)?"),
+    ("absent", "pre",
+     r"no|not|without|free of|clear of|negative for|absence of|rather than|unlikely|nor|neither"
+     r"|ruled out|rules out|excludes?"),
 ]
 
 # What ends a trigger's scope inside a sentence.
@@ -351,10 +378,11 @@ ANATOMY_LEXICON: list[tuple[str, str | None, str | None, bool, str]] = [
     ("mediastinum", None, None, False, r"mediastinum|mediastinal|paratracheal|superior vena cava|svc"),
     ("aorta", None, None, False, r"aorta|aortic(?: arch| knob)?"),
     ("trachea", None, None, False, r"trachea|tracheal|carina"),
-    ("spine", None, None, False, r"(?:thoracic |lumbar |thoracolumbar |cervical )?(?:spine|spinal|vertebra\w*)|paraspinal|mid ?thoracic"),
+    ("spine", None, None, False,
+     r"(?:thoracic |lumbar |thoracolumbar |cervical )?(?:spine|spinal|vertebra\w*)|paraspinal|mid ?thoracic"),
     ("bones", None, None, False,
-     r"ribs?|clavicles?|clavicular|humer(?:us|al|i)|shoulders?|bones?|osseous|skeletal|bony(?: thorax)?|sternum|sternal"
-     r"|scapula\w*|glenohumeral|acromioclavicular"),
+     r"ribs?|clavicles?|clavicular|humer(?:us|al|i)|shoulders?|bones?|osseous|skeletal|bony(?: thorax)?"
+     r"|sternum|sternal|scapula\w*|glenohumeral|acromioclavicular"),
     ("soft_tissue", None, None, False, r"soft tissues?|breasts?|axilla\w*|chest wall|subcutaneous"),
 ]
 SIDED_KINDS = {"lung", "apex", "cpa", "hilum", "hemidiaphragm", "pleura"}
@@ -420,6 +448,7 @@ def _scan(text: str, pattern: re.Pattern, entries: list[tuple]) -> list[_Span]:
 
 
 def _clauses(text: str) -> list[int]:
+    """Clause boundaries: a trigger's scope never crosses one."""
     return [0] + [m.start() for m in CLAUSE_BREAK.finditer(text)] + [len(text) + 1]
 
 
@@ -431,6 +460,7 @@ def _clause_of(position: int, bounds: list[int]) -> tuple[int, int]:
 
 
 def _existence(mention: _Span, triggers: list[_Span], bounds: list[int]) -> str:
+    """The nearest trigger in scope decides; with none the finding is present."""
     lo, hi = _clause_of(mention.start, bounds)
     best, best_gap = "present", None
     for t in triggers:
@@ -511,6 +541,7 @@ def _region_names(kind: str, side: str | None, zone: str | None) -> list[str | N
 
 
 def _regions_for(finding: str, mention: _Span, anatomy: list[_Span], bounds: list[int]) -> list[str | None]:
+    """Regions of the nearest anatomy in the clause that can hold the finding, else its default."""
     allowed = FINDING_KINDS.get(finding, LUNG_KINDS)
     lo, hi = _clause_of(mention.start, bounds)
     best, best_gap = None, None
@@ -527,8 +558,7 @@ def _regions_for(finding: str, mention: _Span, anatomy: list[_Span], bounds: lis
         return [DEFAULT_REGION.get(finding)]
     kind, parts = best
     if finding in PLEURAL_FINDINGS and kind in ("lung", "pleura", "hemidiaphragm"):
-        # An effusion collects at the costophrenic angle unless a zone is named.
-        parts = [(s, z) for s, z in parts]
+        # An effusion collects at the costophrenic angle unless a higher zone is named.
         kind = "cpa" if all(z is None or z == "lower" for _, z in parts) else kind
     names: list[str | None] = []
     for side, zone in parts:
@@ -585,7 +615,7 @@ def tag_vector(triplets: list[Triplet]) -> np.ndarray:
 
 
 def _sentence_region(triplets: list[Triplet]) -> int:
-    # Prefer a finding that is there over a negated one when a sentence names several regions.
+    """REGIONS index of the sentence's first placed triplet, preferring findings that are there."""
     for wanted in (("present", "uncertain"), ("absent",)):
         for t in triplets:
             if t.region is not None and t.existence in wanted:

@@ -111,6 +111,25 @@ def _save_png(path: Path, mask: np.ndarray) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, optimize=False)
 
 
+def render_study(rng: np.random.Generator, plan: StudyPlan, size: int) -> tuple[list, list, float]:
+    """The study's images (frontal first, float [H, W] in [0, 1]), one mask per finding on the
+    frontal grid, and the pixel spacing in mm. Nodule and mass sizes in mm are added to their detail."""
+    rows, cols = size, 2 * int(round(size * rng.uniform(0.85, 1.0) / 2))
+    thorax = sample_thorax(rng, rows, cols, heart_width_for(rng, plan.findings))
+    spacing = rng.uniform(300.0, 360.0) / thorax.size[0]
+    u, v = thorax.grid()
+    density, markings = frontal_density(rng, thorax)
+    masks = draw_findings(rng, Canvas(thorax, u, v, density, markings), plan.findings)
+    for f in plan.findings:
+        if "size_fraction" in f.detail:
+            f.detail["mm"] = f.detail.pop("size_fraction") * thorax.size[0] * spacing
+    images = [expose(rng, density, u, v)]
+    if len(plan.dicom_ids) > 1:
+        side = sample_thorax(rng, rows, cols)
+        images.append(expose(rng, lateral_density(rng, side), *side.grid()))
+    return images, masks, spacing
+
+
 class _Writer:
     """Collects the CSV rows and ground truth while the study folders are written."""
 
@@ -121,23 +140,10 @@ class _Writer:
 
     def study(self, plan: StudyPlan) -> None:
         rng = np.random.default_rng([self.seed, 1, plan.index])
-        rows, cols = self.size, 2 * int(round(self.size * rng.uniform(0.85, 1.0) / 2))
+        images, masks, spacing = render_study(rng, plan, self.size)
+        rows, cols = images[0].shape
         description, technique, view_meaning, orientation = EXAMS[plan.view]
         findings = plan.findings
-        # frontal image with its findings
-        thorax = sample_thorax(rng, rows, cols, heart_width_for(rng, findings))
-        spacing = rng.uniform(300.0, 360.0) / thorax.size[0]
-        u, v = thorax.grid()
-        density, markings = frontal_density(rng, thorax)
-        masks = draw_findings(rng, Canvas(thorax, u, v, density, markings), findings)
-        for f in findings:
-            if "size_fraction" in f.detail:
-                f.detail["mm"] = f.detail.pop("size_fraction") * thorax.size[0] * spacing
-        images = [expose(rng, density, u, v)]
-        if len(plan.dicom_ids) > 1:
-            side = sample_thorax(rng, rows, cols)
-            images.append(expose(rng, lateral_density(rng, side), *side.grid()))
-
         folder = self.root / plan.folder
         for dicom_id, view, image in zip(plan.dicom_ids, plan.views(), images):
             path = folder / f"{dicom_id}.dcm"

@@ -143,7 +143,7 @@ def _pleural_effusion(rng: np.random.Generator, c: Canvas, f: Finding) -> np.nda
     side = f.detail["side"]
     lung = c.lung(side)
     s, t = c.thorax.lung_frame(side, c.u, c.v)
-    height = {"small": (0.07, 0.12), "moderate": (0.15, 0.24), "large": (0.27, 0.38)}[f.detail["size"]]
+    height = {"small": (0.09, 0.14), "moderate": (0.16, 0.26), "large": (0.28, 0.4)}[f.detail["size"]]
     level = 1.0 - rng.uniform(*height) * (0.55 + 0.45 * np.clip(s, 0, 1))   # meniscus: higher laterally
     fluid = smoothstep((t - level) / 0.05) * lung
     c.density += rng.uniform(0.14, 0.24) * fluid * (0.9 + 0.1 * smooth_noise(rng, c.u.shape, 12))
