@@ -36,15 +36,16 @@ class Pyramid(nn.Module):
 
 
 def load_model(cfg: DictConfig):
-    """(model, name): the checkpoint's model, or `random`, the configured model untrained (seeded)."""
+    """(model, name, model config): the checkpoint's model and the `model` config it was built from, or for
+    `random` the configured model untrained (seeded)."""
     from shared_models.checkpoint import load_checkpoint
     from shared_models.factory import create_model
 
     if str(cfg.checkpoint) == "random":
         torch.manual_seed(cfg.seed)
-        return create_model(cfg).eval(), "random"
-    model, _ = load_checkpoint(cfg.checkpoint)   # raises CheckpointError naming what is wrong
-    return model.eval(), str(cfg.checkpoint)
+        return create_model(cfg).eval(), "random", cfg.model
+    model, meta = load_checkpoint(cfg.checkpoint)   # raises CheckpointError naming what is wrong
+    return model.eval(), str(cfg.checkpoint), OmegaConf.create(meta["config"]["model"])
 
 
 @torch.no_grad()
@@ -77,7 +78,10 @@ def columns(labels: np.ndarray, names: list[str]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ tasks
 def linear_probe_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
     names = probe_label_names(cfg, train)
-    features = lambda images: model.image_encoder(images).global_emb   # noqa: E731 - backbone features, as MGCA
+
+    def features(images: torch.Tensor) -> torch.Tensor:   # the backbone's pooled features, as MGCA probes them
+        return model.image_encoder(images).global_emb
+
     settings = ProbeSettings(l2=cfg.probe.l2, max_iter=cfg.probe.max_iter, balanced=cfg.probe.balanced)
     results, scores = run_linear_probe(batched(features, train.images), columns(train.labels, names),
                                        train.patient_ids, batched(features, test.images), columns(test.labels, names),
@@ -137,7 +141,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    model, name = load_model(cfg)
+    model, name, model_cfg = load_model(cfg)
+    cfg = cfg.copy()
+    cfg.model = model_cfg   # a checkpoint's own model config (text length, image size) wins over the command line's
     catalog, cache = prepare_catalog(cfg.data)
     size = model.image_encoder.img_size
     train = load_split(catalog, cache, cfg.eval_split.train, size, cfg.uncertain)

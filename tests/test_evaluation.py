@@ -486,7 +486,7 @@ def tiny_setup(tmp_path_factory):
         cfg = compose("evaluate", overrides=[
             "checkpoint=random", f"data.root={phantom}", "task=all", "seeds=1", "label_fraction=[1.0]",
             "eval_split.test=validate", "segmentation.epochs=2", "segmentation.overlays=2", "probe.max_iter=20"])
-    model, _ = load_model(cfg)
+    model, _, _ = load_model(cfg)
     checkpoint = save_checkpoint(folder / "checkpoint", model, cfg, step=0)
     return cfg, checkpoint, folder
 

@@ -238,6 +238,17 @@ def test_lexicon_synonyms(sentence, finding):
 
 
 @pytest.mark.parametrize("sentence, finding", [
+    ("Plate-like atelectasis at the left base.", "support_device"),
+    ("Portable AP view of the chest.", "support_device"),
+    ("Small pericardial effusion.", "pleural_effusion"),
+    ("Sclerotic lesion in the left clavicle.", "lung_lesion"),
+    ("Deformity of the left clavicle.", "fracture"),
+])
+def test_lookalike_words_name_no_finding(sentence, finding):
+    assert finding not in {t.finding for t in extract_triplets([sentence])}
+
+
+@pytest.mark.parametrize("sentence, finding", [
     ("The lungs are clear.", "lung_opacity"),
     ("Heart size is normal.", "cardiomegaly"),
     ("The heart is not enlarged.", "cardiomegaly"),

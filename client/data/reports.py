@@ -272,7 +272,7 @@ FINDING_LEXICON: list[tuple[tuple[str, ...], str]] = [
      r"|port a cath|portacath|(?:chest )?port|(?:sternotomy|sternal|surgical|cerclage) (?:wires?|clips?)|wires?"
      r"|(?:surgical |vascular |cholecystectomy |axillary )?clips?|stents?|valve replacement|drains?|hardware"
      r"|(?:surgical |spinal |orthopedic )?(?:fixation|fusion) (?:hardware|rods?|plates?|screws?)|rods?|screws?"
-     r"|plates?|devices?|stimulators?|(?:bone |suture )?anchors?|occluders?|arthroplast\w*"
+     r"|(?:surgical|orthopedic|fixation|metallic) plates?|devices?|stimulators?|(?:bone |suture )?anchors?|occluders?|arthroplast\w*"
      r"|prosthe(?:sis|ses|tic)(?: \w+){0,2}"
      r"|tip"),  # a "tip" in a chest film report is a line's or a tube's (IU often masks the device's name)
 ]
@@ -302,12 +302,13 @@ NORMAL_LEXICON: list[tuple[tuple[str, ...], str]] = [
 
 # Global "nothing acute" phrases: they name these observations only when negated.
 NEGATED_ONLY_LEXICON: list[tuple[tuple[str, ...], str]] = [
+    (("fracture",),
+     r"(?:acute )?(?:bony|bone|osseous|skeletal)(?: \w+){0,4}? (?:abnormalit(?:y|ies)|findings?|injur(?:y|ies)"
+     r"|process|lesions?)"),
     (("lung_opacity", "pleural_effusion", "pneumothorax"),
-     r"(?:acute|active) (?:\w+ ){0,3}?"
+     r"(?:acute|active) (?:(?!bony|bone|osseous|skeletal)\w+ ){0,3}?"
      r"(?:process|processes|disease|abnormalit(?:y|ies)|findings?|pathology|changes?|infiltrates?)"
      r"|cardiopulmonary (?:process|disease|abnormalit(?:y|ies)|findings?)"),
-    (("fracture",),
-     r"(?:acute )?(?:bony|osseous|skeletal) (?:abnormalit(?:y|ies)|findings?|injur(?:y|ies)|process|lesions?)"),
 ]
 
 # Trigger phrases: (kind, direction, pattern). Kind None marks a pseudo-trigger that only keeps
@@ -388,7 +389,8 @@ ANATOMY_LEXICON: list[tuple[str, str | None, str | None, bool, str]] = [
 SIDED_KINDS = {"lung", "apex", "cpa", "hilum", "hemidiaphragm", "pleura"}
 _SIDE_WORDS = {"right": "right", "left": "left", "bilateral": "both", "bilaterally": "both", "both": "both"}
 _ZONE_WORDS = {"upper": "upper", "lower": "lower", "mid": "mid", "middle": "mid"}
-_MODIFIERS = r"(?:(?:right|left|bilateral|both|upper|lower|mid|middle|and|or|the)\s+)*"
+_MODIFIERS = (r"(?:(?:right|left|bilateral|both|upper|lower|mid|middle|and|or|the"
+              r"|lateral|medial|anterior|posterior|inferior|superior)\s+)*")
 _SIDE_ONLY_RE = re.compile(r"\b(right|left|bilateral|bilaterally|both)(?: sided)?\b")
 
 LUNG_KINDS = frozenset({"lung", "apex", "cpa", "hilum", "pleura", "hemidiaphragm"})
@@ -551,8 +553,9 @@ def _regions_for(finding: str, mention: _Span, anatomy: list[_Span], bounds: lis
             kind = SIDE_ONLY_KIND.get(finding, "pleura" if finding in PLEURAL_FINDINGS else "lung")
         if kind not in allowed or not (lo <= a.start < hi):
             continue
-        gap = max(0, a.start - mention.end, mention.start - a.end)
-        if gap <= _MAX_ANATOMY_GAP and (best_gap is None or gap < best_gap):
+        # Nearest first; at equal distance a mention that names a side wins.
+        gap = (max(0, a.start - mention.end, mention.start - a.end), all(side is None for side, _ in parts))
+        if gap[0] <= _MAX_ANATOMY_GAP and (best_gap is None or gap < best_gap):
             best, best_gap = (kind, parts), gap
     if best is None:
         return [DEFAULT_REGION.get(finding)]

@@ -1,0 +1,196 @@
+"""Patient-level DP-SGD at a site: Poisson batches of patients, clipped gradient sum, Gaussian noise, the ledger."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from client.privacy.accountant import ACCOUNTANTS, noise_for_target
+from client.privacy.clipping import (
+    ClipNorms,
+    PrivacyError,
+    clipped_gradient_sum,
+    require_group_norm,
+    trainable_parameters,
+)
+from client.privacy.ledger import Charge, PrivacyLedger
+from client.privacy.sampling import PatientSampler, secret_generator
+from client.site import effective_caps
+from client.trainer import TrainResult, TrainSettings, _window_mean, build_optimizer, cosine_lr, move_to, proximal_penalty
+
+
+@dataclass(frozen=True)
+class DpSgdSettings:
+    """The `privacy.dpsgd` block: either a fixed noise multiplier or a target epsilon for the run's planned steps."""
+
+    noise_multiplier: float | None = 1.0
+    max_grad_norm: float = 1.0           # C: each patient's per-patient-terms gradient
+    coupled_max_grad_norm: float = 1.0   # C_b: the coupled terms' (scaled) batch gradient
+    accountant: str = "rdp"
+    target_epsilon: float | None = None
+
+    def __post_init__(self):
+        if self.accountant not in ACCOUNTANTS:
+            raise PrivacyError(f"privacy.dpsgd.accountant={self.accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
+        if self.target_epsilon is None and (self.noise_multiplier is None or self.noise_multiplier <= 0):
+            raise PrivacyError("privacy.dpsgd needs noise_multiplier > 0 or a target_epsilon > 0")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise PrivacyError(f"privacy.dpsgd.target_epsilon must be > 0, got {self.target_epsilon}")
+        ClipNorms(self.max_grad_norm, self.coupled_max_grad_norm)
+
+    @classmethod
+    def from_config(cls, section) -> "DpSgdSettings":
+        known = set(cls.__dataclass_fields__)
+        values = dict(section)
+        unknown = set(values) - known
+        if unknown:
+            raise PrivacyError(f"privacy.dpsgd has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def clip(self) -> ClipNorms:
+        return ClipNorms(self.max_grad_norm, self.coupled_max_grad_norm)
+
+    def noise(self, delta: float, sample_rate: float, planned_steps: int) -> float:
+        if self.target_epsilon is None:
+            return float(self.noise_multiplier)
+        return noise_for_target(self.target_epsilon, delta, sample_rate, planned_steps, self.accountant)
+
+
+def noisy_gradient(summed: list[torch.Tensor], noise_std: float, scale: float,
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """(S(B) + N(0, noise_std^2 I)) / scale, one fresh Gaussian per coordinate."""
+    return [(g + torch.normal(0.0, noise_std, g.shape, device=g.device, generator=generator)) / scale for g in summed]
+
+
+def dp_train_steps(
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    settings: TrainSettings,
+    clip: ClipNorms,
+    noise_multiplier: float,
+    sampler: PatientSampler,
+    device: torch.device | str = "cpu",
+    proximal_anchor: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    description: str = "dp-train",
+) -> TrainResult:
+    """`settings.steps` DP-SGD steps: gradient = (S(B) + N(0, (noise * sensitivity)^2 I)) / expected batch size.
+
+    Everything after the noise (AdamW, weight decay, the FedProx term towards the public global model,
+    the global-norm clip) only post-processes the noisy gradient. The returned losses are data-derived
+    and unprotected: they are for the site's own log, never for a message.
+    """
+    require_group_norm(model)
+    if settings.grad_accum != 1:
+        raise PrivacyError(f"train.grad_accum={settings.grad_accum}: under DP-SGD one step is one Poisson batch; set 1")
+    device = torch.device(device)
+    model.to(device).train()
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+    total_steps = settings.total_steps or (settings.start_step + settings.steps)
+    scale = sampler.expected_batch_size
+    noise_std = noise_multiplier * clip.sensitivity  # the noise is calibrated to S(B)'s sensitivity
+    noise_generator = secret_generator(device)
+    use_amp = settings.amp and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
+
+    history: list[dict[str, float]] = []
+    examples = 0
+    started = time.perf_counter()
+    for i in tqdm(range(settings.steps), desc=description, disable=not progress, leave=False):
+        step = settings.start_step + i
+        lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        samples = [dataset[j] for j in sampler.draw()]
+        examples += len(samples)
+        summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params,
+                                      move=lambda batch: move_to(batch, device), autocast=autocast)
+        for param, grad in zip(params, noisy_gradient(summed.gradient, noise_std, scale, noise_generator)):
+            param.grad = grad.to(param.dtype)
+        if proximal_anchor is not None and settings.proximal_mu > 0:
+            proximal_penalty(model, proximal_anchor, settings.proximal_mu).backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({**summed.terms, "lr": lr, "patients": float(len(samples))})
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=settings.steps, examples=examples, seconds=seconds,
+        loss_start=_window_mean(history, first=True), loss_end=_window_mean(history, first=False),
+        loss_mean=_window_mean(history, first=True, window=len(history)), history=history,
+    )
+
+
+@dataclass
+class DpRoundResult:
+    train: TrainResult                  # site-local: its losses and example count are data-derived
+    charge: Charge
+    noise_multiplier: float
+    sample_rate: float
+    expected_examples: float            # steps * expected batch size: public, the weight to send
+    local_metrics: dict[str, float] = field(default_factory=dict)
+
+    def public_metrics(self) -> dict[str, float]:
+        """The only scalars of a DP round that may leave the site: nothing computed from the data.
+
+        Losses, the realised number of sampled patients, and wall time (which grows with it) are not here.
+        """
+        return {"epsilon": self.charge.epsilon_run, "epsilon_total": self.charge.epsilon_total,
+                "delta": self.charge.delta, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "steps": float(self.train.steps),
+                "examples": self.expected_examples}
+
+
+def dp_train_round(
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    settings: TrainSettings,
+    dpsgd,
+    site: dict,
+    run_id: str,
+    round: int,
+    planned_steps: int,
+    run_caps: dict | None = None,
+    device: torch.device | str = "cpu",
+    proximal_anchor: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> DpRoundResult:
+    """One site's DP round: check the model, price the round, charge the ledger (or refuse), then train.
+
+    dpsgd: the `privacy.dpsgd` config block (or DpSgdSettings); site: the loaded site file (its `catalog`
+    holds the ledger, its `privacy` the caps); run_caps: the run config's `federation.privacy` (tighten
+    only); planned_steps: the run's total local steps at this site (sets the noise for a target epsilon).
+    Raises BudgetExceeded before any training if the round would pass the site's budget.
+    """
+    require_group_norm(model)
+    dp = dpsgd if isinstance(dpsgd, DpSgdSettings) else DpSgdSettings.from_config(dpsgd)
+    caps = effective_caps(site["privacy"], run_caps)
+    sampler = PatientSampler.for_dataset(dataset, settings.batch_size)
+    if caps["max_delta"] >= 1.0 / sampler.num_patients:
+        raise PrivacyError(f"max_delta={caps['max_delta']:g} is not below 1/patients = 1/{sampler.num_patients}: "
+                           "such a delta allows leaking a whole patient; lower the site's privacy.max_delta")
+    noise = dp.noise(caps["max_delta"], sampler.sample_rate, planned_steps)
+    ledger = PrivacyLedger(site["catalog"])
+    try:
+        charge = ledger.charge(run_id, round, (noise, sampler.sample_rate, settings.steps), caps, dp.accountant)
+    finally:
+        ledger.close()
+    result = dp_train_steps(model, dataset, collate_fn, settings, dp.clip, noise, sampler, device,
+                            proximal_anchor, progress, description=f"site {site.get('name', '')} dp")
+    local = {name: float(v) for name, v in result.loss_end.items()}
+    local.update(seconds=result.seconds, patients=float(result.examples))
+    return DpRoundResult(result, charge, noise, sampler.sample_rate,
+                         settings.steps * sampler.expected_batch_size, local)
