@@ -74,7 +74,7 @@ def load_split(catalog: Path, cache: Path, split: str | list[str], image_size: i
         raise ValueError(f"split {split!r} of {catalog} has no usable images; check the split names in the data")
     samples = [dataset[i] for i in range(len(dataset))]
     labels = torch.stack([s["labels"] for s in samples]).numpy().astype(np.float32)
-    labels = np.vectorize(lambda v: uncertain_value(v, uncertain), otypes=[np.float32])(labels)
+    labels[labels == -1] = uncertain_value(-1.0, uncertain)
     return EvalSet(
         images=torch.stack([s["image"] for s in samples]),
         labels=labels,

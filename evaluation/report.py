@@ -102,6 +102,7 @@ def plot_roc_curves(path: Path, labels, scores, names: Sequence[str], title: str
     plt = _pyplot()
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(5, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)   # 14 CheXpert labels: no repeated colours
     for k, name in enumerate(names):
         known = ~np.isnan(labels[:, k])
         y, s = labels[known, k], scores[known, k]
