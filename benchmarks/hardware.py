@@ -131,7 +131,7 @@ def time_by_op_kind(model, optimizer, batch, step: int) -> dict[str, float]:
 
 
 def run(quick: bool = False) -> dict:
-    repeats = 2 if quick else 4
+    repeats = 2 if quick else 3
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model = build(MODEL, OBJECTIVE)
     model.to(device).train()

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.report import render_markdown
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 
 
@@ -31,6 +33,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -44,15 +47,25 @@ def _objectives(args) -> dict:
     return run(quick=args.quick)
 
 
-def render_markdown(results: dict) -> str:
-    lines = ["# fedcxr benchmarks", ""]
-    if "machine" in results:
-        lines += ["Machine: " + ", ".join(f"{k}={v}" for k, v in results["machine"].items()), ""]
-    for name, body in results.items():
-        if name == "machine":
-            continue
-        lines += [f"## {name}", "", "```json", json.dumps(body, indent=2), "```", ""]
-    return "\n".join(lines)
+@section("hardware")
+def _hardware(args) -> dict:
+    from benchmarks.hardware import run
+
+    return run(quick=args.quick)
+
+
+@section("data")
+def _data(args) -> dict:
+    from benchmarks.data import run
+
+    return run(quick=args.quick)
+
+
+@section("memory")
+def _memory(args) -> dict:
+    from benchmarks.memory import run
+
+    return run(quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.section == "all":
         results: dict = {"machine": machine_info()}
+        seconds = results["machine"]["section_seconds"] = {}
         for name, fn in SECTIONS.items():
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            section_started = time.perf_counter()
             results[name] = fn(args)
+            seconds[name] = round(time.perf_counter() - section_started, 1)
     else:
         results = SECTIONS[args.section](args)
     args.json.parent.mkdir(parents=True, exist_ok=True)

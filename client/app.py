@@ -27,9 +27,22 @@ class FingerprintMismatch(RuntimeError):
 
 
 def site_of(context: Context) -> dict:
+    if "site-file" not in context.node_config and "partition-id" in context.node_config:
+        return simulated_site(context)
     if "site-file" not in context.node_config:
         raise RuntimeError("this SuperNode has no node config `site-file`; start it with `python client/run.py --site NAME`")
     return load_site(Path(str(context.node_config["site-file"])), check_files=False)
+
+
+def simulated_site(context: Context) -> dict:
+    """A virtual site of the simulation runtime: its file is `federation.site_dir`/<partition-id>.yaml,
+    written by `python -m simulations.run` (simulation nodes carry no node config of their own)."""
+    from omegaconf import OmegaConf
+
+    site_dir = compose(shlex.split(str(context.run_config.get("overrides", "")))).federation.site_dir
+    if not site_dir:
+        raise RuntimeError("a simulation node needs federation.site_dir (set by python -m simulations.run)")
+    return OmegaConf.to_container(OmegaConf.load(Path(site_dir) / f"{int(context.node_config['partition-id'])}.yaml"))
 
 
 def check_fingerprints(round_config: dict, mine: dict[str, str]) -> None:

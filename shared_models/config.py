@@ -24,13 +24,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
-def hydra_entry(command: str, task: Callable[[DictConfig], object]) -> None:
+def hydra_entry(command: str, task: Callable[[DictConfig], object], config_name: str = "config") -> None:
     """Run `task` as a Hydra app whose run directory is outputs/<command>/<timestamp>/."""
     import hydra
 
     if not any(arg.startswith("hydra.job.name=") for arg in sys.argv[1:]):
         sys.argv.insert(1, f"hydra.job.name={command}")
-    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(task)()
+    hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()
 
 
 def config_hash(section: DictConfig | dict | None) -> str:

@@ -1,4 +1,4 @@
-"""Patient-level DP-SGD: the sensitivity bound by brute force, the accountant, the site's ledger and budget, config rules."""
+"""Patient-level DP-SGD: sensitivity bound by brute force, accountant, the site's ledger and budget, config rules."""
 import copy
 import subprocess
 import sys

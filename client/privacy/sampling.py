@@ -1,4 +1,4 @@
-"""Poisson sampling of patients, then one study (and one of its images) per sampled patient: the privacy unit is the patient."""
+"""Poisson sampling of patients, one study (and one of its images) per sampled patient: the unit is the patient."""
 from __future__ import annotations
 
 import secrets
@@ -25,7 +25,8 @@ class PatientSampler:
     def __init__(self, patient_ids: Sequence[str], study_ids: Sequence[str], expected_batch_size: int,
                  generator: torch.Generator | None = None):
         if len(patient_ids) != len(study_ids):
-            raise ValueError(f"patient_ids ({len(patient_ids)}) and study_ids ({len(study_ids)}) must pair one per sample")
+            raise ValueError(f"patient_ids ({len(patient_ids)}) and study_ids ({len(study_ids)}) "
+                             "must pair one per sample")
         if not patient_ids:
             raise ValueError("the training data set is empty: no study has an ok image and a usable report")
         if expected_batch_size < 1:
@@ -38,7 +39,8 @@ class PatientSampler:
         self.generator = generator if generator is not None else secret_generator()
 
     @classmethod
-    def for_dataset(cls, dataset, expected_batch_size: int, generator: torch.Generator | None = None) -> "PatientSampler":
+    def for_dataset(cls, dataset, expected_batch_size: int,
+                    generator: torch.Generator | None = None) -> "PatientSampler":
         for attribute in ("patient_ids", "study_ids"):
             if not hasattr(dataset, attribute):
                 raise ValueError(f"DP-SGD samples patients: the dataset ({type(dataset).__name__}) must list "

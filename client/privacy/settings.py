@@ -14,7 +14,7 @@ MEAN_STRATEGIES = frozenset({"fedavg", "fedprox"})
 
 
 def _block(cfg, key: str) -> dict | None:
-    value = OmegaConf.select(cfg, f"privacy.{key}") if isinstance(cfg, DictConfig) else (cfg.get("privacy") or {}).get(key)
+    value = _select(cfg, f"privacy.{key}")
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
     return value
@@ -56,7 +56,8 @@ def validate_privacy_config(cfg) -> None:
         except PrivacyError as error:
             raise ValueError(f"{where}: {error}") from None
         if int(_select(cfg, "train.grad_accum", 1) or 1) != 1:
-            raise ValueError(f"{where}: train.grad_accum must be 1 under DP-SGD (one step is one Poisson batch of patients)")
+            raise ValueError(f"{where}: train.grad_accum must be 1 under DP-SGD "
+                             "(one step is one Poisson batch of patients)")
 
     if central is not None:
         _positive(central, "clipping_norm", f"{where}: privacy.central_dp")
@@ -70,7 +71,8 @@ def validate_privacy_config(cfg) -> None:
         if secagg is not None:
             raise ValueError(
                 f"{where}: central DP with server-side clipping needs each site's update in the clear to clip it, "
-                "and SecAgg+ hides the individual updates. Use one of them, or dpsgd with secagg (privacy=dpsgd_secagg)."
+                "and SecAgg+ hides the individual updates. Use one of them, or dpsgd with secagg "
+                "(privacy=dpsgd_secagg)."
             )
 
     if secagg is not None:

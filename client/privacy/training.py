@@ -22,7 +22,15 @@ from client.privacy.clipping import (
 from client.privacy.ledger import Charge, PrivacyLedger
 from client.privacy.sampling import PatientSampler, secret_generator
 from client.site import effective_caps
-from client.trainer import TrainResult, TrainSettings, _window_mean, build_optimizer, cosine_lr, move_to, proximal_penalty
+from client.trainer import (
+    TrainResult,
+    TrainSettings,
+    _window_mean,
+    build_optimizer,
+    cosine_lr,
+    move_to,
+    proximal_penalty,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Run the deployment's ServerApp and ClientApp under Flower's simulation runtime: local SuperLink, `flwr run`, stop."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+APP_PARTS = ("client", "server", "shared_models", "configs")   # what the app bundle holds (pyproject fab-include)
+BIN = Path(sys.executable).parent
+CONNECTION = "fedcxr-simulation"
+
+
+@dataclass(frozen=True)
+class ClientResources:
+    """What Ray gives each virtual site; sites beyond what fits wait their turn."""
+
+    num_cpus: int
+    num_gpus: float
+
+    @classmethod
+    def from_machine(cls, num_cpus: int | None = None, num_gpus: float | None = None) -> "ClientResources":
+        """One site per GPU at a time where there are GPUs; on CPU one site at a time with every core
+        (several sites sharing the same cores only add contention)."""
+        import torch
+
+        gpus = torch.cuda.device_count()
+        cpus = os.cpu_count() or 1
+        if num_gpus is None:
+            num_gpus = 1.0 if gpus else 0.0
+        if num_cpus is None:
+            num_cpus = max(1, cpus // max(1, gpus))
+        return cls(int(num_cpus), float(num_gpus))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stage_app(target: Path) -> Path:
+    """Copy only the app's files: `flwr run` bundles the folder it is given (a .venv inside would cost minutes)."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", target)
+    for part in APP_PARTS:
+        shutil.copytree(PROJECT_ROOT / part, target / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+class LocalSimulation:
+    """A SuperLink in simulation mode on 127.0.0.1 that this process started and stops (by its process group)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.home = self.folder / "flwr-home"
+        self.port = free_port()
+        self.env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "LocalSimulation":
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        log_file = open(self.folder / "superlink.log", "w")
+        self.process = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
+             "--database", str(self.home / "state.db"), "--disable-runtime-dependency-installation"],
+            env=self.env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        self._wait_until_listening(timeout_s=60)
+        return self
+
+    def _wait_until_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {self.folder / 'superlink.log'}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
+
+    def __exit__(self, *exc) -> None:
+        """Stop the SuperLink and what it started (SuperExec, the simulation process, Ray) by process group."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def flwr(self, *args: str, timeout_s: float = 120) -> str:
+        done = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,
+                              text=True, timeout=timeout_s)
+        if done.returncode:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def run(self, app: Path, overrides: list[str], sites: int, resources: ClientResources,
+            timeout_s: float, on_poll: Callable[[], bool] = lambda: False) -> dict:
+        """`flwr run` the app with these Hydra overrides on `sites` virtual SuperNodes and wait for it to
+        end; returns Flower's record of the run (its status says whether it completed: the exit code does not).
+
+        `on_poll` is called every second and returns True once the run's own records say it ended; Flower
+        itself is asked only every `ask_every_s` (each `flwr` call starts a Python process)."""
+        run_config = self.folder / "run_config.toml"
+        run_config.write_text(f"overrides = {json.dumps(' '.join(overrides))}\n")
+        started = json.loads(self.flwr(
+            "run", str(app), CONNECTION, "--run-config", str(run_config), "--format", "json",
+            "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={resources.num_cpus} "
+                                   f"client-resources-num-gpus={resources.num_gpus}"))
+        run_id = str(started["run-id"])
+        deadline, next_ask = time.monotonic() + timeout_s, time.monotonic() + 20
+        while True:
+            ended = on_poll()
+            if ended or time.monotonic() > next_ask:
+                record = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json"))["runs"][0]
+                if record["status"].startswith("finished"):
+                    break
+                next_ask = time.monotonic() + (2 if ended else 20)
+            if time.monotonic() > deadline:
+                self.flwr("stop", run_id, CONNECTION)
+                raise TimeoutError(f"Flower run {run_id} did not finish within {timeout_s} s; stopped it")
+            time.sleep(1.0)
+        on_poll()
+        logs = subprocess.run([str(BIN / "flwr"), "log", run_id, CONNECTION, "--show"], env=self.env, cwd=self.folder,
+                              capture_output=True, text=True, timeout=120).stdout
+        (self.folder / "flower_run.log").write_text(logs)
+        return record

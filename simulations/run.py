@@ -1,0 +1,266 @@
+"""`python -m simulations.run`: virtual sites on one machine — partition, federate with the deployment's apps, evaluate."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from client.data.catalog import open_catalog, usable_studies
+from shared_models.config import compose, hydra_entry
+from simulations.data import PreparedData, prepare_data
+from simulations.flower import ClientResources, LocalSimulation, stage_app
+from simulations.partition import Site, composition, composition_markdown, partition, save_partition
+from simulations.report import final_table, write_report
+
+log = logging.getLogger("simulations.run")
+APP_SECTIONS = ("seed", "data", "train", "model", "objective", "federation", "privacy", "partition")
+
+
+# ------------------------------------------------------------------------------------------ sites
+def held_out_patients(catalog, cfg: DictConfig) -> set[str]:
+    """Patients of the evaluation splits: none of them may reach a site."""
+    splits = [cfg.eval_split.train, cfg.eval_split.test]
+    names = [s for split in splits for s in ([split] if isinstance(split, str) else list(split))]
+    return {study.patient_id for study in usable_studies(catalog, names)}
+
+
+def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: PreparedData,
+                     resources: ClientResources) -> Path:
+    """One site file per virtual site, `<partition-id>.yaml`, as the ClientApp reads it (client/app.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if resources.num_gpus > 0 else "cpu"
+    for index, site in enumerate(sites):
+        body = {
+            "name": site.name,
+            "data": {"root": str(Path(data.root).resolve()), "layout": str(cfg.data.layout),
+                     "split": str(cfg.partition.split), "index": False},
+            "catalog": str(Path(data.catalog).resolve()),
+            "cache": str(Path(data.cache).resolve()),
+            "studies": site.studies,
+            "scanner": None if site.scanner is None else {"site_index": site.scanner, "seed": int(cfg.seed)},
+            "state_dir": str((folder / site.name).resolve()),
+            "device": device,
+            "threads": resources.num_cpus,
+            # a virtual site's own caps: the run's caps where set, else no DP budget limit of its own
+            "privacy": {"max_epsilon": float(cfg.federation.privacy.max_epsilon or 1e9),
+                        "max_delta": float(cfg.federation.privacy.max_delta or 1.0)},
+        }
+        (folder / f"{index}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    return folder
+
+
+# ------------------------------------------------------------------------------- app overrides
+def _hydra_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    text = str(value)
+    return text if re.fullmatch(r"[\w./:+@-]+", text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _leaves(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def app_overrides(cfg: DictConfig, forced: dict[str, object]) -> list[str]:
+    """Hydra overrides under which the ServerApp and ClientApps compose this run's configuration:
+    the command line's group choices, then every value that differs from what they would compose."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    groups = [f"{group}={choice}" for group, choice in choices.items()
+              if group in ("data", "model", "objective", "federation", "privacy", "partition", "train") and choice]
+    wanted = OmegaConf.to_container(cfg, resolve=True)
+    wanted = {k: wanted[k] for k in APP_SECTIONS}
+    for key, value in forced.items():
+        OmegaConf.update(wanted_cfg := OmegaConf.create(wanted), key, value, force_add=True)
+        wanted = OmegaConf.to_container(wanted_cfg)
+    base = OmegaConf.to_container(compose(groups), resolve=True)
+    have, want = _leaves({k: base.get(k) for k in APP_SECTIONS}), _leaves(wanted)
+    overrides = groups + [f"{key}={_hydra_value(value)}" for key, value in want.items() if have.get(key, object()) != value]
+    composed = OmegaConf.to_container(compose(overrides), resolve=True)
+    differing = [key for key, value in want.items() if _leaves({k: composed.get(k) for k in APP_SECTIONS}).get(key) != value]
+    if differing:
+        raise RuntimeError(f"the apps would not compose this run's configuration ({differing[:5]}); report this")
+    return overrides
+
+
+# ------------------------------------------------------------------------------------ registry
+def read_rounds(registry_path: Path, run_name: str) -> tuple[list[dict], dict]:
+    """Per round: each site's loss terms, examples and seconds, and the round's global metrics (from the registry)."""
+    from server.registry import Registry
+
+    described = Registry(registry_path).describe(run_name)
+    rounds = []
+    for row in described["rounds"]:
+        sites = {m["site"]: {**{k: v for k, v in m["metrics"].items() if k not in ("seconds",)},
+                             "examples": m["examples"], "seconds": m["metrics"].get("seconds")}
+                 for m in described["site_metrics"] if m["round"] == row["round"]}
+        rounds.append({"round": row["round"], "sites": sites,
+                       "global": {**row["metrics"], "seconds": row["seconds"], "status": row["status"],
+                                  "bytes_sent": row["bytes_sent"], "bytes_received": row["bytes_received"]}})
+    return rounds, described
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, folder: Path) -> dict:
+    from evaluation.run import evaluate
+
+    eval_cfg = cfg.copy()
+    eval_cfg.checkpoint = str(checkpoint)
+    return evaluate(eval_cfg, folder, data_name=_data_name())
+
+
+def _data_name() -> str | None:
+    return HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+
+
+def pooled_dataset(cfg: DictConfig, data: PreparedData, sites: list[Site]):
+    """The sites' studies in one dataset, each image rendered by its own site's scanner (as the sites see it)."""
+    from client.data.dataset import CxrDataset
+    from client.data.scanner import apply_scanner, scanner_profile
+
+    dataset = CxrDataset(data.catalog, data.cache, split=str(cfg.partition.split), train=True,
+                         image_size=cfg.train.image_size or cfg.model.image.img_size,
+                         study_ids=[s for site in sites for s in site.studies])
+    profile_of_study = {study: scanner_profile(site.scanner, int(cfg.seed))
+                        for site in sites if site.scanner is not None for study in site.studies}
+    if profile_of_study:
+        profile_of_image = {e.image_id: profile_of_study[e.study_id] for e in dataset.images}
+        dataset.site_transform = lambda image, image_id: apply_scanner(image, profile_of_image[image_id], image_id)
+    return dataset
+
+
+def train_centralized_baseline(cfg: DictConfig, folder: Path, data: PreparedData, sites: list[Site]) -> tuple[Path, dict]:
+    """The centralized model with the federation's total local steps, batch size and learning rate."""
+    from simulations.centralized import train_centralized
+
+    fed = cfg.federation
+    steps = int(fed.rounds) * int(fed.local_steps) * len(sites)
+    central = cfg.copy()
+    central.train.batch_size, central.train.lr = int(fed.batch_size), float(fed.lr)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = train_centralized(central, folder, dataset=pooled_dataset(cfg, data, sites), steps=steps)
+    return folder / "checkpoint", summary
+
+
+# ------------------------------------------------------------------------------------------ main
+def simulate(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole simulation into `run_dir`; returns summary.json's content."""
+    started = time.monotonic()
+    run_dir = run_dir.resolve()
+    data = prepare_data(cfg.data)
+    catalog = open_catalog(data.catalog, readonly=True)
+    try:
+        studies = usable_studies(catalog, str(cfg.partition.split))
+        held_out = held_out_patients(catalog, cfg)
+    finally:
+        catalog.close()
+    if not studies:
+        raise ValueError(f"{data.catalog} has no usable studies in split {cfg.partition.split!r}; check partition.split")
+    sites = partition(studies, int(cfg.federation.sites), cfg.partition, int(cfg.seed), held_out)
+    table = composition(sites, studies)
+    save_partition(run_dir, sites, table)
+    print(f"\n{len(sites)} sites ({cfg.partition.strategy}), patient-disjoint, none in the evaluation splits:\n"
+          + composition_markdown(table) + "\n", flush=True)
+
+    resources = ClientResources.from_machine(cfg.client_resources.num_cpus, cfg.client_resources.num_gpus)
+    site_dir = write_site_files(run_dir / "sites", sites, cfg, data, resources)
+    run_name = "federation"
+    forced = {"data.root": str(Path(data.root).resolve()), "data.catalog": str(Path(data.catalog).resolve()),
+              "data.cache": str(Path(data.cache).resolve()), "federation.site_dir": str(site_dir),
+              "federation.output_dir": str(run_dir), "federation.run_name": run_name,
+              "federation.registry": str(run_dir / "registry.sqlite"), "federation.sites": len(sites),
+              "federation.min_sites": len(sites), "federation.resume": False}
+    overrides = app_overrides(cfg, forced)
+    (run_dir / "app_overrides.txt").write_text("\n".join(overrides) + "\n")
+
+    printed: set[int] = set()
+
+    def show_progress() -> bool:
+        """Print rounds as the registry records them; True once the run has ended there."""
+        if not (run_dir / "registry.sqlite").is_file():
+            return False
+        try:
+            rounds, described = read_rounds(run_dir / "registry.sqlite", run_name)
+        except KeyError:
+            return False
+        for entry in rounds:
+            if entry["round"] not in printed:
+                printed.add(entry["round"])
+                loss = entry["global"].get("loss")
+                print(f"round {entry['round']}/{cfg.federation.rounds}: {len(entry['sites'])} sites"
+                      + (f", loss {loss:.4f}" if loss is not None else "") + f", {entry['global']['seconds']:.0f} s", flush=True)
+        return described["run"]["status"] != "running"
+
+    print(f"federation: {cfg.federation.rounds} rounds x {cfg.federation.local_steps} local steps on {len(sites)} "
+          f"virtual sites ({resources.num_cpus} CPU, {resources.num_gpus:g} GPU each), Flower simulation runtime", flush=True)
+    app = stage_app(run_dir / "flower" / "app")
+    with LocalSimulation(run_dir / "flower") as simulation:
+        record = simulation.run(app, overrides, len(sites), resources, float(cfg.timeout_s), on_poll=show_progress)
+    rounds, described = read_rounds(run_dir / "registry.sqlite", run_name)
+    if record["status"] != "finished:completed" or described["run"]["status"] != "finished":
+        raise RuntimeError(f"the federation did not complete (Flower: {record['status']}, registry: "
+                           f"{described['run']['status']}, {described['run'].get('error')}); see "
+                           f"{run_dir / 'flower' / 'flower_run.log'}")
+
+    if cfg.eval_rounds:
+        for entry in rounds:
+            folder = run_dir / "checkpoints" / f"round_{entry['round']:04d}"
+            result = evaluate_checkpoint(cfg, folder, run_dir / "evaluation" / f"round_{entry['round']:04d}")
+            entry["global"]["linear_probe_mean_auc"] = _mean_auc(result)
+    final = {"federated": evaluate_checkpoint(cfg, run_dir / "checkpoint", run_dir / "evaluation" / "federated")}
+    if cfg.compare_centralized:
+        checkpoint, central_summary = train_centralized_baseline(cfg, run_dir / "centralized", data, sites)
+        final["centralized"] = evaluate_checkpoint(cfg, checkpoint, run_dir / "evaluation" / "centralized")
+        final["centralized"]["training"] = central_summary
+    final["random"] = evaluate_checkpoint(cfg, "random", run_dir / "evaluation" / "random")
+
+    epsilon = {}
+    for entry in rounds:
+        for site, metrics in entry["sites"].items():
+            if "epsilon" in metrics:
+                epsilon[site] = metrics["epsilon"]
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "sites": {name: {k: row[k] for k in ("studies", "patients", "finding_mix", "scanner")} for name, row in table.items()},
+        "rounds": rounds,
+        "final": final,
+        "wall_s": round(time.monotonic() - started, 1),
+        "bytes_sent": sum(r["global"]["bytes_sent"] + r["global"]["bytes_received"] for r in rounds),
+        "bytes": {"to_sites": sum(r["global"]["bytes_sent"] for r in rounds),
+                  "to_server": sum(r["global"]["bytes_received"] for r in rounds)},
+        "epsilon": epsilon,
+        "flower": {"run_id": record.get("run-id"), "status": record["status"], "client_resources": vars(resources)},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_report(run_dir, summary, composition_markdown(table))
+    return summary
+
+
+def _mean_auc(result: dict) -> float | None:
+    probe = result.get("linear_probe") or {}
+    first = next(iter(probe.values()), None)
+    return None if first is None else first["mean_auc"]["mean"]
+
+
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    summary = simulate(cfg, run_dir)
+    print("\n" + final_table(summary))
+    print(f"\nsummary: {run_dir / 'summary.json'}\nreport:  {run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    hydra_entry("simulate", main, config_name="simulate")
