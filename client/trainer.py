@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -51,6 +53,7 @@ class TrainResult:
     loss_end: dict[str, float]
     loss_mean: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    optimizer_state: dict | None = None  # AdamW moments, so a resumed run continues where this one stopped
 
     @property
     def examples_per_s(self) -> float:
@@ -82,6 +85,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
 
 
 def seed_everything(seed: int) -> torch.Generator:
+    """Seed every RNG a step draws from (dropout, augmentation, shuffling); returns the loader's generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -128,10 +134,12 @@ def train_steps(
     proximal_anchor: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     description: str = "train",
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Run `settings.steps` optimizer steps; returns per-term loss at start, end and on average.
 
-    Step numbers given to the model (its objective schedules) continue from `settings.start_step`.
+    Step numbers given to the model (its objective schedules) continue from `settings.start_step`;
+    `optimizer_state` (a previous `TrainResult.optimizer_state`) restores AdamW's moments on resume.
     """
     device = torch.device(device)
     model.to(device).train()
@@ -147,6 +155,8 @@ def train_steps(
         persistent_workers=settings.num_workers > 0,
     )
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     total_steps = settings.total_steps or (settings.start_step + settings.steps)
     use_amp = settings.amp and device.type == "cuda"
     batches = endless_batches(loader)
@@ -196,6 +206,7 @@ def train_steps(
         loss_end=_window_mean(history, first=False),
         loss_mean=_window_mean(history, first=True, window=len(history)),
         history=history,
+        optimizer_state=optimizer.state_dict(),
     )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from client.data.dataset import CxrDataset
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
-from shared_models.checkpoint import save_checkpoint
-from shared_models.config import hydra_entry
+from shared_models.checkpoint import load_checkpoint, save_checkpoint
+from shared_models.config import config_hash, hydra_entry
 from shared_models.factory import create_model
 from simulations.data import prepare_data
 
@@ -25,22 +26,58 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+OPTIMIZER_FILE = "optimizer.pt"  # beside the checkpoint's files: AdamW moments for `train.resume_from`
+
+
+def start_model(cfg: DictConfig) -> tuple[torch.nn.Module, int, dict | None]:
+    """A fresh model at step 0, or the `train.resume_from` checkpoint's model, step and optimizer state."""
+    folder = cfg.train.get("resume_from")
+    if not folder:
+        return create_model(cfg), 0, None
+    model, meta = load_checkpoint(folder)
+    for section in ("model", "objective"):
+        if meta["fingerprints"].get(section) != config_hash(cfg[section]):
+            raise ValueError(f"train.resume_from={folder} was trained with another `{section}` config than this run's; "
+                             f"resume with the same {section}= overrides (see its meta.json)")
+    if meta.get("step") is None:
+        raise ValueError(f"train.resume_from={folder} has no step in meta.json (a federated checkpoint?); "
+                         "resume only from a centralized run's checkpoint/")
+    optimizer_file = Path(folder) / OPTIMIZER_FILE
+    optimizer_state = torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None
+    if optimizer_state is None:
+        log.warning("%s is missing: AdamW restarts its moments from zero", optimizer_file)
+    return model, int(meta["step"]), optimizer_state
+
+
 def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None = None, steps: int | None = None) -> dict:
-    """Train `cfg.model` with `cfg.objective` on the pooled training split; checkpoint + summary in run_dir."""
+    """Train `cfg.model` with `cfg.objective` on the pooled training split; checkpoint + summary in run_dir.
+
+    `train.steps` (or `steps`) is the schedule's total; a run resumed from a checkpoint at step k trains
+    the remaining steps - k with the same cosine schedule and objective schedules.
+    """
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
     torch.manual_seed(cfg.seed)
     if dataset is None:
         data = prepare_data(cfg.data)
         dataset = CxrDataset(data.catalog, data.cache, split="train",
                              image_size=cfg.train.image_size or cfg.model.image.img_size, train=True)
-    model = create_model(cfg)
+    model, start_step, optimizer_state = start_model(cfg)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed, **({"steps": steps} if steps else {}))
+    if start_step >= settings.steps:
+        raise ValueError(f"train.resume_from is at step {start_step}, not before train.steps={settings.steps}; "
+                         "raise train.steps to train further")
+    settings = replace(settings, start_step=start_step, steps=settings.steps - start_step, total_steps=settings.steps)
     max_length = cfg.train.max_text_length or cfg.model.text.max_length
-    log.info("centralized: %d images, %d steps of %s / %s", len(dataset), settings.steps, cfg.model.name, cfg.objective.name)
+    log.info("centralized: %d images, steps %d..%d of %s / %s", len(dataset), start_step, settings.total_steps,
+             cfg.model.name, cfg.objective.name)
     result = train_steps(model, dataset, partial(collate, tokenizer=model.tokenizer, max_length=max_length),
-                         settings, device=pick_device(), description="centralized")
-    save_checkpoint(run_dir / "checkpoint", model, cfg, step=settings.steps)
+                         settings, device=pick_device(), description="centralized", optimizer_state=optimizer_state)
+    checkpoint = save_checkpoint(run_dir / "checkpoint", model, cfg, step=settings.total_steps)
+    torch.save(result.optimizer_state, checkpoint / OPTIMIZER_FILE)
     summary = {
         "steps": result.steps,
+        "start_step": start_step,
         "seconds": round(result.seconds, 3),
         "examples_per_s": round(result.examples_per_s, 3),
         "loss_start": result.loss_start,

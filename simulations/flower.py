@@ -50,6 +50,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living process below `pid`, children first (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop()
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found[::-1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def stage_app(target: Path) -> Path:
     """Copy only the app's files: `flwr run` bundles the folder it is given (a .venv inside would cost minutes)."""
     if target.exists():
@@ -82,7 +107,7 @@ class LocalSimulation:
         self.process = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
              "--database", str(self.home / "state.db"), "--disable-runtime-dependency-installation"],
-            env=self.env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            env=self.env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         self._wait_until_listening(timeout_s=60)
         return self
@@ -100,19 +125,24 @@ class LocalSimulation:
         raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
 
     def __exit__(self, *exc) -> None:
-        """Stop the SuperLink and what it started (SuperExec, the simulation process, Ray) by process group."""
-        if self.process is None or self.process.poll() is not None:
+        """Stop the SuperLink and every process under it (SuperExec, the simulation process, Ray), by PID:
+        SuperExec starts its own session, so a process-group signal would miss it."""
+        if self.process is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        pids = [*descendants(self.process.pid), self.process.pid]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+                self.process.poll()
+                time.sleep(0.2)
+            if not any(_alive(pid) for pid in pids):
+                break
+        self.process.wait()
 
     def flwr(self, *args: str, timeout_s: float = 120) -> str:
         done = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,

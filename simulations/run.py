@@ -175,10 +175,10 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 
     resources = ClientResources.from_machine(cfg.client_resources.num_cpus, cfg.client_resources.num_gpus)
     site_dir = write_site_files(run_dir / "sites", sites, cfg, data, resources)
-    run_name = "federation"
+    run_name = run_dir.name   # the server's run folder <output_dir>/<run_name>/ is this run directory
     forced = {"data.root": str(Path(data.root).resolve()), "data.catalog": str(Path(data.catalog).resolve()),
               "data.cache": str(Path(data.cache).resolve()), "federation.site_dir": str(site_dir),
-              "federation.output_dir": str(run_dir), "federation.run_name": run_name,
+              "federation.output_dir": str(run_dir.parent), "federation.run_name": run_name,
               "federation.registry": str(run_dir / "registry.sqlite"), "federation.sites": len(sites),
               "federation.min_sites": len(sites), "federation.resume": False}
     overrides = app_overrides(cfg, forced)

@@ -33,3 +33,14 @@ def iu_reports_tgz() -> Path:
     if not path.is_file():
         pytest.skip("../shared/data/iu-xray-reports/iu-reports-dev.tgz is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_200(tmp_path_factory) -> tuple[Path, str, Path]:
+    """A 200-study phantom generated and indexed once per test session: (root, catalog path, cache dir)."""
+    from shared_models.config import compose
+    from simulations.data import prepare_data
+
+    base = tmp_path_factory.mktemp("phantom_200")
+    data = prepare_data(compose(["data=phantom", "data.studies=200", f"cache_dir={base}"]).data)
+    return data.root, data.catalog, data.cache

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,7 +103,7 @@ class Deployment:
         self.processes.append(proc)
         return proc
 
-    def run(self, overrides: str, timeout_s: float = 400) -> dict:
+    def run(self, overrides: str, timeout_s: float = 900) -> dict:
         """`flwr run` the staged app, then wait on the run's status (the exit code alone says nothing)."""
         done = self.flwr("run", str(self.app), CONNECTION, "--run-config", f"overrides='{overrides}'", "--format", "json")
         run_id = json.loads(done.stdout)["run-id"]
@@ -115,6 +116,50 @@ class Deployment:
                 return run
             time.sleep(1)
         raise AssertionError(f"run {run_id} did not finish within {timeout_s} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (SuperLink/SuperNode start SuperExec, which starts the apps)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Terminate each process and everything it started, by PID; kill what is left after 15 s."""
+    pids = [pid for proc in processes if proc.poll() is None for pid in descendants(proc.pid)]
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in processes:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 15
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
@@ -171,15 +216,7 @@ def deployment(tmp_path_factory):
         dep.port = port
         yield dep
     finally:
-        for proc in dep.processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in dep.processes:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(dep.processes)
 
 
 @pytest.fixture(scope="module")

@@ -265,14 +265,15 @@ def test_ledger_survives_a_restart_and_composes_across_runs(tmp_path):
     caps = {"max_epsilon": 50.0, "max_delta": 1e-5}
     script = textwrap.dedent(f"""
         from client.privacy import PrivacyLedger
-        ledger = PrivacyLedger({str(catalog)!r})
+        ledger = PrivacyLedger({str(catalog)!r}, "A")
         for r in (1, 2):
             ledger.charge("run-1", r, (1.0, 0.05, 40), {caps!r})
         ledger.close()
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT_ROOT, timeout=120)
 
-    ledger = PrivacyLedger(catalog)  # a new process, a reopened catalog
+    ledger = PrivacyLedger(catalog, "A")  # a new process, a reopened catalog
+    assert PrivacyLedger(catalog, "B").history() == []   # another site sharing the catalog has its own ledger
     assert ledger.history() == [(1.0, 0.05, 40), (1.0, 0.05, 40)]
     after_run_1 = ledger.epsilon(1e-5)
     assert after_run_1 == pytest.approx(epsilon_spent([(1.0, 0.05, 80)], 1e-5), rel=1e-9)
@@ -287,7 +288,7 @@ def test_ledger_survives_a_restart_and_composes_across_runs(tmp_path):
 
 
 def test_over_budget_charge_is_refused_and_not_recorded(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "catalog.sqlite")
+    ledger = PrivacyLedger(tmp_path / "catalog.sqlite", "A")
     spend = (1.0, 0.1, 50)
     one, two = (epsilon_spent([spend] * k, 1e-5) for k in (1, 2))
     caps = {"max_epsilon": round((one + two) / 2, 3), "max_delta": 1e-5}   # room for one round, not two
@@ -327,7 +328,7 @@ def test_dp_round_trains_charges_the_ledger_first_and_sends_only_public_scalars(
     model, result = _round(site)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.sample_rate == pytest.approx(4 / 12)
-    ledger = PrivacyLedger(site["catalog"])
+    ledger = PrivacyLedger(site["catalog"], "A")
     assert ledger.history() == [(1.0, pytest.approx(4 / 12), 3)]
     assert result.public_metrics()["epsilon"] == pytest.approx(ledger.epsilon(1e-5))
     ledger.close()
@@ -346,7 +347,7 @@ def test_round_over_the_site_budget_is_refused_before_training(tmp_path):
     with pytest.raises(BudgetExceeded, match="max_epsilon=0.5"):
         _round(site, run_caps={"max_epsilon": 100.0, "max_delta": None}, noise=0.8, model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert PrivacyLedger(site["catalog"]).history() == []
+    assert PrivacyLedger(site["catalog"], "A").history() == []
     # A run config may tighten: the same round within the site's cap is refused under the run's lower one.
     site["privacy"]["max_epsilon"] = 50.0
     _round(site, noise=0.8)

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import multiprocessing
 import time
+from stat import S_ISREG
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +98,11 @@ def inspect_file(path: Path, view: str | None, views, max_pixels: int, short_sid
     cached, (x0, y0, x1, y1) = to_cache_image(pixels, short_side)
     fields.update(crop_x0=x0, crop_y0=y0, crop_x1=x1, crop_y1=y1)
     return FileResult(fields, pixels=cached)
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (os's surrogate escapes) as \\xNN, so the catalog can store it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def parser_fingerprint() -> str:
@@ -198,6 +204,7 @@ class Indexer:
     # --- studies -------------------------------------------------------------------------------
 
     def index_study(self, session, study: StudyRecord) -> None:
+        study.patient_id, study.study_id = printable(study.patient_id), printable(study.study_id)
         if study.patient_id not in self.known_patients:
             session.add(Patient(id=study.patient_id))
             self.known_patients.add(study.patient_id)
@@ -253,6 +260,8 @@ class Indexer:
 
     def plan_image(self, session, study: StudyRecord, record: ImageRecord) -> Pending | None:
         """Settle what needs no reading (duplicates, missing or unchanged files); else the file's work."""
+        odd_name = printable(record.path) != record.path
+        record.image_id, record.path = printable(record.image_id), printable(record.path)
         if record.image_id in self.seen:
             self.counts["duplicates"] += 1
             log.warning("%s: image id %s is listed twice; the first entry is kept", record.path, record.image_id)
@@ -262,12 +271,19 @@ class Indexer:
         path = self.layout.root / record.path
         fields = dict(study_id=study.study_id, path=record.path, site=record.site, mask_path=record.mask_path,
                       boxes=record.boxes, view=record.view or (known.view if known else None))
+        if odd_name:
+            return self.finish(session, record, known, fields, Rejected(
+                "unreadable_path", f"{path}: the file name is not valid UTF-8 (shown as \\xNN); rename the file"))
         try:
             stat = path.stat()
         except FileNotFoundError:
             return self.finish(session, record, known, fields, Rejected("file_not_found", f"{path} does not exist"))
         except OSError as error:
             return self.finish(session, record, known, fields, Rejected("unreadable_path", f"{path}: {error}"))
+        if not S_ISREG(stat.st_mode):
+            # A pipe or a device (/dev/zero behind a symlink) would block or never end when hashed.
+            return self.finish(session, record, known, fields, Rejected(
+                "unreadable_path", f"{path}: not a regular file (a folder, pipe or device); replace it with the image file"))
         fields |= dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         reusable = known is not None and known.path == record.path and self.still_valid(known, fields["view"])
         if reusable and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):

@@ -1,6 +1,7 @@
 """The summed clipped gradient of one Poisson batch, whose add/remove-one-patient sensitivity docs/privacy.md proves."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
@@ -87,6 +88,8 @@ def loss_gradient(model: TrainableModel, batch: dict, step: int, params: Sequenc
 def clip_(grads: list[Tensor], max_norm: float) -> float:
     """Scale `grads` in place so their joint L2 norm is at most max_norm; returns the norm before."""
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    if not math.isfinite(norm):  # a NaN would pass any clip and void the sensitivity bound
+        raise FloatingPointError(f"non-finite gradient norm {norm}; lower train.lr or check the data")
     if norm > max_norm:
         for g in grads:
             g.mul_(max_norm / norm)

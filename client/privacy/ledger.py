@@ -17,6 +17,7 @@ class PrivacySpend(Base):
 
     __tablename__ = "privacy_ledger"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site: Mapped[str] = mapped_column(String(64), index=True)   # virtual sites of a simulation may share a catalog
     run_id: Mapped[str] = mapped_column(String(128), index=True)
     round: Mapped[int] = mapped_column(Integer)
     steps: Mapped[int] = mapped_column(Integer)
@@ -41,9 +42,10 @@ class Charge:
 
 
 class PrivacyLedger:
-    """Open (creating the table if needed) the ledger in a site's catalog (SQLAlchemy URL or SQLite path)."""
+    """One site's ledger in its catalog (SQLAlchemy URL or SQLite path); creates the table if needed."""
 
-    def __init__(self, catalog: Catalog | str | os.PathLike):
+    def __init__(self, catalog: Catalog | str | os.PathLike, site: str):
+        self.site = site
         self.catalog = open_catalog(catalog)
         PrivacySpend.__table__.create(self.catalog.engine, checkfirst=True)
 
@@ -51,7 +53,7 @@ class PrivacyLedger:
         self.catalog.close()
 
     def history(self, run_id: str | None = None) -> list[Spend]:
-        query = select(PrivacySpend).order_by(PrivacySpend.id)
+        query = select(PrivacySpend).where(PrivacySpend.site == self.site).order_by(PrivacySpend.id)
         if run_id is not None:
             query = query.where(PrivacySpend.run_id == run_id)
         with self.catalog.session() as session:
@@ -59,7 +61,8 @@ class PrivacyLedger:
 
     def rows(self) -> list[PrivacySpend]:
         with self.catalog.session() as session:
-            return list(session.scalars(select(PrivacySpend).order_by(PrivacySpend.id)))
+            query = select(PrivacySpend).where(PrivacySpend.site == self.site).order_by(PrivacySpend.id)
+            return list(session.scalars(query))
 
     def epsilon(self, delta: float, run_id: str | None = None, accountant: str = "rdp") -> float:
         """Epsilon spent so far at `delta`: this run's rounds, or (run_id None) everything the site ever trained."""
@@ -80,14 +83,15 @@ class PrivacyLedger:
         if charge.epsilon_total > limit:
             spent = self.epsilon(delta, accountant=accountant)
             raise BudgetExceeded(
-                f"round {round} of run {run_id!r} refused: it would take this site's privacy spend from "
+                f"round {round} of run {run_id!r} refused: it would take site {self.site}'s privacy spend from "
                 f"epsilon {spent:.3f} to {charge.epsilon_total:.3f} at delta {delta:g}, over the budget "
                 f"max_epsilon={limit:g} (the site file's privacy.max_epsilon, or a run's tighter cap). "
                 "Raise the noise, train fewer steps, or stop training on this site's data."
             )
         noise, rate, steps = spend
         with self.catalog.session() as session, session.begin():
-            session.add(PrivacySpend(run_id=run_id, round=int(round), steps=int(steps), noise_multiplier=float(noise),
-                                     sample_rate=float(rate), delta=delta, accountant=accountant,
-                                     epsilon_run=charge.epsilon_run, epsilon_total=charge.epsilon_total))
+            session.add(PrivacySpend(site=self.site, run_id=run_id, round=int(round), steps=int(steps),
+                                     noise_multiplier=float(noise), sample_rate=float(rate), delta=delta,
+                                     accountant=accountant, epsilon_run=charge.epsilon_run,
+                                     epsilon_total=charge.epsilon_total))
         return charge

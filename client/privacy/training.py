@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -89,6 +90,7 @@ def dp_train_steps(
     proximal_anchor: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     description: str = "dp-train",
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """`settings.steps` DP-SGD steps: gradient = (S(B) + N(0, (noise * sensitivity)^2 I)) / expected batch size.
 
@@ -103,6 +105,8 @@ def dp_train_steps(
     model.to(device).train()
     params = trainable_parameters(model)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+    if optimizer_state is not None:  # AdamW's moments are post-processing of earlier noisy gradients
+        optimizer.load_state_dict(optimizer_state)
     total_steps = settings.total_steps or (settings.start_step + settings.steps)
     scale = sampler.expected_batch_size
     noise_std = noise_multiplier * clip.sensitivity  # the noise is calibrated to S(B)'s sensitivity
@@ -138,6 +142,7 @@ def dp_train_steps(
         steps=settings.steps, examples=examples, seconds=seconds,
         loss_start=_window_mean(history, first=True), loss_end=_window_mean(history, first=False),
         loss_mean=_window_mean(history, first=True, window=len(history)), history=history,
+        optimizer_state=optimizer.state_dict(),
     )
 
 
@@ -161,6 +166,16 @@ class DpRoundResult:
                 "examples": self.expected_examples}
 
 
+def ledger_location(site: dict) -> str:
+    """The site's catalog, or (a site without one, e.g. a simulated site) `<state_dir>/ledger.sqlite`."""
+    if site.get("catalog"):
+        return str(site["catalog"])
+    if site.get("state_dir"):
+        Path(site["state_dir"]).mkdir(parents=True, exist_ok=True)
+        return str(Path(site["state_dir"]) / "ledger.sqlite")
+    raise PrivacyError(f"site {site.get('name')!r} has neither `catalog` nor `state_dir`: nowhere to keep its ledger")
+
+
 def dp_train_round(
     model: nn.Module,
     dataset: Dataset,
@@ -175,6 +190,7 @@ def dp_train_round(
     device: torch.device | str = "cpu",
     proximal_anchor: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
+    optimizer_state: dict | None = None,
 ) -> DpRoundResult:
     """One site's DP round: check the model, price the round, charge the ledger (or refuse), then train.
 
@@ -191,13 +207,13 @@ def dp_train_round(
         raise PrivacyError(f"max_delta={caps['max_delta']:g} is not below 1/patients = 1/{sampler.num_patients}: "
                            "such a delta allows leaking a whole patient; lower the site's privacy.max_delta")
     noise = dp.noise(caps["max_delta"], sampler.sample_rate, planned_steps)
-    ledger = PrivacyLedger(site["catalog"])
+    ledger = PrivacyLedger(ledger_location(site), site["name"])
     try:
         charge = ledger.charge(run_id, round, (noise, sampler.sample_rate, settings.steps), caps, dp.accountant)
     finally:
         ledger.close()
-    result = dp_train_steps(model, dataset, collate_fn, settings, dp.clip, noise, sampler, device,
-                            proximal_anchor, progress, description=f"site {site.get('name', '')} dp")
+    result = dp_train_steps(model, dataset, collate_fn, settings, dp.clip, noise, sampler, device, proximal_anchor,
+                            progress, description=f"site {site['name']} dp", optimizer_state=optimizer_state)
     local = {name: float(v) for name, v in result.loss_end.items()}
     local.update(seconds=result.seconds, patients=float(result.examples))
     return DpRoundResult(result, charge, noise, sampler.sample_rate,

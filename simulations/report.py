@@ -1,0 +1,136 @@
+"""The simulation's report.md and its plots, from summary.json's content."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+NOT_LOSS = {"examples", "seconds", "steps", "lr", "epsilon", "loss"}
+ENCODERS = ("federated", "centralized", "random")
+
+
+def mean_auc(result: dict | None) -> tuple[str, float] | None:
+    """(label fraction, mean AUC) of a results.json's first linear-probe fraction."""
+    probe = (result or {}).get("linear_probe") or {}
+    for fraction, entry in probe.items():
+        return fraction, float(entry["mean_auc"]["mean"])
+    return None
+
+
+def loss_terms(rounds: list[dict]) -> list[str]:
+    terms = {k for r in rounds for m in r["sites"].values() for k, v in m.items()
+             if k not in NOT_LOSS and isinstance(v, (int, float))}
+    return (["loss"] if any("loss" in m for r in rounds for m in r["sites"].values()) else []) + sorted(terms)
+
+
+def plot_site_losses(path: Path, rounds: list[dict]) -> None:
+    terms = loss_terms(rounds)
+    sites = sorted({s for r in rounds for s in r["sites"]})
+    cols = min(3, max(1, len(terms)))
+    rows = max(1, math.ceil(len(terms) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        for site in sites:
+            points = [(r["round"], r["sites"][site][term]) for r in rounds if term in r["sites"].get(site, {})]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=site)
+        ax.set_title(term)
+        ax.set_xlabel("round")
+    for ax in list(axes.flat)[len(terms):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("loss per term per site (end of each round's local steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_global(path: Path, rounds: list[dict]) -> None:
+    keys = [k for k in ("loss", "linear_probe_mean_auc") if any(k in r["global"] for r in rounds)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.2), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["round"], r["global"][key]) for r in rounds if r["global"].get(key) is not None]
+        ax.plot(*zip(*points), marker="o")
+        ax.set_title({"loss": "examples-weighted loss of the sites", "linear_probe_mean_auc": "global model: probe mean AUC"}[key])
+        ax.set_xlabel("round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_final(path: Path, final: dict) -> None:
+    names, values = [], []
+    for name in ENCODERS:
+        found = mean_auc(final.get(name))
+        if found:
+            names.append(name)
+            values.append(found[1])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:gray"][:len(names)])
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
+    ax.axhline(0.5, color="k", lw=0.6, ls="--")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("linear probe mean AUC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def final_table(summary: dict) -> str:
+    """The short table printed at the end: each encoder's probe AUC and its share of the centralized one."""
+    central = mean_auc(summary["final"].get("centralized"))
+    lines = ["| encoder | linear probe mean AUC | vs centralized |", "|---|---:|---:|"]
+    fraction = None
+    for name in ENCODERS:
+        found = mean_auc(summary["final"].get(name))
+        if found is None:
+            continue
+        fraction, value = found
+        ratio = f"{value / central[1]:.1%}" if central and central[1] > 0 else "-"
+        lines.append(f"| {name} | {value:.3f} | {ratio} |")
+    cfg = summary["config"]
+    head = (f"{len(summary['sites'])} sites ({cfg['partition']['strategy']}), {cfg['model']['name']} / "
+            f"{cfg['objective']['name']}, {cfg['federation']['rounds']} rounds x {cfg['federation']['local_steps']} "
+            f"local steps; probe at {fraction} of the labels; wall {summary['wall_s']:.0f} s, "
+            f"{summary['bytes_sent'] / 1e6:.1f} MB sent")
+    return head + "\n" + "\n".join(lines)
+
+
+def write_report(run_dir: Path, summary: dict, sites_markdown: str) -> Path:
+    rounds = summary["rounds"]
+    plot_site_losses(run_dir / "loss_per_site.png", rounds)
+    plot_global(run_dir / "global_per_round.png", rounds)
+    plot_final(run_dir / "final_auc.png", summary["final"])
+    epsilon = ", ".join(f"{site} {e:.2f}" for site, e in summary["epsilon"].items()) or "DP off"
+    text = f"""# Simulation report
+
+{final_table(summary)}
+
+![federated vs centralized vs random](final_auc.png)
+
+## Sites
+
+{sites_markdown}
+
+## Rounds
+
+![loss per term per site](loss_per_site.png)
+
+![global per round](global_per_round.png)
+
+| round | sites | examples | loss | seconds |
+|---:|---:|---:|---:|---:|
+""" + "\n".join(f"| {r['round']} | {len(r['sites'])} | {r['global'].get('examples', '-')} | "
+                f"{r['global'].get('loss', float('nan')):.4f} | {r['global']['seconds']:.1f} |" for r in rounds) + f"""
+
+Bytes over the network: {summary['bytes']['to_sites'] / 1e6:.1f} MB to the sites, {summary['bytes']['to_server'] / 1e6:.1f} MB
+back. Epsilon: {epsilon}. Wall time {summary['wall_s']:.0f} s.
+"""
+    path = run_dir / "report.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,97 @@
+"""Benchmark plumbing: FLOP counting on a hand-computed model, op classification, `all` output and its tables."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import memory, run
+from benchmarks.hardware import count_flops, matmul_flops_per_s, op_kind
+from benchmarks.report import render_markdown
+
+
+class TwoTower(nn.Module):
+    """The components the hardware section names, as single linear layers whose FLOPs are easy to count."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_encoder = nn.Linear(8, 4)
+        self.text_encoder = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, batch: dict, step: int) -> dict:
+        joint = self.image_encoder(batch["images"]) * self.text_encoder(batch["text"])
+        return {"loss": self.head(joint).pow(2).mean()}
+
+
+def test_flops_are_counted_per_component_and_for_backward():
+    batch = {"images": torch.randn(16, 8), "text": torch.randn(16, 6)}
+    forward, backward, components = count_flops(TwoTower(), batch, step=0)
+    # A linear layer is 2 * batch * in * out FLOPs forward; backward needs the weight gradient of every
+    # layer (same count) and the input gradient of the layers whose input requires grad (the head's only).
+    assert components == {"image_encoder": 2 * 16 * 8 * 4, "text_encoder": 2 * 16 * 6 * 4, "objectives": 2 * 16 * 4 * 1}
+    assert forward == sum(components.values())
+    assert backward == forward + 2 * 16 * 4 * 1
+
+
+def test_matmul_rate_is_a_plausible_flop_rate():
+    rate = matmul_flops_per_s(torch.device("cpu"), size=256)
+    assert 1e7 < rate < 1e14
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("aten::mm", "matmul_conv"), ("aten::convolution_backward", "matmul_conv"), ("aten::addmm", "matmul_conv"),
+    ("aten::native_batch_norm_backward", "normalization"), ("aten::native_layer_norm", "normalization"),
+    ("aten::_foreach_lerp_", "optimizer"), ("aten::copy_", "data_movement"), ("aten::cat", "data_movement"),
+    ("aten::gelu", "elementwise_other"), ("aten::sum", "elementwise_other"),
+])
+def test_profiler_ops_are_classified(name, kind):
+    assert op_kind(name) == kind
+
+
+def test_all_writes_machine_sections_and_markdown_tables(tmp_path, monkeypatch):
+    hardware = {"train_flops_per_s": 2.0e9, "matmul_flops_per_s": 8.0e9, "ratio": 0.25, "step_flops": 4.0e10,
+                "step_s": 20.0, "phases_s": {"forward": 5.0, "backward": 12.0, "optimizer": 3.0}}
+    data = {"cache_images_per_s": 40.0, "train_images_per_s": 2.0, "ratio": 20.0, "dicom_decode_images_per_s": 3.5}
+    monkeypatch.setattr(run, "SECTIONS", {"hardware": lambda args: hardware, "data": lambda args: data,
+                                          "privacy": lambda args: {"tiny": {"dp_step_s": 3.0, "step_s": 1.0, "ratio": 3.0}}})
+    out = tmp_path / "results" / "latest.json"
+    assert run.main(["all", "--json", str(out), "--quick"]) == 0
+
+    results = json.loads(out.read_text())
+    assert list(results) == ["machine", "hardware", "data", "privacy"]
+    assert {"cpu_count", "torch", "device", "section_seconds"} <= set(results["machine"])
+    assert results["hardware"] == hardware and results["data"] == data
+    markdown = out.with_suffix(".md").read_text()
+    assert "```json" not in markdown
+    assert "| 2 G | 8 G | 0.25 | 40 G | 20 |" in markdown        # FLOP-sized numbers in G
+    assert "| backward | 12 | 0.6 |" in markdown                     # phase share of the step
+    assert "| 40 | 2 | 20 |" in markdown                             # cache vs train images/s
+    assert "| tiny.ratio | 3 |" in markdown                          # a section without its own renderer: flat table
+
+
+def test_single_section_writes_only_its_object(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "SECTIONS", {"memory": lambda args: {"tiny": {"peak_rss_mb": 512.0}}})
+    out = tmp_path / "memory.json"
+    assert run.main(["memory", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"tiny": {"peak_rss_mb": 512.0}}
+    assert not out.with_suffix(".md").exists()
+
+
+def test_markdown_of_objectives_is_a_preset_table():
+    body = {"tiny": {"clip": {"step_s": 0.5, "ratio_vs_clip": 1.0}, "g2d": {"step_s": 1.0, "ratio_vs_clip": 2.0},
+                     "batch_size": 8, "image_size": 128},
+            "params": {"tiny": {"image_encoder": 5_000_000, "shared": 6_000_000}}}
+    markdown = render_markdown({"objectives": body})
+    assert "| g2d | 1 | 2 |" in markdown
+    assert "| image_encoder | 5000000 |" in markdown
+
+
+def test_memory_child_reports_the_training_peak_above_the_built_model():
+    measured = memory.measure("tiny", batch_size=2, steps=1)
+    assert measured["steps"] == 1 and measured["batch_size"] == 2
+    assert 0 < measured["after_imports_mb"] <= measured["after_build_mb"] <= measured["peak_rss_mb"]
+    # Gradients and AdamW's two moments come on top of the built model's parameters.
+    assert measured["peak_rss_mb"] - measured["after_build_mb"] > measured["parameters_mb"]

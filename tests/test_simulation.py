@@ -1,0 +1,88 @@
+"""`python -m simulations.run` end to end: 2 virtual sites, 2 rounds on a tiny phantom, the deployment's apps."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr's entry points are not installed")
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("simulation")
+    run_dir = tmp / "run"
+    command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
+               "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
+               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", "probe.max_iter=20"]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return run_dir, done.stdout
+
+
+def test_summary_has_the_contract_keys(simulation):
+    run_dir, stdout = simulation
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"config", "sites", "rounds", "final", "wall_s", "bytes_sent", "epsilon"} <= set(summary)
+    assert set(summary["final"]) == {"federated", "centralized", "random"}
+    for result in summary["final"].values():
+        assert 0.0 <= result["linear_probe"]["1.0"]["mean_auc"]["mean"] <= 1.0
+    assert summary["bytes_sent"] > 0 and summary["wall_s"] > 0 and summary["epsilon"] == {}
+    assert "| federated |" in stdout and "| random |" in stdout
+    for name in ("report.md", "loss_per_site.png", "global_per_round.png", "final_auc.png", "sites.md"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_per_round_metrics_match_the_run_registry(simulation):
+    run_dir, _ = simulation
+    summary = json.loads((run_dir / "summary.json").read_text())
+    recorded = Registry(run_dir / "registry.sqlite").describe(run_dir.name)
+    assert recorded["run"]["status"] == "finished"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2] == [r["round"] for r in recorded["rounds"]]
+    for entry, row in zip(summary["rounds"], recorded["rounds"]):
+        assert entry["global"]["loss"] == pytest.approx(row["metrics"]["loss"])
+        assert entry["global"]["examples"] == row["metrics"]["examples"]
+        site_rows = [m for m in recorded["site_metrics"] if m["round"] == entry["round"]]
+        assert set(entry["sites"]) == {m["site"] for m in site_rows} == set(summary["sites"])
+        for m in site_rows:
+            assert entry["sites"][m["site"]]["examples"] == m["examples"]
+            assert entry["sites"][m["site"]]["loss"] == pytest.approx(m["metrics"]["loss"])
+        # the round's loss is the examples-weighted mean of the sites' losses
+        total = sum(m["examples"] for m in site_rows)
+        assert entry["global"]["loss"] == pytest.approx(sum(m["metrics"]["loss"] * m["examples"] for m in site_rows) / total)
+    assert summary["bytes"]["to_sites"] == sum(r["bytes_sent"] for r in recorded["rounds"])
+
+
+def test_sites_are_patient_disjoint_and_the_deployment_client_app_trained_them(simulation):
+    run_dir, _ = simulation
+    partition = json.loads((run_dir / "partition.json").read_text())
+    patients = [p for site in partition.values() for p in site["patients"]]
+    assert len(partition) == 2 and len(patients) == len(set(patients))
+    # the deployment ClientApp's audit mod recorded every reply each site sent
+    for name in partition:
+        lines = (run_dir / "sites" / name / "outgoing.jsonl").read_text().splitlines()
+        trained = [json.loads(line) for line in lines if json.loads(line)["type"] == "train"]
+        assert len(trained) == 2 and all(t["error"] is None for t in trained)
+    staged = (run_dir / "flower" / "app" / "pyproject.toml").read_text()
+    assert 'serverapp = "server.app:app"' in staged and 'clientapp = "client.app:app"' in staged
+    assert (run_dir / "checkpoints" / "round_0002" / "meta.json").is_file()
+
+
+def test_no_flower_process_outlives_the_run(simulation):
+    run_dir, _ = simulation
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir) in text:
+            leftovers.append(text)
+    assert not leftovers, leftovers
