@@ -58,21 +58,26 @@ def all_terms_step(cfg) -> int:
     return max([0, int(schedule.get("stage2_step", 0)), *starts]) + 1
 
 
-def time_train_step(model, batch: dict, step: int, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of forward + backward + AdamW step on one batch."""
+def time_train_step(model, batch: dict, step: int, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) of forward + backward + AdamW step on one batch.
+
+    CPU seconds count only this process's threads, so on a machine shared with other jobs they measure the
+    step's own cost where wall time also measures the neighbours; compare ratios of either within one run.
+    """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
-    times = []
+    wall, cpu = [], []
     for i in range(warmup + repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         model(batch, step=step)["loss"].backward()
         optimizer.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def make_batch(model, cfg, batch_size: int) -> dict:

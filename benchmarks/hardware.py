@@ -17,7 +17,6 @@ COMPONENTS = ("image_encoder", "text_encoder")   # the rest of the forward is th
 # Profiler op names -> the kind of work they are; the first matching fragment wins.
 OP_KINDS = {
     "matmul_conv": ("conv", "mm", "addmm", "bmm", "linear", "matmul", "baddbmm", "scaled_dot_product", "einsum"),
-    "optimizer": ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "sqrt"),
     "normalization": ("norm",),
     "data_movement": ("copy", "cat", "index", "gather", "scatter", "clone", "contiguous", "pad", "stack",
                       "transpose", "permute"),
@@ -115,13 +114,19 @@ def count_flops(model, batch, step: int) -> tuple[float, float, dict[str, float]
     return total_forward, float(backward.get_total_flops()), components
 
 
-def time_by_op_kind(model, optimizer, batch, step: int) -> dict[str, float]:
-    """Share of one step's operator self time per kind of work (from the torch profiler)."""
+def time_by_op_kind(model, batch, step: int) -> dict[str, float]:
+    """Share of one forward + backward's operator self time per kind of work (from the torch profiler).
+
+    The optimizer is left out: its time is measured as a phase, and its per-parameter arithmetic would
+    otherwise be indistinguishable from the model's elementwise ops.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as profiler:
-        phased_step(model, optimizer, batch, step)
+        model(batch, step=step)["loss"].backward()
+        synchronize()
+    model.zero_grad(set_to_none=True)
     device_time = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     totals: dict[str, float] = defaultdict(float)
     for event in profiler.key_averages():
@@ -152,7 +157,7 @@ def run(quick: bool = False) -> dict:
         components.append(dict(timer.seconds))
         matmuls.append(max(matmul_flops_per_s(device) for _ in range(3)))
     timer.remove()
-    op_shares = time_by_op_kind(model, optimizer, batch, step)
+    op_shares = time_by_op_kind(model, batch, step)
 
     step_s = statistics.median(s["step"] for s in steps)
     phases = {phase: round(statistics.median(s[phase] for s in steps), 4)
@@ -162,6 +167,10 @@ def run(quick: bool = False) -> dict:
     component_s["objectives"] = max(0.0, forward_s - sum(component_s.values()))
     peak = statistics.median(matmuls)
     train = step_flops / step_s
+    # ratio = (share of the step in forward + backward) x (share of that in dense kernels) x (their
+    # FLOP/s over the matmul's): every counted FLOP is a matmul or convolution.
+    forward_backward_s = phases["forward"] + phases["backward"]
+    dense_s = op_shares.get("matmul_conv", 0.0) * forward_backward_s
     return {
         "train_flops_per_s": round(train),
         "matmul_flops_per_s": round(peak),
@@ -176,5 +185,10 @@ def run(quick: bool = False) -> dict:
                    "ratio": round(component_flops[name] / component_s[name] / peak, 4) if component_s[name] else None}
             for name in component_flops},
         "time_share_by_op_kind": op_shares,
+        "ratio_factors": {
+            "forward_backward_share_of_step": round(forward_backward_s / step_s, 4),
+            "dense_share_of_forward_backward": op_shares.get("matmul_conv", 0.0),
+            "dense_kernels_over_matmul": round(step_flops / dense_s / peak, 4) if dense_s else None,
+        },
         "repeats": repeats,
     }

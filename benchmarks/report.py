@@ -84,8 +84,13 @@ def hardware(body: dict) -> list[str]:
                        [[k, v.get("flops"), v.get("seconds"), v.get("ratio")] for k, v in components.items()])
     kinds = body.get("time_share_by_op_kind", {})
     if kinds:
-        lines += ["Operator self time by kind of work (torch profiler, one step):", ""]
+        lines += ["Operator self time of one forward + backward by kind of work (torch profiler):", ""]
         lines += table(["kind", "share"], [[k, v] for k, v in kinds.items()])
+    factors = body.get("ratio_factors", {})
+    if factors:
+        lines += ["The ratio as a product: share of the step in forward + backward x share of that in matmul/conv "
+                  "kernels x those kernels' FLOP/s over the large matmul's:", ""]
+        lines += table(list(factors), [list(factors.values())])
     return lines
 
 

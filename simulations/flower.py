@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -159,7 +160,7 @@ class LocalSimulation:
         `on_poll` is called every second and returns True once the run's own records say it ended; Flower
         itself is asked only every `ask_every_s` (each `flwr` call starts a Python process)."""
         run_config = self.folder / "run_config.toml"
-        run_config.write_text(f"overrides = {json.dumps(' '.join(overrides))}\n")
+        run_config.write_text(f"overrides = {json.dumps(shlex.join(overrides))}\n")
         started = json.loads(self.flwr(
             "run", str(app), CONNECTION, "--run-config", str(run_config), "--format", "json",
             "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={resources.num_cpus} "

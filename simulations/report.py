@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 NOT_LOSS = {"examples", "seconds", "steps", "lr", "epsilon", "loss"}
 ENCODERS = ("federated", "centralized", "random")
@@ -40,6 +41,7 @@ def plot_site_losses(path: Path, rounds: list[dict]) -> None:
                 ax.plot(*zip(*points), marker="o", label=site)
         ax.set_title(term)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(terms):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
@@ -57,6 +59,7 @@ def plot_global(path: Path, rounds: list[dict]) -> None:
         ax.plot(*zip(*points), marker="o")
         ax.set_title({"loss": "examples-weighted loss of the sites", "linear_probe_mean_auc": "global model: probe mean AUC"}[key])
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.exc import OperationalError
 
 from client.data.catalog import open_catalog, usable_studies
 from shared_models.config import compose, hydra_entry
@@ -77,29 +78,42 @@ def app_overrides(cfg: DictConfig, forced: dict[str, object]) -> list[str]:
     """Hydra overrides under which the ServerApp and ClientApps compose this run's configuration:
     the command line's group choices, then every value that differs from what they would compose."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    groups = [f"{group}={choice}" for group, choice in choices.items()
-              if group in ("data", "model", "objective", "federation", "privacy", "partition", "train") and choice]
-    wanted = OmegaConf.to_container(cfg, resolve=True)
-    wanted = {k: wanted[k] for k in APP_SECTIONS}
+    groups = [f"{group}={choice}" for group, choice in choices.items() if group in APP_SECTIONS and choice]
+    wanted = OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in APP_SECTIONS})
     for key, value in forced.items():
-        OmegaConf.update(wanted_cfg := OmegaConf.create(wanted), key, value, force_add=True)
-        wanted = OmegaConf.to_container(wanted_cfg)
-    base = OmegaConf.to_container(compose(groups), resolve=True)
-    have, want = _leaves({k: base.get(k) for k in APP_SECTIONS}), _leaves(wanted)
+        OmegaConf.update(wanted, key, value, force_add=True)
+    want = _leaves(OmegaConf.to_container(wanted))
+
+    def composed_leaves(overrides: list[str]) -> dict[str, object]:
+        composed = OmegaConf.to_container(compose(overrides), resolve=True)
+        return _leaves({k: composed.get(k) for k in APP_SECTIONS})
+
+    have = composed_leaves(groups)
     overrides = groups + [f"{key}={_hydra_value(value)}" for key, value in want.items() if have.get(key, object()) != value]
-    composed = OmegaConf.to_container(compose(overrides), resolve=True)
-    differing = [key for key, value in want.items() if _leaves({k: composed.get(k) for k in APP_SECTIONS}).get(key) != value]
+    got = composed_leaves(overrides)
+    differing = [key for key, value in want.items() if got.get(key) != value]
     if differing:
-        raise RuntimeError(f"the apps would not compose this run's configuration ({differing[:5]}); report this")
+        raise RuntimeError(f"the apps would not compose this run's configuration (differs at {differing[:5]})")
     return overrides
 
 
 # ------------------------------------------------------------------------------------ registry
-def read_rounds(registry_path: Path, run_name: str) -> tuple[list[dict], dict]:
-    """Per round: each site's loss terms, examples and seconds, and the round's global metrics (from the registry)."""
+def readonly_registry(path: Path):
+    """The run registry opened without creating its tables: the ServerApp creates them, and a poll
+    that did so too would race it."""
+    from sqlalchemy import create_engine
+
     from server.registry import Registry
 
-    described = Registry(registry_path).describe(run_name)
+    registry = Registry.__new__(Registry)
+    registry.engine = create_engine(f"sqlite:///file:{Path(path).resolve()}?mode=ro&uri=true",
+                                    connect_args={"timeout": 30})
+    return registry
+
+
+def read_rounds(registry_path: Path, run_name: str) -> tuple[list[dict], dict]:
+    """Per round: each site's loss terms, examples and seconds, and the round's global metrics (from the registry)."""
+    described = readonly_registry(registry_path).describe(run_name)
     rounds = []
     for row in described["rounds"]:
         sites = {m["site"]: {**{k: v for k, v in m["metrics"].items() if k not in ("seconds",)},
@@ -192,7 +206,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
             return False
         try:
             rounds, described = read_rounds(run_dir / "registry.sqlite", run_name)
-        except KeyError:
+        except (KeyError, OperationalError):   # the ServerApp has not recorded the run yet
             return False
         for entry in rounds:
             if entry["round"] not in printed:
