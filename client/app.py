@@ -15,15 +15,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.federated import initial_shared, train_round
-from client.site import effective_caps, load_site
-from shared_models.config import compose, fingerprints
+from client.federated import FingerprintMismatch, train_round
+from client.privacy import BudgetExceeded
+from client.site import load_site
+from shared_models.config import compose
 
-FINGERPRINT_MISMATCH = 4001  # Error code the coordinator records as a refusal
-
-
-class FingerprintMismatch(RuntimeError):
-    """The round's model config, tokenizer or objective is not the one this site has."""
+# Error codes of a refusal: the coordinator records the reason and goes on with the other sites.
+FINGERPRINT_MISMATCH = 4001
+BUDGET_EXCEEDED = 4002
 
 
 def site_of(context: Context) -> dict:
@@ -43,19 +42,6 @@ def simulated_site(context: Context) -> dict:
     if not site_dir:
         raise RuntimeError("a simulation node needs federation.site_dir (set by python -m simulations.run)")
     return OmegaConf.to_container(OmegaConf.load(Path(site_dir) / f"{int(context.node_config['partition-id'])}.yaml"))
-
-
-def check_fingerprints(round_config: dict, mine: dict[str, str]) -> None:
-    """Refuse to train when the coordinator's hashes differ from this site's."""
-    theirs = {k.removeprefix("fingerprint_"): v for k, v in round_config.items() if k.startswith("fingerprint_")}
-    wrong = [f"{name}: coordinator {theirs.get(name)}, site {value}" for name, value in mine.items() if theirs.get(name) != value]
-    if wrong:
-        raise FingerprintMismatch("the round's " + "; ".join(wrong) + " — this site refuses to train; "
-                                  "update the site's fedcxr install/configs to the coordinator's version")
-
-
-def requested_caps(round_config: dict) -> dict:
-    return {k.removeprefix("privacy_"): v for k, v in round_config.items() if k.startswith("privacy_")}
 
 
 def _arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
@@ -87,31 +73,22 @@ def audit_outgoing(message: Message, context: Context, call_next) -> Message:
 app = ClientApp(mods=[audit_outgoing])
 
 
-@app.query()
-def query(message: Message, context: Context) -> Message:
-    """The seeded initial shared parameters (no data involved)."""
-    site = site_of(context)
-    params = initial_shared(dict(message.content["config"]), site)
-    return Message(RecordDict({"arrays": _arrays(params), "site": ConfigRecord({"name": site["name"]})}), reply_to=message)
-
-
 @app.train()
 def train(message: Message, context: Context) -> Message:
     site = site_of(context)
     round_config = dict(message.content["config"])
     cfg = compose(shlex.split(str(context.run_config.get("overrides", ""))))
-    try:
-        check_fingerprints(round_config, fingerprints(cfg))
-    except FingerprintMismatch as err:
-        return Message(Error(FINGERPRINT_MISMATCH, str(err)), reply_to=message)
-    round_config["privacy"] = effective_caps(site["privacy"], requested_caps(round_config))
     if site.get("threads"):
         import torch
 
         torch.set_num_threads(int(site["threads"]))
-
     shared = {name: array.numpy() for name, array in message.content["arrays"].items()}
-    new_shared, examples, metrics = train_round(shared, round_config, site, run_id=str(round_config["run"]))
+    try:
+        new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run"]), cfg)
+    except FingerprintMismatch as err:
+        return Message(Error(FINGERPRINT_MISMATCH, str(err)), reply_to=message)
+    except BudgetExceeded as err:
+        return Message(Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}"), reply_to=message)
     content = RecordDict({
         "arrays": _arrays(new_shared),
         "metrics": MetricRecord({**metrics, "examples": examples}),

@@ -1,80 +1,84 @@
-"""One site's part of a round, without Flower: shared parameters in, locally trained shared parameters out.
+"""One site's part of a round, without Flower: global shared parameters in, locally trained shared parameters out.
 
-The ClientApp calls `initial_shared` and `train_round`; everything else here is what they need:
-which parameters travel, and the local-only parameters kept on the site's disk between rounds.
-
-STAND-IN: `_StandInModel` and `_synthetic_dataset` are placeholders for the real pre-training model
-(shared_models) and the site's catalog-backed dataset (client.data.dataset); `_build` is the one
-place to swap them for the real ones. The training loop already is the real `client.trainer`.
+The ClientApp calls `train_round`. What travels is decided in one place, `shared_models.sharing` driven by
+`model.sharing`; everything else (decoders, tag decoder, pseudo-seg head, FedBN norms) is local-only and
+persists on the site's disk between rounds, keyed by run.
 """
 from __future__ import annotations
 
-import fnmatch
 import os
-import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.numpy import load_file, save
-from torch import nn
-from torch.utils.data import TensorDataset
 
+from client.data.dataset import CxrDataset
+from client.data.scanner import apply_scanner, scanner_profile
 from client.trainer import TrainSettings, train_steps
+from shared_models.batch import collate
+from shared_models.checkpoint import checkpoint_fingerprints
+from shared_models.factory import create_model
+from shared_models.model import PretrainModel
+from shared_models.sharing import split_state
 
 Params = dict[str, np.ndarray]
+CACHE_DIR = "fedcxr-image-cache"  # a site's default image cache, inside its data root (as `python -m client.data index`)
 
 
-def is_shared(name: str, shared_patterns: list[str], norm_patterns: list[str], fedbn: bool) -> bool:
-    """Whether parameter `name` travels: it matches a shared pattern and is not a norm layer under FedBN."""
-    if not any(fnmatch.fnmatchcase(name, p) for p in shared_patterns):
-        return False
-    return not (fedbn and any(fnmatch.fnmatchcase(name, p) for p in norm_patterns))
+class FingerprintMismatch(RuntimeError):
+    """The round's model config, tokenizer or objective is not the one this site builds."""
 
 
-def split_state(state: dict[str, torch.Tensor], round_config: dict) -> tuple[Params, Params]:
-    """(shared, local-only) numpy copies of a model's state dict, by the round's sharing rule."""
-    shared, local = {}, {}
-    for name, tensor in state.items():
-        travels = is_shared(name, list(round_config["shared_patterns"]), list(round_config["norm_patterns"]),
-                            bool(round_config["fedbn"]))
-        (shared if travels else local)[name] = tensor.detach().cpu().numpy().copy()
-    return shared, local
+def build_model(cfg: DictConfig) -> PretrainModel:
+    """The pre-training model, initialised identically at every site and at the coordinator by `cfg.seed`."""
+    torch.manual_seed(int(cfg.seed))
+    return create_model(cfg)
 
 
-class _StandInModel(nn.Module):
-    """STAND-IN for the pre-training model: an encoder + projection that travel, a decoder that stays."""
-
-    def __init__(self, in_dim: int = 16, width: int = 8, embed: int = 4):
-        super().__init__()
-        self.image_encoder = nn.Sequential()
-        self.image_encoder.add_module("fc", nn.Linear(in_dim, width))
-        self.image_encoder.add_module("norm", nn.BatchNorm1d(width))
-        self.image_projection = nn.Linear(width, embed)
-        self.decoder = nn.Linear(embed, in_dim)
-
-    def forward(self, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
-        x = batch["images"]
-        z = self.image_projection(torch.relu(self.image_encoder(x)))
-        reconstruction = nn.functional.mse_loss(self.decoder(z), x)
-        return {"loss": reconstruction, "reconstruction": reconstruction}
+def shared_arrays(model: PretrainModel, cfg: DictConfig) -> Params:
+    """numpy copies of the model's shared parameters (the only arrays that leave a site)."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in split_state(model, cfg)[0].items()}
 
 
-def _synthetic_dataset(site_name: str, seed: int) -> TensorDataset:
-    """STAND-IN for the site's dataset: a site-specific number of random vectors, fixed per (site, seed)."""
-    generator = torch.Generator().manual_seed(seed * 1000 + zlib.crc32(site_name.encode()) % 1000)
-    size = 12 + zlib.crc32(site_name.encode()) % 13
-    return TensorDataset(torch.randn(size, 16, generator=generator))
+def check_fingerprints(round_config: dict, mine: dict[str, str]) -> None:
+    """Refuse to train when the coordinator's hashes differ from this site's."""
+    theirs = {k.removeprefix("fingerprint_"): v for k, v in round_config.items() if k.startswith("fingerprint_")}
+    wrong = [f"{name}: coordinator {theirs.get(name)}, site {value}" for name, value in mine.items() if theirs.get(name) != value]
+    if wrong:
+        raise FingerprintMismatch("the round's " + "; ".join(wrong) + " — this site refuses to train; "
+                                  "update the site's fedcxr install/configs to the coordinator's version")
 
 
-def _collate(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {"images": torch.stack([row[0] for row in rows])}
+def data_paths(site: dict) -> tuple[str, Path]:
+    """(catalog, image cache) of a site: its file's `catalog` / `cache`, else the indexer's defaults."""
+    catalog = site.get("catalog") or str(Path(site["state_dir"]) / "catalog.sqlite")
+    cache = Path(site.get("cache") or Path(site["data"]["root"]) / CACHE_DIR)
+    return catalog, cache
 
 
-def _build(round_config: dict, site: dict) -> tuple[nn.Module, TensorDataset]:
-    """The model (identically initialised at every site by the run's seed) and this site's data."""
-    torch.manual_seed(int(round_config["seed"]))
-    return _StandInModel(), _synthetic_dataset(site["name"], int(round_config["seed"]))
+def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
+    """The site's training images (a simulated site: its `studies`, seen through its `scanner`)."""
+    catalog, cache = data_paths(site)
+    transform = None
+    if site.get("scanner"):
+        profile = scanner_profile(int(site["scanner"]["site_index"]), int(site["scanner"].get("seed", 0)))
+        transform = _scanner(profile)
+    dataset = CxrDataset(catalog, cache, split=site["data"].get("split") or "train",
+                         image_size=int(cfg.model.image.img_size), train=True, study_ids=site.get("studies"),
+                         site_transform=transform)
+    if len(dataset) == 0:
+        raise ValueError(f"site {site['name']}: no usable training image in {catalog} (split "
+                         f"{site['data'].get('split') or 'train'}); index the site's data with python client/run.py")
+    return dataset
+
+
+def _scanner(profile):
+    def transform(image: torch.Tensor, image_id: str) -> torch.Tensor:
+        return apply_scanner(image, profile, image_id)
+    return transform
 
 
 def _local_file(site: dict, run_id: str) -> Path:
@@ -91,43 +95,64 @@ def _save_atomic(path: Path, params: Params) -> None:
     os.replace(tmp, path)
 
 
-def initial_shared(round_config: dict, site: dict) -> Params:
-    """The freshly initialised shared parameters (from the run's seed; no data is touched)."""
-    model, _ = _build(round_config, site)
-    return split_state(model.state_dict(), round_config)[0]
+def _settings(round_config: dict, cfg: DictConfig) -> TrainSettings:
+    """The `train` group with the round's share of one schedule over all rounds' local steps."""
+    steps = int(round_config["local_steps"])
+    return TrainSettings.from_config(
+        cfg.train, steps=steps, batch_size=int(round_config["batch_size"]), lr=float(round_config["lr"]),
+        seed=int(round_config["seed"]), start_step=(int(round_config["round"]) - 1) * steps,
+        total_steps=int(round_config["rounds"]) * steps, proximal_mu=float(round_config.get("proximal_mu", 0.0)))
 
 
-def train_round(shared: Params, round_config: dict, site: dict, run_id: str) -> tuple[Params, int, dict[str, float]]:
-    """Train locally from the global shared parameters; returns (new shared parameters, examples, scalar metrics).
-
-    Local-only parameters are restored from and saved to the site's disk, keyed by `run_id`.
-    """
-    model, dataset = _build(round_config, site)
+def _restore(model: PretrainModel, shared: Params, local_file: Path) -> None:
+    """Global shared parameters over this site's local-only ones (fresh from the seed in round 1)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    local_file = _local_file(site, run_id)
     if local_file.is_file():
         state.update({k: torch.from_numpy(v) for k, v in load_file(local_file).items()})
+    unknown = set(shared) - set(state)
+    if unknown:
+        raise ValueError(f"the round's arrays name parameters this model does not have: {sorted(unknown)[:5]}")
     state.update({k: torch.from_numpy(np.array(v)) for k, v in shared.items()})
     model.load_state_dict(state)
 
-    steps = int(round_config["local_steps"])
-    settings = TrainSettings(
-        steps=steps,
-        batch_size=int(round_config.get("batch_size", 8)),
-        lr=float(round_config["lr"]),
-        warmup_steps=0,
-        amp=False,
-        seed=int(round_config["seed"]),
-        start_step=(int(round_config["round"]) - 1) * steps,
-        total_steps=int(round_config["rounds"]) * steps,
-        proximal_mu=float(round_config.get("proximal_mu", 0.0)),
-    )
-    anchor = {k: torch.from_numpy(np.array(v)) for k, v in shared.items()}
-    result = train_steps(model, dataset, _collate, settings, device=site.get("device", "cpu"),
-                         proximal_anchor=anchor, progress=False, description=f"site {site['name']}")
 
-    new_shared, local = split_state(model.state_dict(), round_config)
-    _save_atomic(local_file, local)
-    metrics = {name: float(value) for name, value in result.loss_end.items()}  # every loss term, and lr
-    metrics.update(steps=float(result.steps), seconds=float(result.seconds))
-    return new_shared, len(dataset), metrics
+def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
+                cfg: DictConfig) -> tuple[Params, float, dict[str, float]]:
+    """Train locally from the global shared parameters; returns (new shared parameters, examples, scalar metrics).
+
+    `examples` is the site's number of training images; under `privacy.dpsgd` the round is priced and charged to the site's ledger first (BudgetExceeded
+    refuses it) and only `DpRoundResult.public_metrics()` is returned, whose expected examples per round
+    replace the data set's size: nothing computed from the data leaves.
+    """
+    model = build_model(cfg)
+    check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
+    local_file = _local_file(site, run_id)
+    _restore(model, shared, local_file)
+    if "tag" in model.objectives:  # tag queries follow the text encoder the federation just averaged
+        model.refresh_tag_queries()
+    dataset = site_dataset(site, cfg)
+    collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=int(cfg.model.text.max_length))
+    settings = _settings(round_config, cfg)
+    anchor = {k: torch.from_numpy(np.array(v)) for k, v in shared.items()}
+    device = site.get("device") or "cpu"
+
+    dpsgd = OmegaConf.select(cfg, "privacy.dpsgd")
+    if dpsgd:
+        from client.privacy import dp_train_round
+
+        caps = {k.removeprefix("privacy_"): v for k, v in round_config.items() if k.startswith("privacy_")}
+        planned = int(round_config["rounds"]) * int(round_config["local_steps"])
+        result = dp_train_round(model, dataset, collate_fn, settings, dpsgd, site, run_id, int(round_config["round"]),
+                                planned, caps, device, anchor)
+        metrics = result.public_metrics()
+        examples = metrics.pop("examples")
+    else:
+        trained = train_steps(model, dataset, collate_fn, settings, device=device, proximal_anchor=anchor,
+                              progress=False, description=f"site {site['name']}")
+        metrics = {name: float(value) for name, value in trained.loss_mean.items()}  # every term, and lr
+        metrics.update(steps=float(trained.steps), seconds=float(trained.seconds))
+        examples = float(len(dataset))  # FedAvg's weight: the site's training images
+
+    new_shared, local = split_state(model.cpu(), cfg)
+    _save_atomic(local_file, {k: v.detach().numpy().copy() for k, v in local.items()})
+    return {k: v.detach().numpy().copy() for k, v in new_shared.items()}, examples, metrics

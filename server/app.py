@@ -7,15 +7,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from client.privacy.settings import validate_privacy_config
 from server.aggregation import Aggregator, validate_update
+from server.central_dp import dp_fedavg
 from server.checkpoints import discard_after, load_latest_valid, save_round
 from server.registry import Registry
 from server.rounds import round_config
-from shared_models.config import compose, config_hash, fingerprints
+from shared_models.checkpoint import checkpoint_fingerprints
+from shared_models.config import compose, config_hash
+from shared_models.export import export
+from shared_models.factory import create_model
+from shared_models.sharing import split_state
 
 log = logging.getLogger("fedcxr.server")
 app = ServerApp()
@@ -53,15 +60,20 @@ def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
     return nodes
 
 
-def initial_parameters(grid: Grid, node: int, config: dict, fed: DictConfig) -> dict[str, np.ndarray]:
-    """Ask one site for the seeded initial shared parameters (the model is built where its code lives)."""
-    message = Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node,
-                      message_type=MessageType.QUERY, ttl=float(fed.round_timeout_s))
-    replies = exchange(grid, [message], float(fed.round_timeout_s), float(fed.poll_s))
-    if not replies or replies[0].has_error():
-        reason = replies[0].error.reason if replies else f"no reply within {fed.round_timeout_s} s"
-        raise RuntimeError(f"could not get the initial shared parameters from node {node}: {reason}")
-    return from_record(replies[0].content["arrays"])
+def check_supported(cfg: DictConfig) -> None:
+    """Refuse, before any site is asked, a run this ServerApp cannot carry out as configured."""
+    validate_privacy_config(cfg)
+    if OmegaConf.select(cfg, "privacy.secagg"):
+        raise ValueError(f"privacy={cfg.privacy.name}: SecAgg+ is not yet supported by this ServerApp (its own "
+                         "push/pull round loop does not run Flower's SecAggPlusWorkflow); use privacy=none, dpsgd "
+                         "or central_dp")
+
+
+def initial_model(cfg: DictConfig):
+    """The model every site also builds from `cfg.seed`: its shared parameters start the run, its tokenizer
+    goes into every checkpoint."""
+    torch.manual_seed(int(cfg.seed))
+    return create_model(cfg)
 
 
 def _weighted_metrics(accepted: list[tuple[str, dict, int]]) -> dict[str, float]:
@@ -80,7 +92,10 @@ class Federation:
         self.run_dir = Path(self.fed.output_dir) / self.name
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
         self.aggregator = Aggregator.from_config(self.fed)
-        self.fingerprints = fingerprints(cfg)
+        check_supported(cfg)
+        self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
+        self.model = initial_model(cfg)
+        self.fingerprints = checkpoint_fingerprints(cfg, self.model.tokenizer)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.config_hash = config_hash(cfg)
 
@@ -108,14 +123,16 @@ class Federation:
         try:
             nodes = wait_for_sites(self.grid, self.fed)
             if params is None:
-                params = initial_parameters(self.grid, nodes[0], self._round_config(0), self.fed)
+                params = {k: v.detach().numpy().copy() for k, v in split_state(self.model, self.cfg)[0].items()}
             for round_ in range(start, int(self.fed.rounds) + 1):
                 params = self.round(round_, params)
+            export(self.run_dir / "checkpoint", self.run_dir / "export")
         except Exception as err:
             self.registry.finish_run(self.name, error=str(err))
             raise
         self.registry.finish_run(self.name)
-        log.info("run %s finished: %d rounds, checkpoint at %s", self.name, self.fed.rounds, self.run_dir / "checkpoint")
+        log.info("run %s finished: %d rounds, checkpoint at %s, encoders exported to %s", self.name, self.fed.rounds,
+                 self.run_dir / "checkpoint", self.run_dir / "export")
 
     def _round_config(self, round_: int) -> dict:
         return round_config(self.cfg, round_, self.name, self.fingerprints)
@@ -157,14 +174,19 @@ class Federation:
             raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), federation.min_sites="
                                f"{self.fed.min_sites}; the run can resume from round {round_ - 1} with federation.resume=true")
 
-        params = self.aggregator(params, [(update, n) for _, _, update, n, _ in accepted])
+        if self.central_dp:
+            params = dp_fedavg(params, [update for _, _, update, _, _ in accepted],
+                               float(self.central_dp.clipping_norm), float(self.central_dp.noise_multiplier))
+        else:
+            params = self.aggregator(params, [(update, n) for _, _, update, n, _ in accepted])
         metrics = _weighted_metrics([(site, m, n) for site, _, _, n, m in accepted])
         seconds = time.monotonic() - started
         meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
                 "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
                 "sites": {site: n for site, _, _, n, _ in accepted}, "shared": sorted(params), "config": self.config}
         folder, written = save_round(self.run_dir, round_, params, meta,
-                                     self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None)
+                                     self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None,
+                                     tokenizer=self.model.tokenizer)
         self.registry.add_checkpoint(self.name, round_, folder, written["sha256"]["model.safetensors"])
         self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds, **round_fields)
         loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""

@@ -1,4 +1,8 @@
-"""Per-round checkpoints of the global shared parameters: atomic writes, hash-checked loads."""
+"""Per-round checkpoints of the global shared parameters: atomic writes, hash-checked loads.
+
+Each round folder is also a `shared_models.checkpoint` folder (model.safetensors, tokenizer/, meta.json with
+the composed config and the shared names), so `load_checkpoint`, `evaluation.run` and the export read it.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +22,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 SERVER_STATE_FILE = "server_state.safetensors"  # FedAdam/FedYogi moments
 META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -55,10 +60,15 @@ def save_round(
     params: dict[str, np.ndarray],
     meta: dict,
     server_state: dict[str, np.ndarray] | None = None,
+    tokenizer=None,
 ) -> tuple[Path, dict]:
     """Write round `round_`'s checkpoint folder (meta.json last: it marks completeness), refresh checkpoint/;
-    returns the folder and the meta written (with the files' sha256)."""
+    returns the folder and the meta written (with the files' sha256). `tokenizer` (the model's) goes to tokenizer/."""
     folder = round_dir(run_dir, round_)
+    latest = Path(run_dir) / "checkpoint"
+    if tokenizer is not None:
+        for target in (folder, latest):
+            tokenizer.save_pretrained(target / TOKENIZER_DIR)
     files = {MODEL_FILE: save_safetensors({k: np.ascontiguousarray(v) for k, v in params.items()})}
     if server_state:
         files[SERVER_STATE_FILE] = save_safetensors({k: np.ascontiguousarray(v) for k, v in server_state.items()})
@@ -68,7 +78,6 @@ def save_round(
     meta_bytes = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
     write_atomic(folder / META_FILE, meta_bytes)
 
-    latest = Path(run_dir) / "checkpoint"
     for name, data in [*files.items(), (META_FILE, meta_bytes)]:
         write_atomic(latest / name, data)
     for stale in {SERVER_STATE_FILE} - set(files):

@@ -74,10 +74,9 @@ def _leaves(node, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: node}
 
 
-def app_overrides(cfg: DictConfig, forced: dict[str, object]) -> list[str]:
+def app_overrides(cfg: DictConfig, choices: dict[str, str], forced: dict[str, object]) -> list[str]:
     """Hydra overrides under which the ServerApp and ClientApps compose this run's configuration:
-    the command line's group choices, then every value that differs from what they would compose."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    the config group choices, then every value that differs from what they would compose."""
     groups = [f"{group}={choice}" for group, choice in choices.items() if group in APP_SECTIONS and choice]
     wanted = OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in APP_SECTIONS})
     for key, value in forced.items():
@@ -168,8 +167,11 @@ def train_centralized_baseline(cfg: DictConfig, folder: Path, data: PreparedData
 
 
 # ------------------------------------------------------------------------------------------ main
-def simulate(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole simulation into `run_dir`; returns summary.json's content."""
+def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict:
+    """The whole simulation into `run_dir`; returns summary.json's content. `choices` are the config
+    group choices (`model=...`) cfg was composed with: Hydra's, when run as `python -m simulations.run`."""
+    if choices is None:
+        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     started = time.monotonic()
     run_dir = run_dir.resolve()
     data = prepare_data(cfg.data)
@@ -195,7 +197,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
               "federation.output_dir": str(run_dir.parent), "federation.run_name": run_name,
               "federation.registry": str(run_dir / "registry.sqlite"), "federation.sites": len(sites),
               "federation.min_sites": len(sites), "federation.resume": False}
-    overrides = app_overrides(cfg, forced)
+    overrides = app_overrides(cfg, choices, forced)
     (run_dir / "app_overrides.txt").write_text("\n".join(overrides) + "\n")
 
     printed: set[int] = set()

@@ -8,15 +8,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from client.app import FingerprintMismatch, check_fingerprints
-from client.federated import initial_shared, is_shared, split_state, train_round
+from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
+                              train_round)
 from client.site import SiteConfigError, effective_caps, validate_caps
 from server.aggregation import (Aggregator, ServerOptimizer, coordinate_median, trimmed_mean, validate_update,
                                 weighted_mean)
+from server.central_dp import dp_fedavg
 from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
 from server.rounds import hybridmed_stage, round_config
 from server.runs import main as runs_main
+from shared_models.checkpoint import checkpoint_fingerprints
+from shared_models.config import compose
+from shared_models.sharing import shared_parameter_names, sharing_settings
+from tests.phantom_sites import phantom_sites
 
 
 def _updates(*pairs):
@@ -160,44 +165,85 @@ def test_site_refuses_mismatched_fingerprints():
         check_fingerprints({"fingerprint_model": "aaa", "fingerprint_objective": "bbb", "fingerprint_tokenizer": "ddd"}, mine)
 
 
-def test_sharing_rule_and_fedbn():
-    shared, norms = ["image_encoder.*", "image_projection.*"], ["*norm*"]
-    assert is_shared("image_encoder.fc.weight", shared, norms, fedbn=True)
-    assert is_shared("image_encoder.norm.weight", shared, norms, fedbn=False)
-    assert not is_shared("image_encoder.norm.running_mean", shared, norms, fedbn=True)
-    assert not is_shared("decoder.weight", shared, norms, fedbn=False)
-    state = {"image_encoder.norm.weight": torch.ones(2), "decoder.weight": torch.zeros(2)}
-    travels, stays = split_state(state, {"shared_patterns": shared, "norm_patterns": norms, "fedbn": True})
-    assert travels == {} and set(stays) == set(state)
+def test_central_dp_clips_each_site_update_and_averages_them_equally():
+    global_params = {"w": np.zeros(2, np.float32), "ids": np.arange(3)}
+    near, far = {"w": np.array([0.3, 0.4], np.float32), "ids": np.arange(3)}, {"w": np.array([30.0, 40.0], np.float32), "ids": np.arange(3)}
+    out = dp_fedavg(global_params, [near, far], clipping_norm=1.0, noise_multiplier=0.0)
+    # near (norm 0.5) passes unclipped, far (norm 50) is scaled to norm 1; equal weights whatever the examples
+    np.testing.assert_allclose(out["w"], ([0.3, 0.4] + np.array([0.6, 0.8])) / 2, rtol=1e-6)
+    assert out["w"].dtype == np.float32 and np.array_equal(out["ids"], np.arange(3))
+    np.random.seed(0)
+    noisy = dp_fedavg({"w": np.zeros(4000)}, [{"w": np.zeros(4000)}] * 2, 1.0, 2.0)["w"]
+    assert abs(noisy.std() - 2.0 * 1.0 / 2) < 0.05  # std = noise_multiplier * clipping_norm / sites
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    return phantom_sites(tmp_path_factory.getbasetemp() / "federation_phantom")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose(["federation.rounds=2", "federation.local_steps=2", "federation.batch_size=4"])
+
+
+def _site(sites, name, tmp_path):
+    return dict(sites[name], name=name, state_dir=str(tmp_path / name), device="cpu",
+                privacy={"max_epsilon": 8.0, "max_delta": 1e-5})
+
+
+def test_one_sharing_rule_from_model_sharing(cfg):
+    model = build_model(cfg)
+    shared = set(shared_arrays(model, cfg))
+    assert shared == set(shared_parameter_names(model, **sharing_settings(cfg)))
+    assert shared and all(k.startswith(("image_encoder.", "text_encoder.")) or "_projection." in k for k in shared)
+    assert any(k.startswith("objectives.") for k in model.state_dict()) and not any(k.startswith("objectives.") for k in shared)
+    fedbn = compose(["model.sharing.fedbn=true"])
+    norms = {k for k in shared if ".norm" in k or "LayerNorm" in k}
+    assert norms and not norms & set(shared_arrays(model, fedbn))
 
 
 def test_round_schedule():
-    from shared_models.config import compose
-
-    cfg = compose(["federation.rounds=4", "federation.hybridmed_stage1_rounds=2", "federation.strategy=fedprox",
-                   "federation.privacy.max_epsilon=3.0"])
+    cfg = compose(["federation.rounds=4", "federation.local_steps=5", "objective.schedule.stage2_step=10",
+                   "federation.strategy=fedprox", "federation.privacy.max_epsilon=3.0"])
     config = round_config(cfg, 3, "run", {"model": "m"})
-    assert [hybridmed_stage(cfg.federation, r) for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
-    assert config["proximal_mu"] == cfg.federation.proximal_mu > 0
+    # rounds start at steps 0, 5, 10, 15: HybridMED's stage 2 begins with the round that starts at step 10
+    assert [round_config(cfg, r, "run", {})["hybridmed_stage"] for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert hybridmed_stage(cfg, 9) == 1 and hybridmed_stage(compose(["objective=g2d"]), 0) is None
+    assert config["start_step"] == 10 and config["proximal_mu"] == cfg.federation.proximal_mu > 0
     assert config["fingerprint_model"] == "m" and config["privacy_max_epsilon"] == 3.0
+    assert not any("pattern" in key or "fedbn" in key for key in config)
     assert round_config(compose([]), 1, "run", {})["proximal_mu"] == 0.0
 
 
-def test_local_only_parameters_persist_between_rounds(tmp_path):
-    site = {"name": "A", "state_dir": str(tmp_path), "device": "cpu"}
-    config = {"run": "r", "round": 1, "rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 0.01, "seed": 0,
-              "shared_patterns": ["image_encoder.*", "image_projection.*"], "norm_patterns": ["*norm*"], "fedbn": False}
-    shared = initial_shared(config, site)
-    new_shared, examples, metrics = train_round(shared, config, site, "r")
-    local_file = tmp_path / "runs" / "r" / "local.safetensors"
+def test_local_only_parameters_persist_between_rounds(sites, cfg, tmp_path):
+    model = build_model(cfg)
+    prints = checkpoint_fingerprints(cfg, model.tokenizer)
+    shared, site = shared_arrays(model, cfg), _site(sites, "A", tmp_path)
+    config = round_config(cfg, 1, "r", prints)
+    new_shared, examples, metrics = train_round(shared, config, site, "r", cfg)
+    local_file = tmp_path / "A" / "runs" / "r" / "local.safetensors"
     from safetensors.numpy import load_file
 
     after_round_1 = load_file(local_file)
-    assert set(after_round_1) == {"decoder.weight", "decoder.bias"} and set(new_shared) == set(shared)
-    assert examples > 0 and math.isfinite(metrics["loss"])
+    assert set(after_round_1) == set(model.state_dict()) - set(shared) and set(new_shared) == set(shared)
+    assert examples == len(site_dataset(site, cfg)) >= len(sites["A"]["studies"])  # FedAvg weight: training images
+    assert math.isfinite(metrics["loss"]) and metrics["steps"] == 2 and metrics["seconds"] > 0
+    assert {"global", "tag", "soft_label"} <= set(metrics) and all(isinstance(v, float) for v in metrics.values())
     assert any(not np.array_equal(new_shared[k], shared[k]) for k in shared)
+    changed_local = [k for k, v in after_round_1.items() if not np.array_equal(v, model.state_dict()[k].numpy())]
+    assert changed_local, "the local-only heads should have trained"
     # lr 0: nothing changes, so round 2's local-only parameters are round 1's only if they were restored
-    train_round(new_shared, dict(config, round=2, lr=0.0), site, "r")
+    train_round(new_shared, dict(round_config(cfg, 2, "r", prints), lr=0.0), site, "r", cfg)
     after_round_2 = load_file(local_file)
     for name, value in after_round_1.items():
-        np.testing.assert_array_equal(after_round_2[name], value)
+        if np.issubdtype(value.dtype, np.floating):
+            np.testing.assert_array_equal(after_round_2[name], value, err_msg=name)
+
+
+def test_site_refuses_a_round_built_for_another_model(sites, cfg, tmp_path):
+    model = build_model(cfg)
+    prints = dict(checkpoint_fingerprints(cfg, model.tokenizer), tokenizer="0" * 16)
+    with pytest.raises(FingerprintMismatch, match="tokenizer: coordinator 0000000000000000"):
+        train_round(shared_arrays(model, cfg), round_config(cfg, 1, "r", prints), _site(sites, "A", tmp_path), "r", cfg)
+    assert not (tmp_path / "A" / "runs").exists()

@@ -24,7 +24,9 @@ from data_fixtures import DX_SOP_CLASS, REPORT, chest_pixels, write_dicom
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HUGE = 20_000              # rows and columns the hostile headers claim: 400 M pixels, 800 MB as uint16
-RSS_GROWTH_LIMIT_MB = 200  # far below what decoding one claimed image would take
+MAX_PIXELS = 20_000_000    # the index's limit in this test, so a real over-limit file stays small on disk
+BIG = 5_000                # a complete 5000 x 5000 DICOM (50 MB): indexing it without the limit peaks ~200 MB higher
+RSS_GROWTH_LIMIT_MB = 100  # measured growth with the limit: ~5 MB
 
 
 def huge_dicom(path: Path, encapsulated: bool) -> Path:
@@ -107,6 +109,8 @@ def build_hostile_tree(root: Path) -> tuple[dict[str, set[str | None]], dict[str
     image("huge_native.dcm", "too_large", lambda p: huge_dicom(p, encapsulated=False))
     image("huge_jpeg2000.dcm", "too_large", lambda p: huge_dicom(p, encapsulated=True))
     image("huge_png.dcm", "too_large", huge_png)
+    big = np.tile(np.arange(BIG, dtype=np.uint16) % 4096, (BIG, 1))
+    image("big_but_complete.dcm", "too_large", lambda p: write_dicom(p, big))
     image("loop_self.dcm", "unreadable_path", lambda p: os.symlink(p.name, p))
     folder = study()
     os.symlink("loop_b.dcm", folder / "loop_a.dcm")
@@ -135,16 +139,17 @@ def build_hostile_tree(root: Path) -> tuple[dict[str, set[str | None]], dict[str
 
 
 INDEX_CHILD = """
-import json, resource, sys
+import json, sys
+from benchmarks.memory import peak_rss_mb
 from client.data.images import read_image
 from client.data.index import index_data
 from client.data.layouts import open_layout
 from client.data.reports import parse_report
 read_image(sys.argv[1]); parse_report("FINDINGS: warm-up. IMPRESSION: none.")   # lazy imports, first-use buffers
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-summary = index_data(open_layout("mimic_cxr", sys.argv[1].rsplit("/", 1)[0]), sys.argv[2], sys.argv[3], views=None)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"summary": summary, "before_mb": before, "after_mb": after}))
+before = peak_rss_mb()
+summary = index_data(open_layout("mimic_cxr", sys.argv[1].rsplit("/", 1)[0]), sys.argv[2], sys.argv[3], views=None,
+                     max_pixels=int(sys.argv[4]))
+print(json.dumps({"summary": summary, "before_mb": before, "after_mb": peak_rss_mb()}))
 """
 
 
@@ -154,7 +159,8 @@ def hostile(tmp_path_factory):
     images, reports = build_hostile_tree(root)
     catalog, cache = root.parent / "hostile.sqlite", root.parent / "hostile-cache"
     # A fresh process, so its peak resident memory measures this index run alone; a hang fails the test.
-    done = subprocess.run([sys.executable, "-c", INDEX_CHILD, str(root / "good.dcm"), str(catalog), str(cache)],
+    done = subprocess.run([sys.executable, "-c", INDEX_CHILD, str(root / "good.dcm"), str(catalog), str(cache),
+                           str(MAX_PIXELS)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -202,7 +208,7 @@ def test_rerun_over_hostile_files_changes_nothing(hostile):
     root, catalog, cache, images, _, _ = hostile
     with open_catalog(catalog, readonly=True).session() as session:
         before = {row.id: (row.status, row.reason, row.index_run_id) for row in session.scalars(select(Image))}
-    summary = index_data(open_layout("mimic_cxr", root), catalog, cache, views=None)
+    summary = index_data(open_layout("mimic_cxr", root), catalog, cache, views=None, max_pixels=MAX_PIXELS)
     assert summary["indexed"] == 0 and summary["unchanged"] == len(images)
     with open_catalog(catalog, readonly=True).session() as session:
         after = {row.id: (row.status, row.reason, row.index_run_id) for row in session.scalars(select(Image))}

@@ -1,0 +1,41 @@
+"""16-bit transfer of shared parameters: what is cast, what is kept, and what the cast costs in precision."""
+import numpy as np
+import pytest
+
+from shared_models.transfer import decode_arrays, encode_arrays
+
+
+def _params():
+    rng = np.random.default_rng(0)
+    return {"image_encoder.w": rng.normal(0, 0.05, (64, 32)).astype(np.float32),
+            "image_encoder.bn.num_batches_tracked": np.array(7, np.int64)}
+
+
+def test_float16_halves_the_float_bytes_and_keeps_integers():
+    params = _params()
+    wire = encode_arrays(params, "float16")
+    assert wire["image_encoder.w"].dtype == np.float16 and wire["image_encoder.w"].nbytes == params["image_encoder.w"].nbytes // 2
+    assert wire["image_encoder.bn.num_batches_tracked"].dtype == np.int64 and wire["image_encoder.bn.num_batches_tracked"] == 7
+    back = decode_arrays(wire)
+    assert back["image_encoder.w"].dtype == np.float32 and back["image_encoder.w"].shape == (64, 32)
+    # float16 keeps 11 significant bits: relative error at most 2**-11 for normal numbers
+    w = params["image_encoder.w"]
+    normal = np.abs(w) > np.finfo(np.float16).tiny
+    relative = np.abs(back["image_encoder.w"] - w)[normal] / np.abs(w)[normal]
+    assert 0 < relative.max() <= 2.0 ** -11
+
+
+def test_float32_transfer_is_the_identity():
+    params = _params()
+    wire = encode_arrays(params, "float32")
+    for name, value in decode_arrays(wire).items():
+        assert value.dtype == params[name].dtype and np.array_equal(value, params[name])
+
+
+def test_values_beyond_float16_range_and_unknown_dtypes_are_refused_clearly():
+    with pytest.raises(ValueError, match=r"text_encoder.big holds \|value\| 7e\+04 > 65504"):
+        encode_arrays({"text_encoder.big": np.array([1.0, -7e4], np.float32)}, "float16")
+    with pytest.raises(ValueError, match="transfer_dtype must be one of"):
+        encode_arrays(_params(), "bfloat16")
+    # NaN is not an overflow: it travels and the coordinator's update check rejects it
+    assert np.isnan(encode_arrays({"w": np.array([np.nan, 1.0], np.float32)}, "float16")["w"][0])
