@@ -37,7 +37,8 @@ def synthetic_samples(n: int, image_size: int, seed: int = 0) -> list[dict]:
     samples = []
     for i, text in enumerate(synthetic_reports(n, seed=seed)):
         findings, impression = text.removeprefix("FINDINGS: ").split(" IMPRESSION: ")
-        sentences = [s.strip() + "." for s in findings.split(".") if s.strip()]
+        # Findings then impression sentences, as the dataset gives them (the report pass reads both).
+        sentences = [s.strip() + "." for section in (findings, impression) for s in section.split(".") if s.strip()]
         samples.append({
             "image": torch.rand(1, image_size, image_size, generator=generator),
             "patient_id": f"p{i}", "study_id": f"s{i}", "image_id": f"i{i}",

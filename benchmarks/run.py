@@ -61,6 +61,13 @@ def _data(args) -> dict:
     return run(quick=args.quick)
 
 
+@section("federation")
+def _federation(args) -> dict:
+    from benchmarks.federation import run
+
+    return run(quick=args.quick)
+
+
 @section("memory")
 def _memory(args) -> dict:
     from benchmarks.memory import run

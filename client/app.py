@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.federated import FingerprintMismatch, train_round
+from client.federated import FingerprintMismatch, build_model, shared_arrays, train_round
 from client.privacy import BudgetExceeded
 from client.site import load_site
 from shared_models.config import compose
@@ -38,7 +38,7 @@ def simulated_site(context: Context) -> dict:
     written by `python -m simulations.run` (simulation nodes carry no node config of their own)."""
     from omegaconf import OmegaConf
 
-    site_dir = compose(shlex.split(str(context.run_config.get("overrides", "")))).federation.site_dir
+    site_dir = run_config(context).federation.site_dir
     if not site_dir:
         raise RuntimeError("a simulation node needs federation.site_dir (set by python -m simulations.run)")
     return OmegaConf.to_container(OmegaConf.load(Path(site_dir) / f"{int(context.node_config['partition-id'])}.yaml"))
@@ -73,11 +73,25 @@ def audit_outgoing(message: Message, context: Context, call_next) -> Message:
 app = ClientApp(mods=[audit_outgoing])
 
 
+def run_config(context: Context):
+    """The composed config of this run: the same Hydra overrides the ServerApp composes."""
+    return compose(shlex.split(str(context.run_config.get("overrides", ""))))
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """The seeded initial shared parameters this site builds (no data involved); the coordinator builds its own,
+    so this answers diagnostics only (e.g. checking that a site's install initialises like the coordinator's)."""
+    site, cfg = site_of(context), run_config(context)
+    params = shared_arrays(build_model(cfg), cfg)
+    return Message(RecordDict({"arrays": _arrays(params), "site": ConfigRecord({"name": site["name"]})}), reply_to=message)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     site = site_of(context)
     round_config = dict(message.content["config"])
-    cfg = compose(shlex.split(str(context.run_config.get("overrides", ""))))
+    cfg = run_config(context)
     if site.get("threads"):
         import torch
 

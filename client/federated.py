@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save
 
 from client.data.dataset import CxrDataset
 from client.data.scanner import apply_scanner, scanner_profile
+from client.site import data_paths
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
 from shared_models.checkpoint import checkpoint_fingerprints
@@ -25,7 +26,6 @@ from shared_models.model import PretrainModel
 from shared_models.sharing import split_state
 
 Params = dict[str, np.ndarray]
-CACHE_DIR = "fedcxr-image-cache"  # a site's default image cache, inside its data root (as `python -m client.data index`)
 
 
 class FingerprintMismatch(RuntimeError):
@@ -52,20 +52,15 @@ def check_fingerprints(round_config: dict, mine: dict[str, str]) -> None:
                                   "update the site's fedcxr install/configs to the coordinator's version")
 
 
-def data_paths(site: dict) -> tuple[str, Path]:
-    """(catalog, image cache) of a site: its file's `catalog` / `cache`, else the indexer's defaults."""
-    catalog = site.get("catalog") or str(Path(site["state_dir"]) / "catalog.sqlite")
-    cache = Path(site.get("cache") or Path(site["data"]["root"]) / CACHE_DIR)
-    return catalog, cache
-
-
 def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
     """The site's training images (a simulated site: its `studies`, seen through its `scanner`)."""
     catalog, cache = data_paths(site)
     transform = None
     if site.get("scanner"):
         profile = scanner_profile(int(site["scanner"]["site_index"]), int(site["scanner"].get("seed", 0)))
-        transform = _scanner(profile)
+
+        def transform(image: torch.Tensor, image_id: str) -> torch.Tensor:
+            return apply_scanner(image, profile, image_id)
     dataset = CxrDataset(catalog, cache, split=site["data"].get("split") or "train",
                          image_size=int(cfg.model.image.img_size), train=True, study_ids=site.get("studies"),
                          site_transform=transform)
@@ -73,12 +68,6 @@ def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
         raise ValueError(f"site {site['name']}: no usable training image in {catalog} (split "
                          f"{site['data'].get('split') or 'train'}); index the site's data with python client/run.py")
     return dataset
-
-
-def _scanner(profile):
-    def transform(image: torch.Tensor, image_id: str) -> torch.Tensor:
-        return apply_scanner(image, profile, image_id)
-    return transform
 
 
 def _local_file(site: dict, run_id: str) -> Path:
@@ -120,9 +109,10 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
                 cfg: DictConfig) -> tuple[Params, float, dict[str, float]]:
     """Train locally from the global shared parameters; returns (new shared parameters, examples, scalar metrics).
 
-    `examples` is the site's number of training images; under `privacy.dpsgd` the round is priced and charged to the site's ledger first (BudgetExceeded
-    refuses it) and only `DpRoundResult.public_metrics()` is returned, whose expected examples per round
-    replace the data set's size: nothing computed from the data leaves.
+    Metrics are each loss term's mean over the round, steps and seconds; `examples` (FedAvg's weight) is the
+    site's number of training images. Under `privacy.dpsgd` the round is priced and charged to the site's
+    ledger first (BudgetExceeded refuses it) and only `DpRoundResult.public_metrics()` is returned, with the
+    round's expected examples as the weight: nothing computed from the data leaves.
     """
     model = build_model(cfg)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
@@ -149,9 +139,9 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     else:
         trained = train_steps(model, dataset, collate_fn, settings, device=device, proximal_anchor=anchor,
                               progress=False, description=f"site {site['name']}")
-        metrics = {name: float(value) for name, value in trained.loss_mean.items()}  # every term, and lr
+        metrics = {name: float(value) for name, value in trained.loss_mean.items()}
         metrics.update(steps=float(trained.steps), seconds=float(trained.seconds))
-        examples = float(len(dataset))  # FedAvg's weight: the site's training images
+        examples = float(len(dataset))
 
     new_shared, local = split_state(model.cpu(), cfg)
     _save_atomic(local_file, {k: v.detach().numpy().copy() for k, v in local.items()})

@@ -12,7 +12,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script: make the `client` package importable
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from client.site import SITE_DIR, SiteConfigError, load_site, site_file  # noqa: E402
+from client.site import SITE_DIR, SiteConfigError, data_paths, load_site, site_file  # noqa: E402
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -30,8 +30,9 @@ def index_data(site: dict) -> None:
     from client.data.__main__ import main as data_main
 
     data = site["data"]
-    catalog = site.get("catalog") or str(Path(site["state_dir"]) / "catalog.sqlite")
-    code = data_main(["index", "--root", data["root"], "--layout", data["layout"], "--catalog", catalog])
+    catalog, cache = data_paths(site)
+    code = data_main(["index", "--root", data["root"], "--layout", data["layout"], "--catalog", catalog,
+                      "--cache", str(cache)])
     if code:
         raise SiteConfigError(f"indexing {data['root']} failed (exit {code})")
 

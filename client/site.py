@@ -12,8 +12,9 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SITE_DIR = PROJECT_ROOT / "configs" / "site"
 REQUIRED = ("name", "data", "superlink", "root_certificates", "node_private_key", "state_dir", "privacy")
-PATH_KEYS = ("root_certificates", "node_private_key", "state_dir", "trusted_entities", "catalog")
+PATH_KEYS = ("root_certificates", "node_private_key", "state_dir", "trusted_entities", "catalog", "cache")
 CAP_KEYS = ("max_epsilon", "max_delta")
+CACHE_DIR = "fedcxr-image-cache"  # a site's default image cache, inside its data root (as `python -m client.data index`)
 
 
 class SiteConfigError(ValueError):
@@ -57,6 +58,13 @@ def load_site(path: Path, check_files: bool = True) -> dict:
         if not site["data"].get("root") or not Path(site["data"]["root"]).is_dir():
             raise SiteConfigError(f"{path}: data.root = {site['data'].get('root')} is not a folder; point it at the site's data")
     return site
+
+
+def data_paths(site: dict) -> tuple[str, Path]:
+    """(catalog, image cache) of a site: its file's `catalog` / `cache`, else `<state_dir>/catalog.sqlite`
+    and `<data root>/fedcxr-image-cache`."""
+    catalog = site.get("catalog") or str(Path(site["state_dir"]) / "catalog.sqlite")
+    return catalog, Path(site.get("cache") or Path(site["data"]["root"]) / CACHE_DIR)
 
 
 def validate_caps(caps: dict, where: str) -> dict:

@@ -6,6 +6,7 @@ import shlex
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -42,7 +43,15 @@ def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: floa
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
+        try:
+            pulled = list(grid.pull_messages(list(pending)))
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code < 500:
+                raise
+            # A busy SuperLink answers 500 (e.g. its SQLite database locked); the replies wait there: ask again.
+            log.warning("pulling replies failed (%s); asking again", err.response.status_code)
+            pulled = []
+        for reply in pulled:
             pending.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
         if pending:
@@ -86,13 +95,13 @@ class Federation:
     """One run: resume or start, then rounds until `federation.rounds`."""
 
     def __init__(self, grid: Grid, cfg: DictConfig, flwr_run_id: int | None = None):
+        check_supported(cfg)
         self.grid, self.cfg, self.fed = grid, cfg, cfg.federation
         self.flwr_run_id = str(flwr_run_id) if flwr_run_id is not None else None
         self.name = self.fed.run_name or time.strftime("%Y-%m-%d_%H-%M-%S")
         self.run_dir = Path(self.fed.output_dir) / self.name
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
         self.aggregator = Aggregator.from_config(self.fed)
-        check_supported(cfg)
         self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
         self.model = initial_model(cfg)
         self.fingerprints = checkpoint_fingerprints(cfg, self.model.tokenizer)
@@ -108,7 +117,9 @@ class Federation:
             return 1, None
         if latest is None:
             raise RuntimeError(f"federation.resume=true but {self.run_dir} has no complete checkpoint to resume from")
-        if latest.meta.get("fingerprints") != self.fingerprints:
+        stored = latest.meta.get("fingerprints") or {}
+        # model and objective decide the model (the tokenizer's spec is part of `model`)
+        if any(stored.get(key) != self.fingerprints[key] for key in ("model", "objective")):
             raise RuntimeError(f"cannot resume {self.name}: model/tokenizer/objective changed since round "
                                f"{latest.round} ({latest.meta.get('fingerprints')} != {self.fingerprints})")
         discard_after(self.run_dir, latest.round)
@@ -121,7 +132,6 @@ class Federation:
         start, params = self._starting_point()
         self.registry.start_run(self.name, self.flwr_run_id, int(self.fed.rounds), self.config, self.config_hash)
         try:
-            nodes = wait_for_sites(self.grid, self.fed)
             if params is None:
                 params = {k: v.detach().numpy().copy() for k, v in split_state(self.model, self.cfg)[0].items()}
             for round_ in range(start, int(self.fed.rounds) + 1):

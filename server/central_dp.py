@@ -10,7 +10,7 @@ the site; the coordinator sees each update in the clear and is trusted.
 from __future__ import annotations
 
 import numpy as np
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv, get_norm
 
 Params = dict[str, np.ndarray]
 
@@ -23,10 +23,11 @@ def dp_fedavg(global_params: Params, updates: list[Params], clipping_norm: float
     reference = [global_params[name].astype(np.float64) for name in floating]
     summed = [np.zeros_like(r) for r in reference]
     for update in updates:
-        arrays = [update[name].astype(np.float64) for name in floating]
-        compute_clip_model_update(arrays, reference, clipping_norm)  # arrays := reference + clipped delta
-        for total, array in zip(summed, arrays):
-            total += array
+        delta = [update[name].astype(np.float64) - ref for name, ref in zip(floating, reference)]
+        if get_norm(delta) > 0:  # Flower's clip divides by the norm; an unchanged update needs no clipping
+            clip_inputs_inplace(delta, clipping_norm)
+        for total, ref, step in zip(summed, reference, delta):
+            total += ref + step
     mean = [total / len(updates) for total in summed]
     add_gaussian_noise_inplace(mean, compute_stdv(noise_multiplier, clipping_norm, len(updates)))
     combined = dict(global_params)  # integer buffers (e.g. position ids) are the same everywhere: keep them

@@ -4,12 +4,9 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 
-def hybridmed_stage(cfg: DictConfig, start_step: int) -> int | None:
-    """The HybridMED stage the round starts in (the model's own step schedule), None for objectives without one."""
-    stage2_step = OmegaConf.select(cfg, "objective.schedule.stage2_step")
-    if stage2_step is None:
-        return None
-    return 2 if start_step >= int(stage2_step) else 1
+def hybridmed_stage(cfg: DictConfig, start_step: int) -> int:
+    """The HybridMED stage a round starting at `start_step` begins in, by the model's own step schedule."""
+    return 2 if start_step >= int(OmegaConf.select(cfg, "objective.schedule.stage2_step", default=0)) else 1
 
 
 def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict[str, str]) -> dict:
@@ -28,10 +25,8 @@ def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict
         "lr": float(fed.lr),
         "proximal_mu": float(fed.proximal_mu) if fed.strategy == "fedprox" else 0.0,
         "seed": int(cfg.seed),
+        "hybridmed_stage": hybridmed_stage(cfg, start_step),  # reported; the sites' model follows its own schedule
     }
-    stage = hybridmed_stage(cfg, start_step)
-    if stage is not None:
-        config["hybridmed_stage"] = stage
     config.update({f"fingerprint_{name}": value for name, value in fingerprints.items()})
     caps = OmegaConf.to_container(fed.privacy, resolve=True) or {}
     config.update({f"privacy_{key}": float(value) for key, value in caps.items() if value is not None})

@@ -25,6 +25,7 @@ def create_text_encoder(text_cfg: dict, tokenizer: PreTrainedTokenizerBase) -> T
         pretrained=text_cfg.get("pretrained", False),
         freeze_layers=text_cfg.get("freeze_layers", 0),
         truncate_layers=text_cfg.get("truncate_layers"),
+        pooling=text_cfg.get("pooling", "cls"),
     )
 
 

@@ -77,8 +77,14 @@ class ImageEncoder(nn.Module):
         pool_heads: int = 8,
         pyramid_levels: int = 4,
         kwargs: dict | None = None,
+        global_pool: str = "token",
     ):
         super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"image encoder global_pool must be 'token' or 'avg', got {global_pool!r}")
+        # Transformers only: the class token (as pretrained ViTs are read) or the mean patch token, which
+        # depends on the image from the first step and so trains faster from scratch.
+        self.global_pool = global_pool
         if norm not in ("batch", "group"):
             raise ValueError(f"image encoder norm must be 'batch' or 'group', got {norm!r}")
         self.timm_name = timm_name
@@ -139,8 +145,8 @@ class ImageEncoder(nn.Module):
         final, pyramid = self.model.forward_intermediates(x, indices=self.pyramid_indices, output_fmt="NCHW")
         if self.is_transformer:
             grid_hw = tuple(pyramid[-1].shape[-2:])
-            global_emb = final[:, 0]
             patch_tokens = final[:, self.num_prefix_tokens:]
+            global_emb = final[:, 0] if self.global_pool == "token" else patch_tokens.mean(dim=1)
             attention = self._cls_attention()
             self._last_block_input = None
         else:

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel
 @dataclass
 class TextFeatures:
     token_embeds: torch.Tensor      # [B, L, D] last hidden state
-    report_emb: torch.Tensor        # [B, D] CLS token
+    report_emb: torch.Tensor        # [B, D] CLS token or masked token mean (`pooling`)
     word_weights: torch.Tensor      # [B, L] last layer's CLS attention, head-averaged, 0 on padding
     sentence_embeds: torch.Tensor | None = None   # [B, S, D] mean over each sentence's tokens
     sentence_mask: torch.Tensor | None = None     # [B, S] True where the sentence has tokens
@@ -43,6 +43,20 @@ def _load_hf(name: str, config: dict | None, pretrained: bool) -> nn.Module:
         ) from error
 
 
+def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+# How the report embedding is read off the token embeddings. A pretrained BERT's CLS token carries the
+# sentence; a random-init one gives nearly the same CLS vector for every report (cosine ~0.9999), which
+# stalls contrastive learning from scratch, so tiny configs use the masked token mean.
+REPORT_POOLING = {
+    "cls": lambda tokens, mask: tokens[:, 0],
+    "mean": _masked_mean,
+}
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face encoder, optionally truncated to its first layers and with its lower layers frozen."""
 
@@ -53,8 +67,12 @@ class TextEncoder(nn.Module):
         pretrained: bool = False,
         freeze_layers: int = 0,
         truncate_layers: int | None = None,
+        pooling: str = "cls",
     ):
         super().__init__()
+        if pooling not in REPORT_POOLING:
+            raise ValueError(f"text encoder pooling must be one of {sorted(REPORT_POOLING)}, got {pooling!r}")
+        self.pooling = pooling
         if (name is None) == (config is None):
             raise ValueError("text encoder: give exactly one of `name` (hub name or local path) or `config`")
         self.model = _load_hf(name, config, pretrained)
@@ -90,7 +108,8 @@ class TextEncoder(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
         tokens = out.last_hidden_state
         word_weights = out.attentions[-1][:, :, 0, :].mean(dim=1) * attention_mask
-        features = TextFeatures(token_embeds=tokens, report_emb=tokens[:, 0], word_weights=word_weights)
+        report_emb = REPORT_POOLING[self.pooling](tokens, attention_mask)
+        features = TextFeatures(token_embeds=tokens, report_emb=report_emb, word_weights=word_weights)
         if sentence_ids is not None:
             features.sentence_embeds, features.sentence_mask = sentence_means(tokens, sentence_ids, num_sentences)
         return features

@@ -20,11 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from safetensors.numpy import load_file
 
-from client.federated import initial_shared, is_shared, train_round
+from client.federated import build_model, shared_arrays, train_round
 from server.aggregation import weighted_mean
 from server.registry import Registry
 from server.rounds import round_config
-from shared_models.config import compose, fingerprints
+from shared_models.checkpoint import checkpoint_fingerprints, load_checkpoint
+from shared_models.config import compose
+from shared_models.sharing import shared_parameter_names, sharing_settings
+from tests.phantom_sites import phantom_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -107,15 +110,32 @@ class Deployment:
         """`flwr run` the staged app, then wait on the run's status (the exit code alone says nothing)."""
         done = self.flwr("run", str(self.app), CONNECTION, "--run-config", f"overrides='{overrides}'", "--format", "json")
         run_id = json.loads(done.stdout)["run-id"]
-        deadline = time.monotonic() + timeout_s
+        deadline, asked = time.monotonic() + timeout_s, 0.0
         while time.monotonic() < deadline:
-            listed = json.loads(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout)
-            run = listed["runs"][0]
-            if run["status"].startswith("finished"):
-                run["logs"] = self.flwr("log", str(run_id), CONNECTION, "--show", check=False).stdout
-                return run
-            time.sleep(1)
+            # Each `flwr ls` is a CLI process start (seconds of CPU): ask it when the registry says the run
+            # ended, and now and then in case the ServerApp died before recording anything.
+            if _recorded_end(overrides, run_id) or time.monotonic() - asked > 20:
+                asked = time.monotonic()
+                listed = json.loads(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout)
+                run = listed["runs"][0]
+                if run["status"].startswith("finished"):
+                    run["logs"] = self.flwr("log", str(run_id), CONNECTION, "--show", check=False).stdout
+                    return run
+            time.sleep(0.5)
         raise AssertionError(f"run {run_id} did not finish within {timeout_s} s")
+
+
+def _recorded_end(overrides: str, run_id: int) -> bool:
+    """Whether the run registry named in `overrides` has this Flower run as finished or failed."""
+    options = dict(item.split("=", 1) for item in overrides.split() if "=" in item)
+    name, output_dir = options.get("federation.run_name"), options.get("federation.output_dir")
+    if not name or not output_dir or not (Path(output_dir) / "registry.sqlite").is_file():
+        return False
+    try:
+        run = Registry(Path(output_dir) / "registry.sqlite").describe(name)["run"]
+    except KeyError:
+        return False
+    return str(run["flwr_run_id"]) == str(run_id) and run["status"] != "running"
 
 
 def descendants(pid: int) -> list[int]:
@@ -175,9 +195,8 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: floa
     raise AssertionError(f"nothing listens on {port} after {timeout_s} s:\n{log.read_text()}")
 
 
-def _write_site(dep: Deployment, name: str, link_port: int, **extra) -> Path:
-    (dep.tmp / f"data_{name}").mkdir()
-    site = {"name": name, "data": {"root": str(dep.tmp / f"data_{name}"), "layout": "manifest", "index": False},
+def _write_site(dep: Deployment, name: str, link_port: int, data: dict, **extra) -> Path:
+    site = {"name": name, **data,
             "state_dir": str(dep.tmp / f"state_{name}"), "superlink": f"127.0.0.1:{link_port}",
             "root_certificates": str(dep.tmp / "pki" / "ca.crt"), "node_private_key": str(dep.tmp / "pki" / f"node_{name}"),
             "supernode_port": free_port(), "device": "cpu", "threads": 1,
@@ -197,6 +216,7 @@ def deployment(tmp_path_factory):
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(tmp / "cli-home"),
                FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     dep = Deployment(tmp, stage_app(tmp / "app"), env)
+    data = phantom_sites(tmp_path_factory.getbasetemp() / "federation_phantom")
     port = free_port()
     (tmp / "cli-home").mkdir()
     (tmp / "cli-home" / "config.toml").write_text(
@@ -210,9 +230,9 @@ def deployment(tmp_path_factory):
         _wait_for_port(port, link, tmp / "superlink.log")
         for name in ("A", "B"):
             dep.flwr("supernode", "register", str(tmp / "pki" / f"node_{name}.pub"), CONNECTION)
-            dep.start([sys.executable, str(ROOT / "client" / "run.py"), "--site", str(_write_site(dep, name, port))],
+            dep.start([sys.executable, str(ROOT / "client" / "run.py"), "--site", str(_write_site(dep, name, port, data[name]))],
                       f"site_{name}")
-        _write_site(dep, "C", port, max_retries=1)  # its key is never registered
+        _write_site(dep, "C", port, data["A"], max_retries=1)  # its key is never registered
         dep.port = port
         yield dep
     finally:
@@ -242,15 +262,28 @@ def test_run_finishes_with_a_checkpoint_per_round(deployment, first_run):
     assert {(m["round"], m["site"]) for m in shown["site_metrics"]} == {(1, "A"), (1, "B"), (2, "A"), (2, "B")}
 
 
+def test_checkpoints_load_as_models_and_the_final_model_is_exported(deployment, first_run):
+    assert first_run["status"] == "finished:completed"
+    run_dir = deployment.tmp / "runs" / "e2e"
+    model, meta = load_checkpoint(run_dir / "checkpoints" / "round_0002")
+    saved = load_file(run_dir / "checkpoints" / "round_0002" / "model.safetensors")
+    assert set(meta["shared"]) == set(saved) == set(shared_parameter_names(model, **sharing_settings(meta["config"])))
+    state = model.state_dict()
+    for name, value in saved.items():
+        np.testing.assert_array_equal(state[name].numpy(), value, err_msg=name)
+    exported = run_dir / "export"
+    assert (exported / "image" / "model.safetensors").is_file() and (exported / "text" / "config.json").is_file()
+
+
 def test_aggregate_is_the_example_weighted_mean_of_the_sites(deployment, first_run, tmp_path):
     assert first_run["status"] == "finished:completed"
     cfg = compose(first_run["overrides"].split())
-    prints = fingerprints(cfg)
+    model = build_model(cfg)
+    prints, start = checkpoint_fingerprints(cfg, model.tokenizer), shared_arrays(model, cfg)
     updates = []
     for name in ("A", "B"):  # redo round 1 of each site from the same seeded start, on fresh local state
         site = dict(deployment.sites[name], state_dir=str(tmp_path / name))
-        start = initial_shared(round_config(cfg, 0, "e2e", prints), site)
-        params, examples, _ = train_round(start, round_config(cfg, 1, "e2e", prints), site, "e2e")
+        params, examples, _ = train_round(start, round_config(cfg, 1, "e2e", prints), site, "e2e", cfg)
         updates.append((params, examples))
     assert updates[0][1] != updates[1][1], "the sites should hold different numbers of examples"
     expected = weighted_mean(updates)
@@ -262,20 +295,21 @@ def test_aggregate_is_the_example_weighted_mean_of_the_sites(deployment, first_r
 
 def test_only_shared_parameters_and_scalars_leave_a_site(deployment, first_run):
     assert first_run["status"] == "finished:completed"
-    cfg = compose(first_run["overrides"].split()).federation
+    cfg = compose(first_run["overrides"].split())
+    shared = set(shared_parameter_names(build_model(cfg), **sharing_settings(cfg)))
     for name in ("A", "B"):
         state = Path(deployment.sites[name]["state_dir"])
         local_only = set(load_file(state / "runs" / "e2e" / "local.safetensors"))
-        assert local_only and all(not is_shared(k, cfg.shared_patterns, cfg.norm_patterns, cfg.fedbn) for k in local_only)
+        assert local_only and not local_only & shared
+        assert any(k.startswith("objectives.") for k in local_only)  # decoders, tag decoder, pseudo-seg head
         entries = [json.loads(line) for line in (state / "outgoing.jsonl").read_text().splitlines()]
-        assert [e["type"] for e in entries if e["type"] == "train"] == ["train", "train"]
+        assert [e["type"] for e in entries] == ["train", "train"]
         for entry in entries:
-            assert entry["error"] is None and set(entry["records"]) <= {"arrays", "metrics", "site"}
-            sent = set(entry["records"]["arrays"]["arrays"])
-            assert sent and not sent & local_only
-            assert all(is_shared(k, cfg.shared_patterns, cfg.norm_patterns, cfg.fedbn) for k in sent)
-            for key, value in entry["records"].get("metrics", {}).get("values", {}).items():
-                assert isinstance(value, (int, float)), key
+            assert entry["error"] is None and set(entry["records"]) == {"arrays", "metrics", "site"}
+            assert set(entry["records"]["arrays"]["arrays"]) == shared
+            metrics = entry["records"]["metrics"]["values"]
+            assert {"loss", "examples", "seconds"} <= set(metrics)
+            assert all(isinstance(value, (int, float)) for value in metrics.values()), metrics
             assert entry["records"]["site"]["values"] == {"name": name}
 
 

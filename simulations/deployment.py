@@ -1,0 +1,260 @@
+"""A real deployment on 127.0.0.1 for tests and benchmarks: TLS + node-auth SuperLink, `client/run.py` sites, `flwr run`.
+
+Every process is started here and stopped (or killed, to play a crash) by PID with everything below it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from simulations.flower import BIN, PROJECT_ROOT, descendants, free_port, stage_app
+
+CONNECTION = "fedcxr-deployment"
+ACTIVATED = "SuperNode ID: "  # what a SuperNode logs once the SuperLink has accepted it
+
+
+def write_pki(folder: Path, sites: list[str]) -> None:
+    """A CA, a SuperLink certificate for 127.0.0.1 signed by it, and one EC node key pair per site."""
+    def name(text):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def certificate(subject, issuer, key, signer, *extensions):
+        now = datetime.now(timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    (folder / "ca.crt").write_bytes(certificate("fedcxr CA", "fedcxr CA", ca_key, ca_key,
+                                                (x509.BasicConstraints(ca=True, path_length=None), True)))
+    (folder / "server.pem").write_bytes(certificate(
+        "localhost", "fedcxr CA", server_key, ca_key,
+        (x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for site in sites:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / f"node_{site}").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (folder / f"node_{site}").chmod(0o600)
+        (folder / f"node_{site}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to `proc` and every process below it, children first (SuperExec starts its own session)."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM `proc` and its descendants, SIGKILL whatever is left after `grace_s`, reap `proc`."""
+    pids = [*descendants(proc.pid), proc.pid]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _alive(pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while _alive(pids) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.2)
+        if not _alive(pids):
+            break
+    proc.wait()
+
+
+class Deployment:
+    """SuperLink (persistent `--database`) and sites in `folder`; `with Deployment(...) as dep:` stops them all."""
+
+    def __init__(self, folder: Path, sites: list[str], app: Path | None = None, site_fields: dict | None = None):
+        self.folder = Path(folder)
+        self.names = list(sites)
+        self.app = app or stage_app(self.folder / "app")
+        self.site_fields = site_fields or {}
+        self.port = free_port()
+        self.pki = self.folder / "pki"
+        self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                        FLWR_HOME=str(self.folder / "cli-home"), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.superlink: subprocess.Popen | None = None
+        self.sites: dict[str, subprocess.Popen] = {}
+        self.site_files: dict[str, Path] = {}
+        self._activations: dict[str, int] = {}
+
+    def __enter__(self) -> "Deployment":
+        write_pki(self.pki, self.names)
+        home = self.folder / "cli-home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.pki / "ca.crt"}"\n')
+        try:
+            self.start_superlink()
+            for name in self.names:
+                self.flwr("supernode", "register", str(self.pki / f"node_{name}.pub"), CONNECTION)
+                self.start_site(name)
+            for name in self.names:
+                self.wait_for_site(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start(self, command: list[str], log_name: str) -> subprocess.Popen:
+        with open(self.folder / f"{log_name}.log", "a") as log:
+            return subprocess.Popen(command, env=self.env, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_superlink(self, timeout_s: float = 120) -> None:
+        """Start (or restart, on the same port and database) the SuperLink and wait until it listens."""
+        self.superlink = self._start(
+            [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.pki / "ca.crt"),
+             "--ssl-certfile", str(self.pki / "server.pem"), "--ssl-keyfile", str(self.pki / "server.key"),
+             "--enable-supernode-auth", "--database", str(self.folder / "superlink.db"), "--port", str(self.port),
+             "--disable-runtime-dependency-installation"], "superlink")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.superlink.returncode}; see {self.folder / 'superlink.log'}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
+
+    def site_file(self, name: str) -> Path:
+        """Write site `name`'s file (once) and return its path."""
+        if name not in self.site_files:
+            data = self.folder / f"data_{name}"
+            data.mkdir(parents=True, exist_ok=True)
+            site = {"name": name, "data": {"root": str(data), "layout": "manifest", "index": False},
+                    "state_dir": str(self.folder / f"state_{name}"), "superlink": f"127.0.0.1:{self.port}",
+                    "root_certificates": str(self.pki / "ca.crt"), "node_private_key": str(self.pki / f"node_{name}"),
+                    "supernode_port": free_port(), "device": "cpu", "threads": 1,
+                    "privacy": {"max_epsilon": 8.0, "max_delta": 1e-5}, **self.site_fields.get(name, {})}
+            path = self.folder / "sites" / f"{name}.yaml"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(yaml.safe_dump(site))
+            self.site_files[name] = path
+        return self.site_files[name]
+
+    def start_site(self, name: str) -> None:
+        log = self.folder / f"site_{name}.log"
+        self._activations[name] = log.read_text(errors="replace").count(ACTIVATED) if log.exists() else 0
+        self.sites[name] = self._start([sys.executable, str(PROJECT_ROOT / "client" / "run.py"), "--site",
+                                        str(self.site_file(name))], f"site_{name}")
+
+    def wait_for_site(self, name: str, timeout_s: float = 180) -> int:
+        """Wait until the site started last by `start_site` has connected; its node id."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            log = self.site_log(name)
+            if log.count(ACTIVATED) > self._activations[name]:
+                return int(log.rsplit(ACTIVATED, 1)[1].split()[0])
+            if self.sites[name].poll() is not None:
+                raise RuntimeError(f"site {name} exited with {self.sites[name].returncode}:\n{log[-3000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"site {name} did not connect within {timeout_s} s; see {self.folder / f'site_{name}.log'}")
+
+    def kill_site(self, name: str) -> None:
+        """A crash: SIGKILL the site's SuperNode and the apps it runs."""
+        signal_tree(self.sites[name], signal.SIGKILL)
+        self.sites[name].wait()
+
+    def kill_superlink(self) -> None:
+        """A coordinator crash: SIGKILL the SuperLink, its SuperExec and the running ServerApp."""
+        signal_tree(self.superlink, signal.SIGKILL)
+        self.superlink.wait()
+
+    def stop(self) -> None:
+        for proc in [*self.sites.values(), self.superlink]:
+            if proc is not None:
+                stop_tree(proc)
+        for pid in self._strays():  # an app whose SuperExec died is re-parented to init: find it by its address
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _strays(self) -> list[int]:
+        """PIDs of this user's processes still talking to this deployment's SuperLink or SuperNodes."""
+        ports = [self.port] + [int(yaml.safe_load(f.read_text())["supernode_port"]) for f in self.site_files.values()]
+        addresses = [f"127.0.0.1:{port}".encode() for port in ports]
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if cmdline.stat().st_uid == os.getuid() and any(a in cmdline.read_bytes() for a in addresses):
+                    found.append(int(cmdline.parent.name))
+            except OSError:
+                continue
+        return [pid for pid in found if pid != os.getpid()]
+
+    def site_log(self, name: str) -> str:
+        return (self.folder / f"site_{name}.log").read_text(errors="replace")
+
+    def flwr(self, *args: str, check: bool = True, timeout_s: float = 180) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,
+                              text=True, timeout=timeout_s)
+        if check and done.returncode:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def submit(self, overrides: str) -> str:
+        """`flwr run` the app with these Hydra overrides; returns Flower's run id."""
+        done = self.flwr("run", str(self.app), CONNECTION, "--run-config", f"overrides={json.dumps(overrides)}",
+                         "--format", "json")
+        return str(json.loads(done.stdout)["run-id"])
+
+    def status(self, run_id: str) -> str:
+        return json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]["status"]
+
+    def wait(self, run_id: str, timeout_s: float = 900, poll_s: float = 2) -> dict:
+        """Wait until Flower records the run as finished; its record, with the ServerApp's log under "logs"."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            listed = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
+            if listed["status"].startswith("finished"):
+                listed["logs"] = self.flwr("log", run_id, CONNECTION, "--show", check=False).stdout
+                return listed
+            time.sleep(poll_s)
+        raise TimeoutError(f"Flower run {run_id} did not finish within {timeout_s} s")
+
+    def run(self, overrides: str, timeout_s: float = 900) -> dict:
+        return self.wait(self.submit(overrides), timeout_s)
