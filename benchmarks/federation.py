@@ -53,7 +53,7 @@ def _epoch(moment) -> float:
 
 def federated(folder: Path, sites: dict, overrides: str, timeout_s: float = 3600) -> dict:
     """One run on a fresh deployment; wall time from `flwr run` to the registry's record of the run's end."""
-    with Deployment(folder / "deployment", list(sites), site_fields=sites) as dep:
+    with Deployment(folder / "deployment", list(sites), site_fields=sites, database=False) as dep:
         registry = Registry(folder / "runs" / "registry.sqlite")
         submitted = time.time()
         run_id = dep.submit(f"{overrides} federation.run_name=bench federation.output_dir={folder / 'runs'}")
@@ -110,7 +110,7 @@ def wire_bytes(params: dict[str, np.ndarray], dtype: str) -> int:
 def run(quick: bool = False) -> dict:
     rounds, local_steps = (2, 2) if quick else (3, 30)
     overrides = (f"model=tiny objective=hybrid federation.rounds={rounds} federation.local_steps={local_steps} "
-                 "federation.batch_size=4 federation.min_sites=2 federation.poll_s=0.1")
+                 "federation.batch_size=4 federation.min_sites=2 federation.poll_s=0.2")
     cfg = compose(overrides.split())
     with tempfile.TemporaryDirectory(prefix="fedcxr-bench-") as tmp:
         folder = Path(tmp)

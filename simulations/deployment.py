@@ -100,8 +100,12 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 15) -> None:
 class Deployment:
     """SuperLink (persistent `--database`) and sites in `folder`; `with Deployment(...) as dep:` stops them all."""
 
-    def __init__(self, folder: Path, sites: list[str], app: Path | None = None, site_fields: dict | None = None):
+    def __init__(self, folder: Path, sites: list[str], app: Path | None = None, site_fields: dict | None = None,
+                 database: bool = True):
         self.folder = Path(folder)
+        # A persistent database lets a restarted SuperLink keep its nodes and runs; in memory, its state has no
+        # file lock to wait on (Flower's SQLite state waits 5 s for a lock, then answers 500).
+        self.database = database
         self.names = list(sites)
         self.app = app or stage_app(self.folder / "app")
         self.site_fields = site_fields or {}
@@ -146,8 +150,8 @@ class Deployment:
         self.superlink = self._start(
             [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.pki / "ca.crt"),
              "--ssl-certfile", str(self.pki / "server.pem"), "--ssl-keyfile", str(self.pki / "server.key"),
-             "--enable-supernode-auth", "--database", str(self.folder / "superlink.db"), "--port", str(self.port),
-             "--disable-runtime-dependency-installation"], "superlink")
+             "--enable-supernode-auth", "--database", str(self.folder / "superlink.db") if self.database else ":flwr-in-memory:",
+             "--port", str(self.port), "--disable-runtime-dependency-installation"], "superlink")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.superlink.poll() is not None:
