@@ -210,7 +210,8 @@ class Federation:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: an imported library (opacus) has already configured the root logger at WARNING
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink request otherwise
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     Federation(grid, compose(overrides), flwr_run_id=context.run_id).run()
