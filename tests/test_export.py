@@ -52,8 +52,9 @@ def test_export_round_trips_through_timm_and_transformers(tmp_path, overrides):
     with torch.no_grad():
         ours = model.image_encoder(images)
         theirs = timm_model.forward_features((images - config["input"]["mean"]) / config["input"]["std"])
-    if theirs.dim() == 3:  # ViT: class token, then the patch tokens
-        torch.testing.assert_close(theirs[:, 0], ours.global_emb)
+    if theirs.dim() == 3:  # ViT: class token, then the patch tokens; the global feature per `global_pool`
+        pooled = theirs[:, 0] if model.image_encoder.global_pool == "token" else theirs[:, 1:].mean(dim=1)
+        torch.testing.assert_close(pooled, ours.global_emb)
         torch.testing.assert_close(theirs[:, 1:], ours.patch_tokens)
     else:  # CNN: the last feature map is the patch grid
         torch.testing.assert_close(theirs.flatten(2).transpose(1, 2), ours.patch_tokens)

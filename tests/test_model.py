@@ -329,3 +329,23 @@ def test_fedbn_keeps_norm_layers_local():
     assert "model.bn1.running_mean" not in names and "model.bn1.weight" not in names
     assert "model.conv1.weight" in names
     assert "model.bn1.running_mean" in shared_parameter_names(model, patterns=["*"])
+
+
+def test_report_pooling_mean_is_the_masked_token_mean_and_cls_is_the_first_token():
+    from shared_models.text_encoder import TextEncoder
+
+    config = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "vocab_size": 50, "max_position_embeddings": 16}
+    torch.manual_seed(0)
+    ids = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
+    mask = (ids != 0).long()
+    mean_encoder = TextEncoder(config=config, pooling="mean").eval()
+    cls_encoder = TextEncoder(config=config, pooling="cls").eval()
+    cls_encoder.load_state_dict(mean_encoder.state_dict())
+    with torch.no_grad():
+        mean_out, cls_out = mean_encoder(ids, mask), cls_encoder(ids, mask)
+    by_hand = torch.stack([mean_out.token_embeds[0, :4].mean(0), mean_out.token_embeds[1, :3].mean(0)])
+    torch.testing.assert_close(mean_out.report_emb, by_hand)
+    torch.testing.assert_close(cls_out.report_emb, cls_out.token_embeds[:, 0])
+    with pytest.raises(ValueError, match="pooling"):
+        TextEncoder(config=config, pooling="max")
