@@ -22,7 +22,7 @@ def component_params(model, cfg) -> dict[str, int]:
 
 
 def run(quick: bool = False) -> dict:
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 3
     results: dict = {"params": {}}
     for model_name, batch_size in MODELS.items():
         results[model_name] = {}
