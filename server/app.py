@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from client.privacy.settings import validate_privacy_config
+from shared_models.privacy_config import validate_federation_privacy
 from server.aggregation import Aggregator, validate_update
 from server.central_dp import dp_fedavg
 from server.checkpoints import discard_after, load_latest_valid, save_round
@@ -71,7 +71,7 @@ def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
 
 def check_supported(cfg: DictConfig) -> None:
     """Refuse, before any site is asked, a run this ServerApp cannot carry out as configured."""
-    validate_privacy_config(cfg)
+    validate_federation_privacy(cfg)
     if OmegaConf.select(cfg, "privacy.secagg"):
         raise ValueError(f"privacy={cfg.privacy.name}: SecAgg+ is not yet supported by this ServerApp (its own "
                          "push/pull round loop does not run Flower's SecAggPlusWorkflow); use privacy=none, dpsgd "

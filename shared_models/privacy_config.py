@@ -1,0 +1,90 @@
+"""The `privacy/` config group as the whole federation sees it: refusal of mechanism combinations that cannot work."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+
+MECHANISMS = ("dpsgd", "central_dp", "secagg")
+# Strategies whose server step needs each site's update in the clear (order statistics of the updates).
+ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum", "bulyan"})
+# Flower's fixed-clipping DP wrappers account for an unweighted mean of clipped updates (FedAvg, equal weights).
+MEAN_STRATEGIES = frozenset({"fedavg", "fedprox"})
+
+
+def privacy_block(cfg, key: str) -> dict | None:
+    value = config_value(cfg, f"privacy.{key}")
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def config_value(cfg, path: str, default=None):
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.select(cfg, path, default=default)
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _positive(block: dict, key: str, where: str, allow_zero: bool = False) -> None:
+    value = block.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{where}.{key} must be a number {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
+def validate_federation_privacy(cfg) -> None:
+    """Raise ValueError explaining why the run's privacy mechanisms cannot work together or with its
+    aggregation; None if they can. The coordinator runs this; a site also checks its own DP-SGD block."""
+    if config_value(cfg, "privacy") is None:
+        return
+    name = config_value(cfg, "privacy.name", "?")
+    where = f"privacy={name}"
+    unknown = set(config_value(cfg, "privacy").keys()) - {"name", *MECHANISMS}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; a privacy config has name and {list(MECHANISMS)}")
+    strategy = config_value(cfg, "federation.strategy", "fedavg")
+    central, secagg = privacy_block(cfg, "central_dp"), privacy_block(cfg, "secagg")
+
+    if central is not None:
+        _positive(central, "clipping_norm", f"{where}: privacy.central_dp")
+        _positive(central, "noise_multiplier", f"{where}: privacy.central_dp", allow_zero=True)
+        if strategy not in MEAN_STRATEGIES:
+            raise ValueError(
+                f"{where} with federation.strategy={strategy}: Flower's server-side fixed-clipping DP wrapper adds "
+                f"noise calibrated to an unweighted mean of clipped updates (FedAvg); {strategy} combines updates "
+                f"differently, so that noise would not give the stated guarantee. Use strategy fedavg or fedprox."
+            )
+        if secagg is not None:
+            raise ValueError(
+                f"{where}: central DP with server-side clipping needs each site's update in the clear to clip it, "
+                "and SecAgg+ hides the individual updates. Use one of them, or dpsgd with secagg "
+                "(privacy=dpsgd_secagg)."
+            )
+
+    if secagg is not None:
+        for key in ("num_shares", "reconstruction_threshold"):
+            _positive(secagg, key, f"{where}: privacy.secagg")
+        if secagg["reconstruction_threshold"] > secagg["num_shares"]:
+            raise ValueError(f"{where}: privacy.secagg.reconstruction_threshold ({secagg['reconstruction_threshold']}) "
+                             f"cannot exceed num_shares ({secagg['num_shares']})")
+        if strategy in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"{where} with federation.strategy={strategy}: SecAgg+ reveals only the sum of the sites' updates, "
+                f"and {strategy} needs every update on its own (per-coordinate order statistics). Use fedavg, "
+                "fedprox, fedadam or fedyogi with SecAgg+, or drop SecAgg+ to use robust aggregation."
+            )
+        if config_value(cfg, "federation.validate_updates", False):
+            raise ValueError(
+                f"{where} with federation.validate_updates=true: SecAgg+ hides each site's update, so the server "
+                "cannot check them one by one (shapes, NaN, norms). Turn per-update validation off for SecAgg+ runs."
+            )
+        min_sites = int(config_value(cfg, "federation.min_sites", 2) or 0)
+        if min_sites < 2:
+            raise ValueError(
+                f"{where} with federation.min_sites={min_sites}: an aggregate of one site is that site's update; "
+                "SecAgg+ needs at least 2 sites per round (and with exactly 2 each can still infer the other's)."
+            )
