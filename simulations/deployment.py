@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from simulations.flower import BIN, PROJECT_ROOT, descendants, free_port, stage_app
+from simulations.flower import BIN, PROJECT_ROOT, descendants, free_port, stage_app, wait_until_listening
 
 CONNECTION = "fedcxr-deployment"
 ACTIVATED = "SuperNode ID: "  # what a SuperNode logs once the SuperLink has accepted it
@@ -152,16 +151,7 @@ class Deployment:
              "--ssl-certfile", str(self.pki / "server.pem"), "--ssl-keyfile", str(self.pki / "server.key"),
              "--enable-supernode-auth", "--database", str(self.folder / "superlink.db") if self.database else ":flwr-in-memory:",
              "--port", str(self.port), "--disable-runtime-dependency-installation"], "superlink")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.superlink.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {self.superlink.returncode}; see {self.folder / 'superlink.log'}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
+        wait_until_listening(self.superlink, self.port, self.folder / "superlink.log", timeout_s)
 
     def site_file(self, name: str) -> Path:
         """Write site `name`'s file (once) and return its path."""

@@ -51,6 +51,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_listening(process: subprocess.Popen, port: int, log: Path, timeout_s: float) -> None:
+    """Block until the SuperLink `process` accepts connections on 127.0.0.1:`port`; a clear error if it dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout_s} s")
+
+
 def descendants(pid: int) -> list[int]:
     """PIDs of every living process below `pid`, children first (read from /proc)."""
     children: dict[int, list[int]] = {}
@@ -110,20 +124,9 @@ class LocalSimulation:
              "--database", str(self.home / "state.db"), "--disable-runtime-dependency-installation"],
             env=self.env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
-        self._wait_until_listening(timeout_s=60)
+        wait_until_listening(self.process, self.port, self.folder / "superlink.log", timeout_s=60)
         return self
 
-    def _wait_until_listening(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {self.folder / 'superlink.log'}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
 
     def __exit__(self, *exc) -> None:
         """Stop the SuperLink and every process under it (SuperExec, the simulation process, Ray), by PID:
