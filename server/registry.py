@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import JSON, ForeignKey, Integer, String, create_engine, event, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
@@ -92,8 +93,21 @@ def open_engine(url_or_path: str | Path) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
-    Base.metadata.create_all(engine)
+    create_tables(engine)
     return engine
+
+
+def create_tables(engine, attempts: int = 3) -> None:
+    """create_all checks, then creates: two processes opening a new registry at once (the ServerApp and a
+    watcher) can both see a table missing; the loser's CREATE fails with "already exists", and a retry,
+    which now finds the tables, is all it needs."""
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except OperationalError as error:
+            if "already exists" not in str(error) or attempt == attempts - 1:
+                raise
 
 
 class Registry:
