@@ -39,4 +39,6 @@ def create_model(cfg: DictConfig | dict, tokenizer: PreTrainedTokenizerBase | No
         tokenizer=tokenizer,
         objective=objective,
         projection_dim=model_cfg.get("projection_dim", 128),
+        projection_head=model_cfg.get("projection_head", "linear"),
+        projection_hidden_dim=model_cfg.get("projection_hidden_dim", 512),
     )

@@ -20,6 +20,7 @@ from shared_models.objectives import (
     TagRecognition,
     TokenAlignment,
 )
+from shared_models.projection import create_projection_head
 from shared_models.text_encoder import TextEncoder, TextFeatures
 from shared_models.vocab import OBSERVATIONS
 
@@ -72,6 +73,8 @@ class PretrainModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         objective: dict,
         projection_dim: int = 128,
+        projection_head: str = "linear",
+        projection_hidden_dim: int = 512,
     ):
         super().__init__()
         unknown = set(objective["lambdas"]) - set(TERM_MODULE)
@@ -89,10 +92,15 @@ class PretrainModel(nn.Module):
         # Global heads map to the contrastive space; token heads map patches, words and sentences to one
         # space shared by the local objectives and the decoders.
         image_dim, text_dim = image_encoder.feature_dim, text_encoder.hidden_size
-        self.image_projection = nn.Linear(image_dim, projection_dim)
-        self.text_projection = nn.Linear(text_dim, projection_dim)
+        self.image_projection = create_projection_head(projection_head, image_dim, projection_dim, projection_hidden_dim)
+        self.text_projection = create_projection_head(projection_head, text_dim, projection_dim, projection_hidden_dim)
         self.image_token_projection = nn.Linear(image_dim, projection_dim)
         self.text_token_projection = nn.Linear(text_dim, projection_dim)
+
+        self._has_batch_norm_heads = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in [*self.image_projection.modules(),
+                                                                       *self.text_projection.modules()]
+        )
 
         modules = sorted({TERM_MODULE[term] for term in self.lambdas})
         missing = [m for m in modules if m not in objective]
@@ -112,7 +120,7 @@ class PretrainModel(nn.Module):
     def refresh_tag_queries(self) -> None:
         """Embed the tag names with the current text encoder (once at start, then when asked, e.g. per round)."""
         names = [name.replace("_", " ") for name in OBSERVATIONS]
-        encoded = self.tokenizer(names, padding=True, return_tensors="pt").to(self.text_projection.weight.device)
+        encoded = self.tokenizer(names, padding=True, return_tensors="pt").to(self.text_token_projection.weight.device)
         was_training = self.text_encoder.training
         self.text_encoder.eval()
         cls = self.text_encoder(encoded["input_ids"], encoded["attention_mask"]).report_emb
@@ -131,6 +139,9 @@ class PretrainModel(nn.Module):
         terms_now = self.active_terms(step)
         if not terms_now:
             raise ValueError(f"no objective term is active at step {step}; lambdas: {self.lambdas}")
+        if self.training and len(batch["images"]) < 2 and self._has_batch_norm_heads:
+            raise ValueError("a training batch of 1 study: model.projection_head=mlp_bn standardises over the batch "
+                             "and needs at least 2; raise train.batch_size (or add studies), or use projection_head=linear")
         if "tag" in self.lambdas and int(self.objectives["tag"].query_updates) == 0:
             self.refresh_tag_queries()
         inputs = StepInputs(self, batch)

@@ -349,3 +349,36 @@ def test_report_pooling_mean_is_the_masked_token_mean_and_cls_is_the_first_token
     torch.testing.assert_close(cls_out.report_emb, cls_out.token_embeds[:, 0])
     with pytest.raises(ValueError, match="pooling"):
         TextEncoder(config=config, pooling="max")
+
+
+# -- projection heads ---------------------------------------------------------------------------------
+
+def test_mlp_bn_head_standardises_each_dimension_over_the_batch():
+    from shared_models.projection import create_projection_head
+
+    torch.manual_seed(0)
+    head = create_projection_head("mlp_bn", 12, 6, hidden_dim=16).train()
+    # Inputs that nearly coincide, as a random-init encoder's features do: the head still spreads them.
+    features = torch.randn(1, 12) + 0.01 * torch.randn(32, 12)
+    out = head(features)
+    torch.testing.assert_close(out.mean(dim=0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(dim=0, unbiased=False), torch.ones(6), atol=1e-2, rtol=0)
+    def mean_pairwise_cosine(x):
+        unit = nn.functional.normalize(x, dim=-1)
+        return float((unit @ unit.T)[~torch.eye(len(x), dtype=torch.bool)].mean())
+    assert mean_pairwise_cosine(features) > 0.99 and abs(mean_pairwise_cosine(out)) < 0.1
+    linear = create_projection_head("linear", 12, 6, hidden_dim=16)
+    assert isinstance(linear, torch.nn.Linear) and linear.out_features == 6
+    with pytest.raises(ValueError, match="model.projection_head must be one of"):
+        create_projection_head("mlp", 12, 6, hidden_dim=16)
+
+
+def test_a_training_batch_of_one_is_refused_with_the_batch_norm_heads(hybrid):
+    one = collate([make_sample(0)], hybrid.tokenizer, max_length=48)
+    hybrid.train()
+    with pytest.raises(ValueError, match="batch of 1 study.*projection_head=linear"):
+        hybrid(one, step=0)
+    hybrid.eval()
+    with torch.no_grad():
+        assert hybrid.encode_image(one["images"]).shape == (1, hybrid.projection_dim)  # eval: running statistics
+    hybrid.train()

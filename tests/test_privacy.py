@@ -96,7 +96,7 @@ HYBRID_FAST = [f"model.image.img_size={SIZE}", "model.image.kwargs.depth=2", "mo
                "model.text.config.num_hidden_layers=1", "model.text.config.intermediate_size=64",
                "model.projection_dim=32", "objective=hybrid", "objective.schedule.stage2_step=0",
                "objective.schedule.warmup_steps=0", "objective.tag.layers=1", "objective.impression.layers=1",
-               "objective.seg.width=16"]
+               "objective.seg.width=16", "privacy=dpsgd"]  # the DP preset: linear projection heads
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,9 @@ def test_noise_has_the_calibrated_scale():
 def test_batch_norm_model_is_refused():
     with pytest.raises(PrivacyError, match="model.image.norm=group"):
         require_group_norm(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(PrivacyError, match=r"'image_projection\.1'.*start the federation with model\.projection_head=linear$"):
+        require_group_norm(create_model(compose(["model=tiny", "objective=clip", "model.image.norm=group"])))
+    require_group_norm(create_model(compose(["model=tiny", "objective=clip", "privacy=dpsgd"])))
     require_group_norm(nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4)))
 
 

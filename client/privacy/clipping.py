@@ -53,8 +53,18 @@ def require_group_norm(model: nn.Module) -> None:
         raise PrivacyError(
             f"DP-SGD cannot train a model with BatchNorm ({len(batch_norms)} layer(s), e.g. {batch_norms[0]!r}): "
             "it mixes patients inside a batch. The norm layer type is a federation-wide model choice: start the "
-            "federation with model.image.norm=group"
+            f"federation with {_batch_norm_remedy(batch_norms)}"
         )
+
+
+def _batch_norm_remedy(batch_norm_names: list[str]) -> str:
+    fixes = []
+    if any(name.startswith("image_encoder.") for name in batch_norm_names):
+        fixes.append("model.image.norm=group")
+    if any(name.split(".")[0] in ("image_projection", "text_projection") for name in batch_norm_names):
+        fixes.append("model.projection_head=linear")
+    # The privacy=dpsgd* presets set both; a command line or model file that sets them back lands here.
+    return " and ".join(fixes) or "model.image.norm=group and model.projection_head=linear"
 
 
 @contextmanager
