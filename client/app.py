@@ -19,6 +19,7 @@ from client.federated import FingerprintMismatch, build_model, shared_arrays, tr
 from client.privacy import BudgetExceeded
 from client.site import load_site
 from shared_models.config import compose
+from shared_models.transfer import contiguous
 
 # Error codes of a refusal: the coordinator records the reason and goes on with the other sites.
 FINGERPRINT_MISMATCH = 4001
@@ -45,7 +46,7 @@ def simulated_site(context: Context) -> dict:
 
 
 def _arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in params.items()})
+    return ArrayRecord({name: Array(contiguous(value)) for name, value in params.items()})
 
 
 def audit_outgoing(message: Message, context: Context, call_next) -> Message:

@@ -24,6 +24,7 @@ from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.factory import create_model
 from shared_models.model import PretrainModel
 from shared_models.sharing import split_state
+from shared_models.transfer import contiguous
 
 Params = dict[str, np.ndarray]
 
@@ -78,7 +79,7 @@ def _save_atomic(path: Path, params: Params) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
-        handle.write(save({k: np.ascontiguousarray(v) for k, v in params.items()}))
+        handle.write(save({k: contiguous(v) for k, v in params.items()}))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -24,13 +24,14 @@ from shared_models.config import compose, config_hash
 from shared_models.export import export
 from shared_models.factory import create_model
 from shared_models.sharing import split_state
+from shared_models.transfer import contiguous
 
 log = logging.getLogger("fedcxr.server")
 app = ServerApp()
 
 
 def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in params.items()})
+    return ArrayRecord({name: Array(contiguous(value)) for name, value in params.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

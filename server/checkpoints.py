@@ -17,6 +17,8 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from shared_models.transfer import contiguous
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
@@ -69,9 +71,9 @@ def save_round(
     if tokenizer is not None:
         for target in (folder, latest):
             tokenizer.save_pretrained(target / TOKENIZER_DIR)
-    files = {MODEL_FILE: save_safetensors({k: np.ascontiguousarray(v) for k, v in params.items()})}
+    files = {MODEL_FILE: save_safetensors({k: contiguous(v) for k, v in params.items()})}
     if server_state:
-        files[SERVER_STATE_FILE] = save_safetensors({k: np.ascontiguousarray(v) for k, v in server_state.items()})
+        files[SERVER_STATE_FILE] = save_safetensors({k: contiguous(v) for k, v in server_state.items()})
     for name, data in files.items():
         write_atomic(folder / name, data)
     meta = dict(meta, round=round_, sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})

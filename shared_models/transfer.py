@@ -7,6 +7,12 @@ TRANSFER_DTYPES = ("float32", "float16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
+def contiguous(value) -> np.ndarray:
+    """A C-contiguous copy (or view) of `value` with its shape kept: np.ascontiguousarray turns 0-d arrays
+    (BatchNorm's num_batches_tracked) into shape (1,), which then fails validation against the model's ()."""
+    return np.ascontiguousarray(value).reshape(np.shape(value))
+
+
 def encode_arrays(params: dict[str, np.ndarray], dtype: str = "float32") -> dict[str, np.ndarray]:
     """The arrays as they go on the wire: float arrays cast to `dtype`; integer arrays (step counters) as they are.
 

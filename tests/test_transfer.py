@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from shared_models.transfer import decode_arrays, encode_arrays
+from shared_models.transfer import contiguous, decode_arrays, encode_arrays
 
 
 def _params():
@@ -39,3 +39,12 @@ def test_values_beyond_float16_range_and_unknown_dtypes_are_refused_clearly():
         encode_arrays(_params(), "bfloat16")
     # NaN is not an overflow: it travels and the coordinator's update check rejects it
     assert np.isnan(encode_arrays({"w": np.array([np.nan, 1.0], np.float32)}, "float16")["w"][0])
+
+
+def test_contiguous_keeps_zero_dim_arrays_zero_dim():
+    counter = np.array(7, dtype=np.int64)                     # BatchNorm's num_batches_tracked
+    assert np.ascontiguousarray(counter).shape == (1,)        # the numpy behaviour this guards against
+    assert contiguous(counter).shape == () and int(contiguous(counter)) == 7
+    strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
+    out = contiguous(strided)
+    assert out.flags.c_contiguous and out.shape == (3, 2) and np.array_equal(out, strided)
