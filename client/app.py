@@ -19,7 +19,7 @@ from client.federated import FingerprintMismatch, build_model, shared_arrays, tr
 from client.privacy import BudgetExceeded
 from client.site import load_site
 from shared_models.config import compose
-from shared_models.transfer import contiguous
+from shared_models.transfer import contiguous, decode_arrays, encode_arrays
 
 # Error codes of a refusal: the coordinator records the reason and goes on with the other sites.
 FINGERPRINT_MISMATCH = 4001
@@ -97,7 +97,7 @@ def train(message: Message, context: Context) -> Message:
         import torch
 
         torch.set_num_threads(int(site["threads"]))
-    shared = {name: array.numpy() for name, array in message.content["arrays"].items()}
+    shared = decode_arrays({name: array.numpy() for name, array in message.content["arrays"].items()})
     try:
         new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run"]), cfg)
     except FingerprintMismatch as err:
@@ -105,7 +105,7 @@ def train(message: Message, context: Context) -> Message:
     except BudgetExceeded as err:
         return Message(Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}"), reply_to=message)
     content = RecordDict({
-        "arrays": _arrays(new_shared),
+        "arrays": _arrays(encode_arrays(new_shared, str(round_config.get("transfer_dtype", "float32")))),
         "metrics": MetricRecord({**metrics, "examples": examples}),
         "site": ConfigRecord({"name": site["name"]}),
     })

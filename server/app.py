@@ -24,7 +24,7 @@ from shared_models.config import compose, config_hash
 from shared_models.export import export
 from shared_models.factory import create_model
 from shared_models.sharing import split_state
-from shared_models.transfer import contiguous
+from shared_models.transfer import check_transfer_dtype, contiguous, decode_arrays, encode_arrays
 
 log = logging.getLogger("fedcxr.server")
 app = ServerApp()
@@ -73,6 +73,7 @@ def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
 def check_supported(cfg: DictConfig) -> None:
     """Refuse, before any site is asked, a run this ServerApp cannot carry out as configured."""
     validate_federation_privacy(cfg)
+    check_transfer_dtype(cfg.federation.transfer_dtype)
     if OmegaConf.select(cfg, "privacy.secagg"):
         raise ValueError(f"privacy={cfg.privacy.name}: SecAgg+ is not yet supported by this ServerApp (its own "
                          "push/pull round loop does not run Flower's SecAggPlusWorkflow); use privacy=none, dpsgd "
@@ -151,7 +152,8 @@ class Federation:
     def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic()
         nodes = wait_for_sites(self.grid, self.fed)
-        content = RecordDict({"arrays": to_record(params), "config": ConfigRecord(self._round_config(round_))})
+        wire = encode_arrays(params, self.fed.transfer_dtype)
+        content = RecordDict({"arrays": to_record(wire), "config": ConfigRecord(self._round_config(round_))})
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
                             ttl=float(self.fed.round_timeout_s)) for node in nodes]
         bytes_sent = len(nodes) * content["arrays"].count_bytes()
@@ -166,7 +168,7 @@ class Federation:
                 self._reject(round_, f"node {node}", node, [f"site refused or failed: {reply.error.reason}"])
                 continue
             site = str(reply.content["site"]["name"])
-            update = from_record(reply.content["arrays"])
+            update = decode_arrays(from_record(reply.content["arrays"]))
             metrics = dict(reply.content["metrics"])
             bytes_received += reply.content["arrays"].count_bytes()
             examples = int(metrics.pop("examples", 0))

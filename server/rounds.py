@@ -25,6 +25,7 @@ def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict
         "lr": float(fed.lr),
         "proximal_mu": float(fed.proximal_mu) if fed.strategy == "fedprox" else 0.0,
         "seed": int(cfg.seed),
+        "transfer_dtype": str(fed.transfer_dtype),  # the sites reply in the dtype the server sends
         "hybridmed_stage": hybridmed_stage(cfg, start_step),  # reported; the sites' model follows its own schedule
     }
     config.update({f"fingerprint_{name}": value for name, value in fingerprints.items()})

@@ -13,13 +13,17 @@ def contiguous(value) -> np.ndarray:
     return np.ascontiguousarray(value).reshape(np.shape(value))
 
 
+def check_transfer_dtype(dtype: str) -> None:
+    if dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"federation.transfer_dtype must be one of {TRANSFER_DTYPES}, got {dtype!r}")
+
+
 def encode_arrays(params: dict[str, np.ndarray], dtype: str = "float32") -> dict[str, np.ndarray]:
     """The arrays as they go on the wire: float arrays cast to `dtype`; integer arrays (step counters) as they are.
 
     Raises ValueError when `dtype` is unknown, or when a finite value does not fit in float16 (it would arrive
     as Inf and the update would be rejected as non-finite; better to say why at the sender)."""
-    if dtype not in TRANSFER_DTYPES:
-        raise ValueError(f"federation.transfer_dtype must be one of {TRANSFER_DTYPES}, got {dtype!r}")
+    check_transfer_dtype(dtype)
     wire = np.dtype(dtype)
     encoded = {}
     for name, value in params.items():
