@@ -72,7 +72,7 @@ def run(quick: bool = False) -> dict:
 
         cfg, model = build(MODEL, OBJECTIVE)
         image_size = int(cfg.model.image.img_size)
-        dataset = CxrDataset(Path(tmp) / "catalog.sqlite", Path(tmp) / "cache", image_size=image_size, train=True)
+        dataset = CxrDataset(Path(tmp) / "catalog.sqlite", Path(tmp) / "cache", image_size=image_size, augmentation={})
         loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=0,
                             collate_fn=partial(collate, tokenizer=model.tokenizer,
                                                max_length=int(cfg.model.text.max_length)))

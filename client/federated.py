@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save
 
 from client.data.dataset import CxrDataset
 from client.data.scanner import apply_scanner, scanner_profile
+from client.data.transforms import augmentation_settings
 from client.site import data_paths
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
@@ -63,8 +64,8 @@ def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
         def transform(image: torch.Tensor, image_id: str) -> torch.Tensor:
             return apply_scanner(image, profile, image_id)
     dataset = CxrDataset(catalog, cache, split=site["data"].get("split") or "train",
-                         image_size=int(cfg.model.image.img_size), train=True, study_ids=site.get("studies"),
-                         site_transform=transform)
+                         image_size=int(cfg.model.image.img_size), augmentation=augmentation_settings(cfg.train),
+                         study_ids=site.get("studies"), site_transform=transform)
     if len(dataset) == 0:
         raise ValueError(f"site {site['name']}: no usable training image in {catalog} (split "
                          f"{site['data'].get('split') or 'train'}); index the site's data with python client/run.py")

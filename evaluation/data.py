@@ -69,7 +69,7 @@ def load_split(catalog: Path, cache: Path, split: str | list[str], image_size: i
     """Every usable image of `split` (one name or several) through the evaluation transform, labels
     mapped by the uncertain policy."""
     split = split if isinstance(split, str) else list(split)
-    dataset = CxrDataset(catalog, cache, split=split, image_size=image_size, train=False)
+    dataset = CxrDataset(catalog, cache, split=split, image_size=image_size)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {catalog} has no usable images; check the split names in the data")
     samples = [dataset[i] for i in range(len(dataset))]

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from client.data.dataset import CxrDataset
+from client.data.transforms import augmentation_settings
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
 from shared_models.checkpoint import load_checkpoint, save_checkpoint
@@ -61,7 +62,8 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
     if dataset is None:
         data = prepare_data(cfg.data)
         dataset = CxrDataset(data.catalog, data.cache, split="train",
-                             image_size=cfg.train.image_size or cfg.model.image.img_size, train=True)
+                             image_size=cfg.train.image_size or cfg.model.image.img_size,
+                             augmentation=augmentation_settings(cfg.train))
     model, start_step, optimizer_state = start_model(cfg)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed, **({"steps": steps} if steps else {}))
     if start_step >= settings.steps:

@@ -141,8 +141,10 @@ def pooled_dataset(cfg: DictConfig, data: PreparedData, sites: list[Site]):
     """The sites' studies in one dataset, each image rendered by its own site's scanner (as the sites see it)."""
     from client.data.dataset import CxrDataset
     from client.data.scanner import apply_scanner, scanner_profile
+    from client.data.transforms import augmentation_settings
 
-    dataset = CxrDataset(data.catalog, data.cache, split=str(cfg.partition.split), train=True,
+    dataset = CxrDataset(data.catalog, data.cache, split=str(cfg.partition.split),
+                         augmentation=augmentation_settings(cfg.train),
                          image_size=cfg.train.image_size or cfg.model.image.img_size,
                          study_ids=[s for site in sites for s in site.studies])
     profile_of_study = {study: scanner_profile(site.scanner, int(cfg.seed))

@@ -107,7 +107,7 @@ def test_random_train_transform_moves_boxes_with_the_image():
         out, moved = transform(image, boxes, generator)
         assert out.shape == (1, 64, 64) and out.dtype == torch.float32
         assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
-        # Bright is > 0.5 before jitter; jitter keeps contrast >= 0.8 and shifts <= 0.1 around the mean.
+        # Bright is > 0.5 before jitter; the default jitter keeps contrast >= 0.9 and shifts <= 0.05 around the mean.
         torch.testing.assert_close(bright_bbox(out, 0.45), moved[0], atol=3 / 64, rtol=0)
 
 
@@ -188,7 +188,7 @@ def test_dataset_filters_and_site_transform(indexed):
     assert seen == [specs[1]["images"][0][0]]
     restored = pickle.loads(pickle.dumps(plain))                    # what a DataLoader worker gets
     torch.testing.assert_close(restored[2]["image"], plain[2]["image"])
-    train = CxrDataset(catalog, cache, image_size=32, train=True)
+    train = CxrDataset(catalog, cache, image_size=32, augmentation={})
     assert train[0]["image"].shape == (1, 32, 32)
     # The simulation's scanner plugs in as a site transform: deterministic per image, visibly different.
     from client.data.scanner import apply_scanner, scanner_profile
@@ -268,3 +268,23 @@ def test_phantom_round_trips_through_index_and_dataset(tmp_path):
         torch.testing.assert_close(sample["labels"], expected, equal_nan=True)
     again = index_data(open_layout("mimic_cxr", root), tmp_path / "c.sqlite", tmp_path / "cache")
     assert (again["indexed"], again["unchanged"]) == (0, n_images)
+
+
+def test_augmentation_settings_from_config():
+    from client.data.transforms import augmentation_settings
+    from shared_models.config import compose
+
+    settings = augmentation_settings(compose([]).train)
+    transform = TrainTransform(32, **settings)
+    assert transform.scale == (0.9, 1.0) and transform.degrees == 2.0
+    assert augmentation_settings(compose(["train.augmentation=null"]).train) is None
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['blur'\]"):
+        augmentation_settings(compose(["+train.augmentation.blur=1"]).train)
+
+
+def test_dataset_without_augmentation_is_deterministic(indexed):
+    _, catalog, cache = indexed
+    plain = CxrDataset(catalog, cache, image_size=32)
+    augmented = CxrDataset(catalog, cache, image_size=32, augmentation={"degrees": 10.0})
+    assert torch.equal(plain[0]["image"], plain[0]["image"])
+    assert not torch.equal(augmented[0]["image"], augmented[0]["image"])

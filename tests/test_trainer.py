@@ -154,7 +154,7 @@ def smoke_model_and_data(phantom_200):
     cfg = compose(SMOKE_OVERRIDES)
     torch.manual_seed(0)
     model = create_model(cfg)
-    train_set = CxrDataset(catalog, cache, split="train", image_size=cfg.model.image.img_size, train=True)
+    train_set = CxrDataset(catalog, cache, split="train", image_size=cfg.model.image.img_size, augmentation={})
     return cfg, model, train_set
 
 
@@ -194,7 +194,7 @@ def test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval(smoke_mode
     _, catalog, cache = phantom_200
     # 100 steps of batch 16 see each training study ~10 times. Without augmentation: the smoke asks whether
     # the objectives learn these studies; crop invariance takes random-init encoders far more than 100 steps.
-    plain_train_set = CxrDataset(catalog, cache, split="train", image_size=cfg.model.image.img_size, train=False)
+    plain_train_set = CxrDataset(catalog, cache, split="train", image_size=cfg.model.image.img_size)
     run = TrainSettings(steps=100, batch_size=16, lr=2e-4, warmup_steps=10, seed=0)
     result = train_steps(model, plain_train_set, partial(collate, tokenizer=model.tokenizer,
                          max_length=cfg.model.text.max_length), run, progress=False)
@@ -210,7 +210,7 @@ def test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval(smoke_mode
     risen = {term: pair for term, pair in report.items() if not pair[1] < pair[0]}
     assert not risen, f"terms that did not go down (first window, last window): {risen}"
 
-    eval_set = CxrDataset(catalog, cache, split="train", image_size=cfg.model.image.img_size, train=False)
+    eval_set = CxrDataset(catalog, cache, split="train", image_size=cfg.model.image.img_size)
     recall, studies = retrieval_recall_at_5(model, eval_set, cfg.model.text.max_length)
     print(f"image->report R@5 {recall:.3f} over {studies} studies (chance {5 / studies:.3f})")
     assert recall > 3 * 5 / studies

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -58,16 +58,20 @@ def boxes_for(image: Image) -> torch.Tensor:
 class CxrDataset(Dataset):
     """Images with status `ok` whose study has a usable report, read from the cache.
 
-    `study_ids` / `patient_ids` restrict it (a site's partition); `site_transform(image, image_id)`
-    runs on the cached image before augmentation (the simulation's per-site scanner).
+    `augmentation` holds TrainTransform's settings (`{}`: its defaults); None gives the deterministic
+    evaluation view. `study_ids` / `patient_ids` restrict it (a site's partition);
+    `site_transform(image, image_id)` runs on the cached image before augmentation (the simulation's
+    per-site scanner).
     """
 
     def __init__(self, catalog: Catalog | str | os.PathLike, cache_dir: str | os.PathLike,
-                 split: str | Iterable[str] | None = None, image_size: int = 224, train: bool = False,
+                 split: str | Iterable[str] | None = None, image_size: int = 224,
+                 augmentation: Mapping | None = None,
                  study_ids: Iterable[str] | None = None, patient_ids: Iterable[str] | None = None,
                  site_transform: Callable[[torch.Tensor, str], torch.Tensor] | None = None):
         self.cache = ImageCache(cache_dir)
-        self.transform = TrainTransform(image_size) if train else EvalTransform(image_size)
+        self.transform = (EvalTransform(image_size) if augmentation is None
+                          else TrainTransform(image_size, **dict(augmentation)))
         self.site_transform = site_transform
         self.images, self.studies = self._load(catalog, split, study_ids, patient_ids)
 
