@@ -77,8 +77,8 @@ class TrainTransform:
     Left and right anatomy differ (heart, aortic knob, gastric bubble), so a mirrored radiograph
     is a different patient: every matrix here has a positive determinant. The defaults are mild on
     purpose: findings such as cardiomegaly are a matter of a few per cent of width, and stronger
-    crops (area 0.8-1.0, aspect 3/4-4/3, 5 degrees) halved what pre-training gave the linear probe
-    on the phantom at the same step budget (docs/evaluation.md).
+    crops (area 0.8-1.0, aspect 3/4-4/3, 5 degrees) cut the linear-probe gain of 1000 steps of
+    `hybrid` on the 400-study phantom from +0.149 to +0.091 AUC at 10 % labels.
     """
 
     def __init__(self, size: int, scale=(0.9, 1.0), ratio=(0.9, 1.1), degrees: float = 2.0,
