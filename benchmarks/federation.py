@@ -19,32 +19,7 @@ from server.registry import Registry
 from shared_models.batch import collate
 from shared_models.config import compose
 from shared_models.transfer import decode_arrays, encode_arrays
-from simulations.deployment import Deployment
-
-SITES = {"A": slice(0, 9), "B": slice(9, None)}  # training studies of the phantom per site
-
-
-def phantom_sites(base: Path, studies: int = 30) -> dict[str, dict]:
-    """Site-file entries of two sites over one small indexed phantom (128 px), split by study."""
-    from sqlalchemy import select
-
-    from client.data.catalog import Study, open_catalog
-    from client.data.index import index_data
-    from client.data.layouts import open_layout
-    from simulations.phantom import generate_phantom
-
-    root, catalog, cache = base / "phantom", str(base / "catalog.sqlite"), base / "image_cache"
-    generate_phantom(root, studies, seed=0, size=128)
-    index_data(open_layout("mimic_cxr", root), catalog, cache, views=["PA", "AP"], short_side=128)
-    db = open_catalog(catalog, readonly=True)
-    try:
-        with db.session() as session:
-            train = sorted(session.scalars(select(Study.id).where(Study.split == "train", Study.report_status == "ok")))
-    finally:
-        db.close()
-    return {name: {"data": {"root": str(root), "layout": "mimic_cxr", "split": "train", "index": False},
-                   "catalog": catalog, "cache": str(cache), "studies": train[part], "scanner": None}
-            for name, part in SITES.items()}
+from simulations.deployment import Deployment, phantom_site_fields
 
 
 def _epoch(moment) -> float:
@@ -114,7 +89,7 @@ def run(quick: bool = False) -> dict:
     cfg = compose(overrides.split())
     with tempfile.TemporaryDirectory(prefix="fedcxr-bench-") as tmp:
         folder = Path(tmp)
-        sites = phantom_sites(folder / "phantom")
+        sites = phantom_site_fields(folder / "phantom")
         fed = federated(folder, sites, overrides)
         total_steps = rounds * local_steps * len(sites)
         cen = central(cfg, sites, total_steps, threads=len(sites))  # the sites' cores: one thread each
@@ -125,8 +100,12 @@ def run(quick: bool = False) -> dict:
     received = [r["bytes_received"] / r["sites_accepted"] for r in rounds_done]
     sent = [r["bytes_sent"] / r["sites_asked"] for r in rounds_done]
     round_seconds = [r["seconds"] for r in rounds_done]
-    site_train = {r["round"]: max(m["metrics"]["seconds"] for m in fed["site_metrics"] if m["round"] == r["round"])
-                  for r in rounds_done}
+    def slowest(metric: str) -> dict[int, float]:
+        """Per round, the slowest site's `metric` (the round waits for it)."""
+        return {r["round"]: max(m["metrics"].get(metric, float("nan")) for m in fed["site_metrics"] if m["round"] == r["round"])
+                for r in rounds_done}
+
+    site_train, site_setup, site_startup = slowest("seconds"), slowest("setup_s"), slowest("startup_s")
     float16 = wire_bytes(params, "float16")
     restored = decode_arrays(encode_arrays(params, "float16"))
     return {
@@ -135,7 +114,7 @@ def run(quick: bool = False) -> dict:
         "bytes_per_round_over_shared_16bit": round(float16 / shared_bytes, 4),
         "round_seconds": round(statistics.median(round_seconds), 2),
         "detail": {
-            "rounds": rounds, "local_steps": local_steps, "sites": len(SITES), "total_steps": total_steps,
+            "rounds": rounds, "local_steps": local_steps, "sites": len(sites), "total_steps": total_steps,
             "federated_wall_s": round(fed["wall_s"], 2), "central_wall_s": round(cen["wall_s"], 2),
             "central_train_s": round(cen["train_s"], 2),
             # where the federated time goes
@@ -143,7 +122,13 @@ def run(quick: bool = False) -> dict:
             "server_setup_s": round(fed["wall_s"] - fed["started"] - sum(round_seconds), 2),  # model build, waits, finish
             "round_s": [round(s, 2) for s in round_seconds],
             "site_train_s": [round(site_train[r["round"]], 2) for r in rounds_done],
-            "round_overhead_s": [round(r["seconds"] - site_train[r["round"]], 2) for r in rounds_done],  # ClientApp start, polling, transfer
+            "round_overhead_s": [round(r["seconds"] - site_train[r["round"]], 2) for r in rounds_done],
+            # the overhead split: the per-message ClientApp process (interpreter + imports), the site's set-up
+            # (model build, local state, data), and the rest (SuperNode polling, transfer, ServerApp checks)
+            "site_startup_s": [round(site_startup[r["round"]], 2) for r in rounds_done],
+            "site_setup_s": [round(site_setup[r["round"]], 2) for r in rounds_done],
+            "round_rest_s": [round(r["seconds"] - site_startup[r["round"]] - site_setup[r["round"]] - site_train[r["round"]], 2)
+                             for r in rounds_done],
             "serialisation_s_per_message": round(serialisation_seconds(params), 4),
             "shared_bytes": shared_bytes,
             "bytes_per_site_per_round_received": round(statistics.mean(received)),

@@ -7,6 +7,7 @@ Every outgoing message is summarised in `<state_dir>/outgoing.jsonl` (what left 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -43,6 +44,16 @@ def simulated_site(context: Context) -> dict:
     if not site_dir:
         raise RuntimeError("a simulation node needs federation.site_dir (set by python -m simulations.run)")
     return OmegaConf.to_container(OmegaConf.load(Path(site_dir) / f"{int(context.node_config['partition-id'])}.yaml"))
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
@@ -90,6 +101,7 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    startup_s = process_age_s()  # the per-message ClientApp process: interpreter, imports, fetching this message
     site = site_of(context)
     round_config = dict(message.content["config"])
     cfg = run_config(context)
@@ -104,6 +116,8 @@ def train(message: Message, context: Context) -> Message:
         return Message(Error(FINGERPRINT_MISMATCH, str(err)), reply_to=message)
     except BudgetExceeded as err:
         return Message(Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}"), reply_to=message)
+    if "seconds" in metrics and startup_s is not None:  # timings leave only where wall time already does (not DP)
+        metrics["startup_s"] = startup_s
     content = RecordDict({
         "arrays": _arrays(encode_arrays(new_shared, str(round_config.get("transfer_dtype", "float32")))),
         "metrics": MetricRecord({**metrics, "examples": examples}),

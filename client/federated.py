@@ -7,6 +7,7 @@ persists on the site's disk between rounds, keyed by run.
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -112,10 +113,12 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     """Train locally from the global shared parameters; returns (new shared parameters, examples, scalar metrics).
 
     Metrics are each loss term's mean over the round, steps and seconds; `examples` (FedAvg's weight) is the
-    site's number of training images. Under `privacy.dpsgd` the round is priced and charged to the site's
+    site's number of training images; `setup_s` is the time spent before training (model, local state, data).
+    Under `privacy.dpsgd` the round is priced and charged to the site's
     ledger first (BudgetExceeded refuses it) and only `DpRoundResult.public_metrics()` is returned, with the
     round's expected examples as the weight: nothing computed from the data leaves.
     """
+    started = time.perf_counter()
     model = build_model(cfg)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
     local_file = _local_file(site, run_id)
@@ -139,10 +142,11 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
         metrics = result.public_metrics()
         examples = metrics.pop("examples")
     else:
+        setup_s = time.perf_counter() - started
         trained = train_steps(model, dataset, collate_fn, settings, device=device, proximal_anchor=anchor,
                               progress=False, description=f"site {site['name']}")
         metrics = {name: float(value) for name, value in trained.loss_mean.items()}
-        metrics.update(steps=float(trained.steps), seconds=float(trained.seconds))
+        metrics.update(steps=float(trained.steps), seconds=float(trained.seconds), setup_s=setup_s)
         examples = float(len(dataset))
 
     new_shared, local = split_state(model.cpu(), cfg)

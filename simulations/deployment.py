@@ -4,6 +4,7 @@ Every process is started here and stopped (or killed, to play a crash) by PID wi
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -24,6 +25,39 @@ from simulations.flower import BIN, PROJECT_ROOT, descendants, free_port, stage_
 
 CONNECTION = "fedcxr-deployment"
 ACTIVATED = "SuperNode ID: "  # what a SuperNode logs once the SuperLink has accepted it
+PHANTOM_SITE_STUDIES = {"A": slice(0, 9), "B": slice(9, None)}  # unequal sizes, so FedAvg's weights differ
+
+
+def phantom_site_fields(base: Path, studies: int = 30) -> dict[str, dict]:
+    """Site-file entries (data, catalog, cache, studies) of sites A and B over one small 128-px phantom under
+    `base`, generated and indexed on first use, split by training study.
+
+    A file lock guards the first use: test workers and modules share one `base`."""
+    from sqlalchemy import select
+
+    from client.data.catalog import Study, open_catalog
+    from client.data.index import index_data
+    from client.data.layouts import open_layout
+    from simulations.phantom import generate_phantom
+
+    root, catalog, cache = base / "phantom", str(base / "catalog.sqlite"), base / "image_cache"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / ".indexed").is_file():
+            if not (root / "ground_truth.json").is_file():
+                generate_phantom(root, studies, seed=0, size=128)
+            index_data(open_layout("mimic_cxr", root), catalog, cache, views=["PA", "AP"], short_side=128)
+            (base / ".indexed").touch()
+    db = open_catalog(catalog, readonly=True)
+    try:
+        with db.session() as session:
+            train = sorted(session.scalars(select(Study.id).where(Study.split == "train", Study.report_status == "ok")))
+    finally:
+        db.close()
+    return {name: {"data": {"root": str(root), "layout": "mimic_cxr", "split": "train", "index": False},
+                   "catalog": catalog, "cache": str(cache), "studies": train[part], "scanner": None}
+            for name, part in PHANTOM_SITE_STUDIES.items()}
 
 
 def write_pki(folder: Path, sites: list[str]) -> None:
@@ -100,12 +134,13 @@ class Deployment:
     """SuperLink (persistent `--database`) and sites in `folder`; `with Deployment(...) as dep:` stops them all."""
 
     def __init__(self, folder: Path, sites: list[str], app: Path | None = None, site_fields: dict | None = None,
-                 database: bool = True):
+                 database: bool = True, unregistered: list[str] = ()):
         self.folder = Path(folder)
         # A persistent database lets a restarted SuperLink keep its nodes and runs; in memory, its state has no
         # file lock to wait on (Flower's SQLite state waits 5 s for a lock, then answers 500).
         self.database = database
         self.names = list(sites)
+        self.unregistered = list(unregistered)  # keys and site files, never registered with the SuperLink
         self.app = app or stage_app(self.folder / "app")
         self.site_fields = site_fields or {}
         self.port = free_port()
@@ -119,7 +154,7 @@ class Deployment:
         self._activations: dict[str, int] = {}
 
     def __enter__(self) -> "Deployment":
-        write_pki(self.pki, self.names)
+        write_pki(self.pki, [*self.names, *self.unregistered])
         home = self.folder / "cli-home"
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
@@ -239,16 +274,42 @@ class Deployment:
     def status(self, run_id: str) -> str:
         return json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]["status"]
 
-    def wait(self, run_id: str, timeout_s: float = 900, poll_s: float = 2) -> dict:
-        """Wait until Flower records the run as finished; its record, with the ServerApp's log under "logs"."""
-        deadline = time.monotonic() + timeout_s
+    def wait(self, run_id: str, timeout_s: float = 900, overrides: str = "") -> dict:
+        """Wait until Flower records the run as finished; its record, with the ServerApp's log under "logs".
+
+        Each `flwr ls` is a CLI process start (seconds of CPU on a small machine): when `overrides` name the
+        run's registry (federation.output_dir, federation.run_name), Flower is asked once the registry records
+        the run's end, and every 20 s regardless, in case the ServerApp died before recording anything;
+        without them, every 2 s."""
+        deadline, asked = time.monotonic() + timeout_s, 0.0
         while time.monotonic() < deadline:
-            listed = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
-            if listed["status"].startswith("finished"):
-                listed["logs"] = self.flwr("log", run_id, CONNECTION, "--show", check=False).stdout
-                return listed
-            time.sleep(poll_s)
+            ended = _recorded_end(overrides, run_id)
+            if ended or time.monotonic() - asked > (2 if ended is None else 20):
+                asked = time.monotonic()
+                listed = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
+                if listed["status"].startswith("finished"):
+                    listed["logs"] = self.flwr("log", run_id, CONNECTION, "--show", check=False).stdout
+                    return listed
+            time.sleep(0.5)
         raise TimeoutError(f"Flower run {run_id} did not finish within {timeout_s} s")
 
     def run(self, overrides: str, timeout_s: float = 900) -> dict:
-        return self.wait(self.submit(overrides), timeout_s)
+        return self.wait(self.submit(overrides), timeout_s, overrides)
+
+
+def _recorded_end(overrides: str, run_id: str) -> bool | None:
+    """Whether the run registry named in `overrides` records this Flower run as no longer running (None: no
+    registry named)."""
+    options = dict(item.split("=", 1) for item in overrides.split() if "=" in item)
+    name, output_dir = options.get("federation.run_name"), options.get("federation.output_dir")
+    if not name or not output_dir:
+        return None
+    if not (Path(output_dir) / "registry.sqlite").is_file():
+        return False
+    from server.registry import Registry
+
+    try:
+        run = Registry(Path(output_dir) / "registry.sqlite").describe(name)["run"]
+    except KeyError:
+        return False
+    return str(run["flwr_run_id"]) == str(run_id) and run["status"] != "running"

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
@@ -21,7 +20,7 @@ from server.runs import main as runs_main
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
 from shared_models.sharing import shared_parameter_names, sharing_settings
-from tests.phantom_sites import phantom_sites
+from simulations.deployment import phantom_site_fields
 
 
 def _updates(*pairs):
@@ -179,7 +178,7 @@ def test_central_dp_clips_each_site_update_and_averages_them_equally():
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
-    return phantom_sites(tmp_path_factory.getbasetemp() / "federation_phantom")
+    return phantom_site_fields(tmp_path_factory.getbasetemp() / "federation_phantom")
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ from safetensors.numpy import load_file
 
 from server.checkpoints import save_round
 from server.registry import Registry
-from simulations.deployment import Deployment
+from simulations.deployment import Deployment, phantom_site_fields
 from simulations.flower import BIN, stage_app
-from tests.phantom_sites import phantom_sites
 
 TESTS = Path(__file__).resolve().parent
 # A dead site is left out when the round times out; the timeout must cover a live site's round on a busy machine.
@@ -48,7 +47,7 @@ def _faulty_app(target: Path) -> Path:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults")
-    sites = phantom_sites(tmp_path_factory.getbasetemp() / "federation_phantom")  # shared with test_federation
+    sites = phantom_site_fields(tmp_path_factory.getbasetemp() / "federation_phantom")  # shared with test_federation
     with Deployment(folder, ["A", "B"], app=_faulty_app(folder / "app"), site_fields=sites) as dep:
         dep.node_ids = {name: int(re.findall(r"SuperNode ID: (\d+)", dep.site_log(name))[-1]) for name in ("A", "B")}
         yield dep
