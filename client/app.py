@@ -17,7 +17,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.federated import FingerprintMismatch, build_model, shared_arrays, train_round
-from client.privacy import BudgetExceeded
 from client.site import load_site
 from shared_models.config import compose
 from shared_models.transfer import contiguous, decode_arrays, encode_arrays
@@ -114,7 +113,12 @@ def train(message: Message, context: Context) -> Message:
         new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run"]), cfg)
     except FingerprintMismatch as err:
         return Message(Error(FINGERPRINT_MISMATCH, str(err)), reply_to=message)
-    except BudgetExceeded as err:
+    except Exception as err:
+        # imported here: opacus (behind client.privacy) costs every non-DP ClientApp process seconds of start-up
+        from client.privacy import BudgetExceeded
+
+        if not isinstance(err, BudgetExceeded):
+            raise
         return Message(Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}"), reply_to=message)
     if "seconds" in metrics and startup_s is not None:  # timings leave only where wall time already does (not DP)
         metrics["startup_s"] = startup_s

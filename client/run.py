@@ -1,11 +1,15 @@
-"""Hospital entry point: `python client/run.py --site A` checks the site, indexes its data, becomes its SuperNode."""
+"""Hospital entry point: `python client/run.py --site A` checks the site, indexes its data, runs its SuperNode."""
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +67,61 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
     return command, env
 
 
+# flwr's SUPERNODE_CONNECTION_ERROR: the SuperLink could not be reached, or refused to activate this node. The
+# latter happens when a site restarts after a crash: the SuperLink keeps the node's old session online until two of
+# its 30 s heartbeats are missed, so the delays below add up to more than that.
+RESTARTABLE_EXIT = 305 & 0xFF  # a process's exit status keeps 8 bits: the parent sees 49
+RESTART_DELAYS_S = (5.0, 10.0, 20.0, 30.0, 30.0, 30.0)
+SETTLED_S = 300.0  # a SuperNode that ran this long before losing its link starts a fresh series of retries
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode child (Linux): receive SIGTERM if this supervisor dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...] = RESTART_DELAYS_S,
+              settled_s: float = SETTLED_S) -> int:
+    """Run the SuperNode as a child, forward SIGTERM/SIGINT/SIGHUP to it, and restart it with backoff when it
+    exits because it could not connect or be activated; its exit code once it stops for good."""
+    stopping = threading.Event()
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame) -> None:
+        stopping.set()
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    failures = 0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+        code = child.wait()
+        if code != RESTARTABLE_EXIT or stopping.is_set():
+            return 128 - code if code < 0 else code
+        if time.monotonic() - started > settled_s:
+            failures = 0
+        if failures >= len(delays):
+            print(f"error: the SuperNode could not connect to or be activated by the SuperLink after {failures + 1} "
+                  "attempts; check that flower-superlink runs and that this node's public key is registered "
+                  "(flwr supernode register)", file=sys.stderr, flush=True)
+            return code
+        delay = delays[failures]
+        failures += 1
+        print(f"the SuperNode exited with {code} (could not connect, or the SuperLink still holds this node's previous "
+              f"session as online until its heartbeats lapse); restarting in {delay:g} s, attempt {failures + 1} of "
+              f"{len(delays) + 1}", flush=True)
+        if stopping.wait(delay):
+            return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python client/run.py", description=__doc__)
     parser.add_argument("--site", required=True, help="site name (configs/site/<name>.yaml) or a path to a site file")
@@ -85,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(command))
         return 0
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.execve(command[0], command, env)  # this process becomes the SuperNode (same PID, signals reach it)
+    delays = site.get("restart_delays_s")
+    return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ def load_site(path: Path, check_files: bool = True) -> dict:
         site[key] = _absolute(site.get(key))
     site["data"]["root"] = _absolute(site["data"].get("root"))
     site["privacy"] = validate_caps(site["privacy"], f"{path}: privacy")
+    delays = site.get("restart_delays_s")
+    if delays is not None and (not isinstance(delays, list) or not all(
+            isinstance(d, (int, float)) and math.isfinite(d) and d >= 0 for d in delays)):
+        raise SiteConfigError(f"{path}: restart_delays_s must be a list of seconds >= 0 (e.g. [5, 10, 20]), got {delays!r}")
     if ":" not in str(site["superlink"]):
         raise SiteConfigError(f"{path}: superlink must be host:port, got {site['superlink']!r}")
     if check_files:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     sites = phantom_site_fields(tmp_path_factory.getbasetemp() / "federation_phantom")
-    fields = {**sites, "C": dict(sites["A"], max_retries=1)}  # C has a key, never registered
+    fields = {**sites, "C": dict(sites["A"], max_retries=1, restart_delays_s=[0.5])}  # C has a key, never registered
     with Deployment(tmp_path_factory.mktemp("federation"), ["A", "B"], site_fields=fields, unregistered=["C"]) as dep:
         yield dep
 
@@ -115,6 +115,8 @@ def test_unregistered_node_is_refused(deployment):
     returncode = deployment.sites["C"].wait(timeout=120)
     log = deployment.site_log("C")
     assert returncode != 0 and "Failed to activate SuperNode" in log, log
+    # client/run.py retried once (its site file's restart_delays_s), then said what to check
+    assert log.count("restarting in 0.5 s") == 1 and "flwr supernode register" in log, log
 
 
 def test_client_run_explains_missing_files_and_unreachable_superlink(deployment, tmp_path):

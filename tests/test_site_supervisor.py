@@ -1,0 +1,94 @@
+"""`client/run.py` supervises the SuperNode: restarts it after a refused activation, passes signals on, gives up."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from client.run import RESTARTABLE_EXIT, supervise
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_supernode(tmp_path: Path, failures: int, then: int) -> list[str]:
+    """A command that exits RESTARTABLE_EXIT on its first `failures` starts, then exits `then`; it counts its starts."""
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        count = Path({str(tmp_path / 'starts')!r})
+        starts = int(count.read_text()) + 1 if count.exists() else 1
+        count.write_text(str(starts))
+        sys.exit({RESTARTABLE_EXIT} if starts <= {failures} else {then})
+    """)
+    return [sys.executable, "-c", script]
+
+
+def test_refused_activations_are_retried_until_the_supernode_runs(tmp_path, capsys):
+    code = supervise(_fake_supernode(tmp_path, failures=2, then=0), dict(os.environ), delays=(0.01, 0.01, 0.01))
+    assert code == 0
+    assert (tmp_path / "starts").read_text() == "3"
+    out = capsys.readouterr().out
+    assert out.count(f"exited with {RESTARTABLE_EXIT}") == 2 and "attempt 3 of 4" in out
+
+
+def test_supervisor_gives_up_after_its_delays_with_the_supernode_exit_code(tmp_path, capsys):
+    code = supervise(_fake_supernode(tmp_path, failures=99, then=0), dict(os.environ), delays=(0.01, 0.01))
+    assert code == RESTARTABLE_EXIT
+    assert (tmp_path / "starts").read_text() == "3"  # the first start and one per delay
+    assert "flwr supernode register" in capsys.readouterr().err
+
+
+def test_other_exit_codes_are_not_retried(tmp_path):
+    assert supervise(_fake_supernode(tmp_path, failures=0, then=2), dict(os.environ), delays=(0.01,)) == 2
+    assert (tmp_path / "starts").read_text() == "1"
+
+
+def test_sigterm_reaches_the_supernode_and_stops_the_supervisor(tmp_path):
+    stopped = tmp_path / "child_got_sigterm"
+    child = textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        def bye(*_):
+            Path({str(stopped)!r}).write_text("yes")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, bye)
+        Path({str(tmp_path / 'child_ready')!r}).write_text("ready")
+        time.sleep(120)
+    """)
+    wrapper = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(PROJECT_ROOT)!r})
+        from client.run import supervise
+        sys.exit(supervise([sys.executable, "-c", {child!r}], dict(os.environ), delays=(0.01,)))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "child_ready").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the supervised child did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # the child's own exit code, not a restart
+        assert stopped.read_text() == "yes"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_site_file_restart_delays_are_checked(tmp_path):
+    import pytest
+    import yaml
+
+    from client.site import SiteConfigError, load_site
+
+    site = {"name": "A", "data": {"root": str(tmp_path), "layout": "manifest"}, "superlink": "127.0.0.1:9092",
+            "root_certificates": "ca.crt", "node_private_key": "key", "state_dir": str(tmp_path),
+            "privacy": {"max_epsilon": 8.0, "max_delta": 1e-5}}
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(dict(site, restart_delays_s=[1, 2.5])))
+    assert load_site(tmp_path / "ok.yaml", check_files=False)["restart_delays_s"] == [1, 2.5]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(site, restart_delays_s=[5, -1])))
+    with pytest.raises(SiteConfigError, match="restart_delays_s"):
+        load_site(tmp_path / "bad.yaml", check_files=False)
