@@ -67,11 +67,13 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
     return command, env
 
 
-# flwr's SUPERNODE_CONNECTION_ERROR: the SuperLink could not be reached, or refused to activate this node. The
+# Flower's SUPERNODE_CONNECTION_ERROR: the SuperLink could not be reached, or refused to activate this node. The
 # latter happens when a site restarts after a crash: the SuperLink keeps the node's old session online until two of
-# its 30 s heartbeats are missed, so the delays below add up to more than that.
-RESTARTABLE_EXIT = 305 & 0xFF  # a process's exit status keeps 8 bits: the parent sees 49
-RESTART_DELAYS_S = (5.0, 10.0, 20.0, 30.0, 30.0, 30.0)
+# its 30 s heartbeats are missed, so the supervisor retries every 5 s for well over that (a site back within seconds
+# of the lapse still joins the round in progress, see server.app.exchange). The SuperNode's process exits with 1
+# for every error; only its log names the code, so the supervisor reads the log as it passes it on.
+RESTARTABLE = "Exit Code: 305"
+RESTART_DELAYS_S = (2.0,) + (5.0,) * 29
 SETTLED_S = 300.0  # a SuperNode that ran this long before losing its link starts a fresh series of retries
 
 
@@ -83,6 +85,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _pass_on(stream, seen: list[bool]) -> None:
+    """Copy the child's output to ours line by line; note whether it named the restartable exit."""
+    for line in iter(stream.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if RESTARTABLE.encode() in line:
+            seen[0] = True
 
 
 def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...] = RESTART_DELAYS_S,
@@ -101,10 +112,14 @@ def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...]
         signal.signal(signum, forward)
     failures = 0
     while True:
-        started = time.monotonic()
-        child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+        started, seen = time.monotonic(), [False]
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
+        reader = threading.Thread(target=_pass_on, args=(child.stdout, seen), daemon=True)
+        reader.start()
         code = child.wait()
-        if code != RESTARTABLE_EXIT or stopping.is_set():
+        reader.join(timeout=5)  # the SuperNode's own children may hold the pipe open a little longer
+        if code == 0 or not seen[0] or stopping.is_set():
             return 128 - code if code < 0 else code
         if time.monotonic() - started > settled_s:
             failures = 0
@@ -115,9 +130,9 @@ def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...]
             return code
         delay = delays[failures]
         failures += 1
-        print(f"the SuperNode exited with {code} (could not connect, or the SuperLink still holds this node's previous "
-              f"session as online until its heartbeats lapse); restarting in {delay:g} s, attempt {failures + 1} of "
-              f"{len(delays) + 1}", flush=True)
+        print(f"the SuperNode stopped ({RESTARTABLE}: it could not connect, or the SuperLink still holds this node's "
+              f"previous session as online until its heartbeats lapse); restarting in {delay:g} s, attempt "
+              f"{failures + 1} of {len(delays) + 1}", flush=True)
         if stopping.wait(delay):
             return code
 

@@ -38,26 +38,43 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
-    """Push `messages` and collect replies until all have come back or `timeout_s` has passed."""
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+def exchange(grid: Grid, message_to, nodes: list[int], timeout_s: float, poll_s: float,
+             admit_every_s: float = 2.0) -> tuple[list[int], list[tuple[int, Message]]]:
+    """Send `message_to(node)` to each node and collect replies until all have come back or `timeout_s` has passed.
+
+    A node that connects while replies are outstanding is sent the round too: a site restarted after a crash
+    rejoins the round in progress instead of waiting for the next one. Returns (nodes asked, (node, reply) pairs):
+    the node is the one asked, since the SuperLink itself answers for a node that has gone away."""
+    asked = list(nodes)
+    node_of = dict(zip(grid.push_messages([message_to(node) for node in asked]), asked))
+    pending = set(node_of)
+    replies: list[tuple[int, Message]] = []
     deadline = time.monotonic() + timeout_s
+    admitted = time.monotonic()
     while pending and time.monotonic() < deadline:
         try:
             pulled = list(grid.pull_messages(list(pending)))
+            if time.monotonic() - admitted > admit_every_s:
+                admitted = time.monotonic()
+                late = sorted(set(grid.get_node_ids()) - set(asked))
+                if late:
+                    log.info("node(s) %s connected during the round: sending them the round too", late)
+                    asked += late
+                    sent = dict(zip(grid.push_messages([message_to(node) for node in late]), late))
+                    node_of |= sent
+                    pending |= set(sent)
         except httpx.HTTPStatusError as err:
             if err.response.status_code < 500:
                 raise
             # A busy SuperLink answers 500 (e.g. its SQLite database locked); the replies wait there: ask again.
-            log.warning("pulling replies failed (%s); asking again", err.response.status_code)
+            log.warning("asking the SuperLink failed (%s); asking again", err.response.status_code)
             pulled = []
         for reply in pulled:
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            replies.append((node_of[reply.metadata.reply_to_message_id], reply))
         if pending:
             time.sleep(poll_s)
-    return replies
+    return asked, replies
 
 
 def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
@@ -154,16 +171,18 @@ class Federation:
         nodes = wait_for_sites(self.grid, self.fed)
         wire = encode_arrays(params, self.fed.transfer_dtype)
         content = RecordDict({"arrays": to_record(wire), "config": ConfigRecord(self._round_config(round_))})
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
-                            ttl=float(self.fed.round_timeout_s)) for node in nodes]
+
+        def message_to(node: int) -> Message:
+            return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
+                           ttl=float(self.fed.round_timeout_s))
+
+        nodes, replies = exchange(self.grid, message_to, nodes, float(self.fed.round_timeout_s), float(self.fed.poll_s))
         bytes_sent = len(nodes) * content["arrays"].count_bytes()
-        replies = exchange(self.grid, messages, float(self.fed.round_timeout_s), float(self.fed.poll_s))
 
         accepted, bytes_received = [], 0
-        for node in sorted(set(nodes) - {r.metadata.src_node_id for r in replies}):
+        for node in sorted(set(nodes) - {node for node, _ in replies}):
             self._reject(round_, f"node {node}", node, [f"no reply within {self.fed.round_timeout_s} s"])
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             if reply.has_error():
                 self._reject(round_, f"node {node}", node, [f"site refused or failed: {reply.error.reason}"])
                 continue

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -174,6 +175,41 @@ def test_central_dp_clips_each_site_update_and_averages_them_equally():
     np.random.seed(0)
     noisy = dp_fedavg({"w": np.zeros(4000)}, [{"w": np.zeros(4000)}] * 2, 1.0, 2.0)["w"]
     assert abs(noisy.std() - 2.0 * 1.0 / 2) < 0.05  # std = noise_multiplier * clipping_norm / sites
+
+
+class _Grid:
+    """A SuperLink stand-in: node 2 connects after the round was sent; each node replies on the second pull."""
+
+    def __init__(self):
+        self.pulls, self.sent = 0, []
+
+    def get_node_ids(self):
+        return [1, 2] if self.pulls >= 1 else [1]
+
+    def push_messages(self, messages):
+        self.sent += messages
+        return [f"to-{node}" for node in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids if self.pulls >= 2]
+
+
+def test_a_site_that_connects_during_a_round_is_sent_the_round_too():
+    from server.app import exchange
+
+    grid = _Grid()
+    asked, replies = exchange(grid, lambda node: node, [1], timeout_s=10, poll_s=0.01, admit_every_s=0.0)
+    assert asked == [1, 2] and grid.sent == [1, 2]
+    assert sorted((node, r.metadata.reply_to_message_id) for node, r in replies) == [(1, "to-1"), (2, "to-2")]
+
+
+def test_a_round_without_late_sites_asks_only_the_connected_ones():
+    from server.app import exchange
+
+    grid = _Grid()
+    asked, replies = exchange(grid, lambda node: node, [1], timeout_s=10, poll_s=0.01, admit_every_s=60.0)
+    assert asked == [1] and [(node, r.metadata.reply_to_message_id) for node, r in replies] == [(1, "to-1")]
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,25 @@ import textwrap
 import time
 from pathlib import Path
 
-from client.run import RESTARTABLE_EXIT, supervise
+from client.run import RESTARTABLE, supervise
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_supernode(tmp_path: Path, failures: int, then: int) -> list[str]:
-    """A command that exits RESTARTABLE_EXIT on its first `failures` starts, then exits `then`; it counts its starts."""
+    """A command that logs Flower's restartable exit and exits 1 (as the SuperNode does) on its first `failures`
+    starts, then exits `then`; it counts its starts."""
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
         count = Path({str(tmp_path / 'starts')!r})
         starts = int(count.read_text()) + 1 if count.exists() else 1
         count.write_text(str(starts))
-        sys.exit({RESTARTABLE_EXIT} if starts <= {failures} else {then})
+        if starts <= {failures}:
+            print("ERROR: {RESTARTABLE}")
+            sys.exit(1)
+        print("a SuperNode that ran")
+        sys.exit({then})
     """)
     return [sys.executable, "-c", script]
 
@@ -30,12 +35,13 @@ def test_refused_activations_are_retried_until_the_supernode_runs(tmp_path, caps
     assert code == 0
     assert (tmp_path / "starts").read_text() == "3"
     out = capsys.readouterr().out
-    assert out.count(f"exited with {RESTARTABLE_EXIT}") == 2 and "attempt 3 of 4" in out
+    assert out.count(f"ERROR: {RESTARTABLE}") == 2 and out.count("restarting in 0.01 s") == 2 and "attempt 3 of 4" in out
+    assert "a SuperNode that ran" in out  # the child's output is passed on
 
 
 def test_supervisor_gives_up_after_its_delays_with_the_supernode_exit_code(tmp_path, capsys):
     code = supervise(_fake_supernode(tmp_path, failures=99, then=0), dict(os.environ), delays=(0.01, 0.01))
-    assert code == RESTARTABLE_EXIT
+    assert code == 1
     assert (tmp_path / "starts").read_text() == "3"  # the first start and one per delay
     assert "flwr supernode register" in capsys.readouterr().err
 
