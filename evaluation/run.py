@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from evaluation.benchmarks import load_benchmark
 from evaluation.data import EvalSet, attach_masks, load_split, prepare_catalog, use_truth_labels
 from evaluation.linear_probe import ProbeSettings, run_linear_probe
 from evaluation.report import TASKS, plot_dice_histogram, plot_overlays, plot_roc_curves, write_results
@@ -77,17 +78,21 @@ def columns(labels: np.ndarray, names: list[str]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ tasks
 def linear_probe_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
-    names = probe_label_names(cfg, train)
+    multiclass = "classes" in train.meta   # COVIDx: one class per image, not CheXpert labels
+    names = list(train.meta["classes"]) if multiclass else probe_label_names(cfg, train)
+    train_y = train.meta["class_ids"] if multiclass else columns(train.labels, names)
+    test_y = test.meta["class_ids"] if multiclass else columns(test.labels, names)
 
     def features(images: torch.Tensor) -> torch.Tensor:   # the backbone's pooled features, as MGCA probes them
         return model.image_encoder(images).global_emb
 
     settings = ProbeSettings(l2=cfg.probe.l2, max_iter=cfg.probe.max_iter, balanced=cfg.probe.balanced)
-    results, scores = run_linear_probe(batched(features, train.images), columns(train.labels, names),
-                                       train.patient_ids, batched(features, test.images), columns(test.labels, names),
-                                       names, list(cfg.label_fraction), list(range(cfg.seeds)), settings=settings)
+    results, scores = run_linear_probe(batched(features, train.images), train_y, train.patient_ids,
+                                       batched(features, test.images), test_y, names, list(cfg.label_fraction),
+                                       list(range(cfg.seeds)), multiclass=multiclass, settings=settings)
     for fraction, fraction_scores in scores.items():
-        plot_roc_curves(run_dir / f"roc_linear_probe_{fraction}.png", columns(test.labels, names), fraction_scores,
+        plot_roc_curves(run_dir / f"roc_linear_probe_{fraction}.png",
+                        np.eye(len(names))[test_y] if multiclass else test_y, fraction_scores,
                         names, title=f"linear probe, {fraction} of training patients (seed 0)")
     return results
 
@@ -130,6 +135,20 @@ TASK_RUNNERS = {"linear_probe": linear_probe_task, "zero_shot": zero_shot_task,
                 "segmentation": segmentation_task, "retrieval": retrieval_task}
 
 
+def catalog_splits(cfg: DictConfig, size: int, masks: bool) -> tuple[EvalSet, EvalSet]:
+    """`eval_split.train` and `.test` of an indexed collection (phantom, MIMIC-CXR, manifest)."""
+    catalog, cache = prepare_catalog(cfg.data)
+    train = load_split(catalog, cache, cfg.eval_split.train, size, cfg.uncertain)
+    test = load_split(catalog, cache, cfg.eval_split.test, size, cfg.uncertain)
+    if Path(cfg.data.root, "ground_truth.json").is_file():
+        for split in (train, test):   # the phantom's true labels, not those its reports state
+            use_truth_labels(split, Path(cfg.data.root))
+    if masks:
+        for split in (train, test):
+            attach_masks(split, cfg.data, catalog, cfg.segmentation.target)
+    return train, test
+
+
 def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> dict:
     """Run the configured task(s) and write results.json, results.md and the plots into run_dir.
 
@@ -144,21 +163,18 @@ def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> di
     model, name, model_cfg = load_model(cfg)
     cfg = cfg.copy()
     cfg.model = model_cfg   # a checkpoint's own model config (text length, image size) wins over the command line's
-    catalog, cache = prepare_catalog(cfg.data)
     size = model.image_encoder.img_size
-    train = load_split(catalog, cache, cfg.eval_split.train, size, cfg.uncertain)
-    test = load_split(catalog, cache, cfg.eval_split.test, size, cfg.uncertain)
+    if cfg.data.get("benchmark"):   # a public benchmark in its own files: no catalog
+        if "retrieval" in tasks:
+            raise ValueError(f"task={cfg.task}: retrieval needs reports, and data.benchmark={cfg.data.benchmark} has "
+                             "none; choose linear_probe, zero_shot or segmentation")
+        train, test = load_benchmark(cfg.data, size, cfg.uncertain, masks="segmentation" in tasks)
+    else:
+        train, test = catalog_splits(cfg, size, masks="segmentation" in tasks)
     shared = set(train.patient_ids) & set(test.patient_ids)
     if shared:
-        raise ValueError(f"eval_split train {cfg.eval_split.train} and test {cfg.eval_split.test} share "
-                         f"{len(shared)} patients; choose disjoint splits")
-    if Path(cfg.data.root, "ground_truth.json").is_file():
-        for split in (train, test):   # the phantom's true labels, not those its reports state
-            use_truth_labels(split, Path(cfg.data.root))
-    if "segmentation" in tasks:
-        for split in (train, test):
-            attach_masks(split, cfg.data, catalog, cfg.segmentation.target)
-    results = {"checkpoint": name, "data": data_name or str(cfg.data.layout),
+        raise ValueError(f"the train and test splits share {len(shared)} patients; choose disjoint splits")
+    results = {"checkpoint": name, "data": data_name or str(cfg.data.get("benchmark") or cfg.data.layout),
                "images": {"train": len(train), "test": len(test)}, "seconds": {}}
     for task in tasks:
         start = time.perf_counter()

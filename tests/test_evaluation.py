@@ -2,6 +2,7 @@
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,3 +527,88 @@ def test_broken_checkpoint_gives_a_clear_error(tiny_setup):
     (broken / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         load_model(OmegaConf.merge(cfg, {"checkpoint": str(broken)}))
+
+
+# ------------------------------------------------------------------- public benchmarks in their own files
+def _rsna_folder(root: Path) -> Path:
+    """12 RSNA-style DICOMs (64 x 64): the 6 positives have a bright box at its CSV coordinates; one listed
+    image is a zero-byte file."""
+    from tests.data_fixtures import write_dicom
+
+    lines = ["patientId,x,y,width,height,Target"]
+    for i in range(12):
+        pixels = np.random.default_rng(i).integers(900, 1100, (64, 64)).astype(np.uint16)
+        if i % 2:
+            pixels[16:40, 8:32] = 4000
+            lines.append(f"p{i},8,16,24,24,1")
+        else:
+            lines.append(f"p{i},,,,,0")
+        write_dicom(root / "stage_2_train_images" / f"p{i}.dcm", pixels)
+    (root / "stage_2_train_images" / "p0.dcm").write_bytes(b"")
+    (root / "stage_2_train_labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _benchmark_cfg(tiny_setup, data: dict, task: str):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(tiny_setup[0], {"task": task})
+    cfg.data = OmegaConf.create(data)
+    return cfg
+
+
+def test_rsna_files_load_with_box_masks_and_a_bad_file_left_out(tmp_path, tiny_setup):
+    from evaluation.benchmarks import load_benchmark
+
+    root = _rsna_folder(tmp_path)
+    cfg = _benchmark_cfg(tiny_setup, {"benchmark": "rsna", "root": str(root), "labels": "stage_2_train_labels.csv",
+                                      "images": "stage_2_train_images", "test_fraction": 0.3, "split_seed": 0,
+                                      "max_pixels": 40_000_000}, "segmentation")
+    train, test = load_benchmark(cfg.data, 32, "ones", masks=True)
+    assert len(train) + len(test) == 11 and set(train.patient_ids).isdisjoint(test.patient_ids)
+    assert list(train.meta["rejected"]) + list(test.meta["rejected"]) == ["p0"]
+    pneumonia = CHEXPERT_LABELS.index("Pneumonia")
+    for split in (train, test):
+        for row, image_id in enumerate(split.image_ids):
+            positive = int(image_id[1:]) % 2 == 1
+            assert split.labels[row, pneumonia] == float(positive)
+            # the 24 x 24 box of a 64 x 64 image covers 14 % of it, on the model's 32 x 32 grid too
+            assert split.masks[row].mean() == pytest.approx(0.1406 if positive else 0.0, abs=0.02)
+            if positive:  # the mask sits where the image is bright
+                assert split.images[row, 0][split.masks[row]].mean() > split.images[row, 0][~split.masks[row]].mean()
+
+
+def test_rsna_files_evaluate_end_to_end_and_refuse_retrieval(tmp_path, tiny_setup):
+    from evaluation.run import evaluate
+
+    root = _rsna_folder(tmp_path)
+    data = {"benchmark": "rsna", "root": str(root), "labels": "stage_2_train_labels.csv",
+            "images": "stage_2_train_images", "test_fraction": 0.3, "split_seed": 0, "max_pixels": 40_000_000}
+    results = evaluate(_benchmark_cfg(tiny_setup, data, "segmentation"), tmp_path / "run", data_name="rsna")
+    assert results["data"] == "rsna" and results["images"]["train"] + results["images"]["test"] == 11
+    assert 0.0 <= results["segmentation"]["1.0"]["dice_empty_excluded"]["mean"] <= 1.0
+    with pytest.raises(ValueError, match="retrieval needs reports"):
+        evaluate(_benchmark_cfg(tiny_setup, data, "all"), tmp_path / "run_all")
+
+
+def test_covidx_files_probe_as_multiclass(tmp_path, tiny_setup):
+    from evaluation.run import evaluate
+
+    classes = {"normal": 40, "pneumonia": 120, "COVID-19": 220}   # grey level per class: easily separable
+    for split, count in (("train", 8), ("test", 4)):
+        lines = []
+        for name, level in classes.items():
+            for i in range(count):
+                filename = f"{split}_{name}_{i}.png"
+                rng = np.random.default_rng(i)
+                pixels = np.clip(level + rng.normal(0, 8, (48, 48)), 0, 255).astype(np.uint8)
+                (tmp_path / split).mkdir(exist_ok=True)
+                Image.fromarray(pixels).save(tmp_path / split / filename)
+                lines.append(f"{split}{name}{i} {filename} {name} synthetic")
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    data = {"benchmark": "covidx", "root": str(tmp_path), "train_split": "train.txt", "train_images": "train",
+            "test_split": "test.txt", "test_images": "test", "max_pixels": 40_000_000}
+    results = evaluate(_benchmark_cfg(tiny_setup, data, "linear_probe"), tmp_path / "run", data_name="covidx")
+    probe = results["linear_probe"]["1.0"]
+    assert set(probe["per_label"]) == set(classes)
+    assert probe["accuracy"]["mean"] > 0.8   # grey level alone tells the classes apart
