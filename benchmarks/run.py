@@ -68,6 +68,13 @@ def _federation(args) -> dict:
     return run(quick=args.quick)
 
 
+@section("privacy")
+def _privacy(args) -> dict:
+    from benchmarks.privacy import run
+
+    return run(quick=args.quick)
+
+
 @section("memory")
 def _memory(args) -> dict:
     from benchmarks.memory import run

@@ -52,7 +52,8 @@ def prepare_catalog(data_cfg) -> tuple[Path, Path]:
     if data_cfg.get("generate") and not (root / "ground_truth.json").is_file():
         raise FileNotFoundError(
             f"no phantom at {root}; generate it first: python -m simulations.phantom --out {root} "
-            f"--studies {data_cfg.studies} --seed {data_cfg.phantom_seed} (or train on it, which generates it)")
+            f"--studies {data_cfg.studies} --seed {data_cfg.phantom_seed} --held-out {data_cfg.get('held_out', 0.1)} "
+            "(or train on it, which generates it)")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; point data.root at the dataset folder")
     options = {"manifest": data_cfg.manifest} if data_cfg.layout == "manifest" else {}

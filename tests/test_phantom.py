@@ -284,3 +284,25 @@ def test_sites_render_the_same_image_differently():
     for i in range(4):
         for j in range(i + 1, 4):
             assert np.abs(outputs[i] - outputs[j]).mean() > 0.02, (i, j)
+
+
+@pytest.mark.parametrize("held_out", [0.1, 0.3])
+def test_held_out_share_sets_the_test_and_validate_patients(held_out):
+    from collections import Counter
+
+    from simulations.phantom import plan_studies
+
+    plans = plan_studies(400, seed=0, held_out=held_out)
+    split_of = {p.subject_id: p.split for p in plans}
+    assert len(split_of) == len({(p.subject_id, p.split) for p in plans})   # a patient is in one split only
+    patients = Counter(split_of.values())
+    expected = round(held_out * len(split_of))
+    assert patients["test"] == patients["validate"] == expected
+    assert patients["train"] == len(split_of) - 2 * expected
+
+
+def test_held_out_share_is_checked(tmp_path):
+    from simulations.phantom import generate_phantom
+
+    with pytest.raises(ValueError, match="held-out"):
+        generate_phantom(tmp_path / "p", 10, held_out=0.5)

@@ -61,7 +61,7 @@ def _unique(seen: set, draw) -> str:
     return value
 
 
-def plan_studies(studies: int, seed: int) -> list[StudyPlan]:
+def plan_studies(studies: int, seed: int, held_out: float = 0.1) -> list[StudyPlan]:
     """Patients with one or two studies, MIMIC-like ids, a patient-level split, findings and views."""
     rng = np.random.default_rng([seed, 0])
     seen: set[str] = set()
@@ -88,9 +88,9 @@ def plan_studies(studies: int, seed: int) -> list[StudyPlan]:
                 study_time=f"{hour:02d}{minute:02d}{second:02d}.{millis:03d}", has_prior=k > 0, findings=findings))
         patients.append(visits)
         count += n
-    # every split gets patients even in a small phantom: 10 % test, 10 % validate, the rest train
+    # every split gets patients even in a small phantom: `held_out` of them test, as many validate, the rest train
     order = rng.permutation(len(patients))
-    held_out = max(1, round(0.1 * len(patients))) if len(patients) >= 3 else 0
+    held_out = max(1, round(held_out * len(patients))) if len(patients) >= 3 else 0
     for rank, p in enumerate(order):
         split = "test" if rank < held_out else "validate" if rank < 2 * held_out else "train"
         for study in patients[p]:
@@ -192,13 +192,17 @@ class _Writer:
         (self.root / "ground_truth.json").write_text(json.dumps(self.truth, indent=1, sort_keys=True) + "\n")
 
 
-def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 512, progress: bool = False) -> Path:
+def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 512, progress: bool = False,
+                     held_out: float = 0.1) -> Path:
     """Write a `studies`-study phantom to `out` (absent or empty) and return it; same seed and
-    arguments, same bytes. Built in a sibling `.partial` folder and renamed, so a killed run never
+    arguments, same bytes. `held_out` of the patients go to `test` and as many to `validate`. Built in a sibling `.partial` folder and renamed, so a killed run never
     leaves a phantom that looks complete."""
     out = Path(out)
     if studies < 1:
         raise ValueError(f"--studies must be >= 1, got {studies}")
+    if not 0.0 < held_out < 0.5:
+        raise ValueError(f"--held-out must be in (0, 0.5): that share of patients goes to test and to validate, "
+                         f"got {held_out}")
     if size < 64:
         raise ValueError(f"--size must be >= 64 pixels, got {size}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -207,7 +211,7 @@ def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 5
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "masks").mkdir(parents=True)
     writer = _Writer(partial, seed, size)
-    plans = plan_studies(studies, seed)
+    plans = plan_studies(studies, seed, held_out)
     if progress:
         from tqdm import tqdm
         plans = tqdm(plans, desc="phantom studies", unit="study")

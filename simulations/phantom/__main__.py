@@ -1,4 +1,4 @@
-"""CLI: python -m simulations.phantom --out DIR --studies N --seed S [--size PIXELS]."""
+"""CLI: python -m simulations.phantom --out DIR --studies N --seed S [--size PIXELS] [--held-out FRACTION]."""
 import argparse
 import time
 
@@ -11,10 +11,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--studies", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=512, help="image height in pixels (width is 85-100 %% of it)")
+    parser.add_argument("--held-out", type=float, default=0.1,
+                        help="share of patients in the test split, and as many in validate (default 0.1)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = generate_phantom(args.out, args.studies, args.seed, size=args.size, progress=True)
+        out = generate_phantom(args.out, args.studies, args.seed, size=args.size, progress=True,
+                               held_out=args.held_out)
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
     print(f"phantom: {args.studies} studies (seed {args.seed}) written to {out} in {time.perf_counter() - start:.1f} s")
