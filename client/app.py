@@ -100,7 +100,9 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    startup_s = process_age_s()  # the per-message ClientApp process: interpreter, imports, fetching this message
+    # Deployment starts a ClientApp process per message: its age is the start-up cost (interpreter, imports,
+    # fetching this message). A simulation's ClientApp lives on in a worker process, so there it means nothing.
+    startup_s = process_age_s() if "site-file" in context.node_config else None
     site = site_of(context)
     round_config = dict(message.content["config"])
     cfg = run_config(context)
