@@ -158,8 +158,17 @@ def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> di
     if unknown:
         raise ValueError(f"task={cfg.task!r} is not one of {sorted(TASK_RUNNERS)} or 'all'")
     run_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    try:
+        return _evaluate(cfg, tasks, run_dir, data_name)
+    finally:
+        # A caller that trains next (simulations.run's centralized baseline) must get its cores back.
+        torch.set_num_threads(threads)
+
+
+def _evaluate(cfg: DictConfig, tasks: list[str], run_dir: Path, data_name: str | None) -> dict:
     model, name, model_cfg = load_model(cfg)
     cfg = cfg.copy()
     cfg.model = model_cfg   # a checkpoint's own model config (text length, image size) wins over the command line's

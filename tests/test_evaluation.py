@@ -584,11 +584,18 @@ def test_rsna_files_evaluate_end_to_end_and_refuse_retrieval(tmp_path, tiny_setu
     root = _rsna_folder(tmp_path)
     data = {"benchmark": "rsna", "root": str(root), "labels": "stage_2_train_labels.csv",
             "images": "stage_2_train_images", "test_fraction": 0.3, "split_seed": 0, "max_pixels": 40_000_000}
-    results = evaluate(_benchmark_cfg(tiny_setup, data, "segmentation"), tmp_path / "run", data_name="rsna")
-    assert results["data"] == "rsna" and results["images"]["train"] + results["images"]["test"] == 11
-    assert 0.0 <= results["segmentation"]["1.0"]["dice_empty_excluded"]["mean"] <= 1.0
-    with pytest.raises(ValueError, match="retrieval needs reports"):
-        evaluate(_benchmark_cfg(tiny_setup, data, "all"), tmp_path / "run_all")
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)   # the evaluation runs on `threads: 1` and must hand the caller its own count back
+    try:
+        results = evaluate(_benchmark_cfg(tiny_setup, data, "segmentation"), tmp_path / "run", data_name="rsna")
+        assert torch.get_num_threads() == 3
+        assert results["data"] == "rsna" and results["images"]["train"] + results["images"]["test"] == 11
+        assert 0.0 <= results["segmentation"]["1.0"]["dice_empty_excluded"]["mean"] <= 1.0
+        with pytest.raises(ValueError, match="retrieval needs reports"):
+            evaluate(_benchmark_cfg(tiny_setup, data, "all"), tmp_path / "run_all")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_covidx_files_probe_as_multiclass(tmp_path, tiny_setup):
