@@ -6,6 +6,7 @@ persists on the site's disk between rounds, keyed by run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from functools import partial
@@ -29,6 +30,7 @@ from shared_models.sharing import split_state
 from shared_models.transfer import contiguous
 
 Params = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 class FingerprintMismatch(RuntimeError):
@@ -75,6 +77,27 @@ def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
 
 def _local_file(site: dict, run_id: str) -> Path:
     return Path(site["state_dir"]) / "runs" / run_id / "local.safetensors"
+
+
+OPTIMIZER_FILE = "optimizer.pt"  # beside local.safetensors: the site's AdamW moments, never sent
+
+
+def _load_optimizer_state(path: Path) -> dict | None:
+    """The AdamW moments this site ended its last round with (None in its first round of the run)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # a torn or foreign file costs only the moments, never the round
+        log.warning("%s unreadable (%s): this round's AdamW starts from zero moments", path, err)
+        return None
+
+
+def _save_optimizer_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _save_atomic(path: Path, params: Params) -> None:
@@ -142,9 +165,14 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
         metrics = result.public_metrics()
         examples = metrics.pop("examples")
     else:
+        keep_optimizer = bool(OmegaConf.select(cfg, "federation.keep_optimizer_state", default=True))
+        optimizer_file = local_file.with_name(OPTIMIZER_FILE)
+        optimizer_state = _load_optimizer_state(optimizer_file) if keep_optimizer else None
         setup_s = time.perf_counter() - started
         trained = train_steps(model, dataset, collate_fn, settings, device=device, proximal_anchor=anchor,
-                              progress=False, description=f"site {site['name']}")
+                              progress=False, description=f"site {site['name']}", optimizer_state=optimizer_state)
+        if keep_optimizer:
+            _save_optimizer_state(optimizer_file, trained.optimizer_state)
         metrics = {name: float(value) for name, value in trained.loss_mean.items()}
         metrics.update(steps=float(trained.steps), seconds=float(trained.seconds), setup_s=setup_s)
         examples = float(len(dataset))

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
@@ -276,6 +277,20 @@ def test_local_only_parameters_persist_between_rounds(sites, cfg, tmp_path):
         if name in trained:
             np.testing.assert_array_equal(after_round_2[name], value, err_msg=name)
     assert any(name in trained for name in after_round_1)
+    # the site's AdamW moments carried over: round 2 continued round 1's 2 steps
+    steps = {float(v["step"]) for v in torch.load(local_file.with_name("optimizer.pt"))["state"].values()}
+    assert steps == {4.0}
+
+
+def test_optimizer_state_can_restart_every_round(sites, tmp_path):
+    fresh = compose(["federation.rounds=2", "federation.local_steps=1", "federation.batch_size=4",
+                     "federation.keep_optimizer_state=false"])
+    model = build_model(fresh)
+    site = _site(sites, "A", tmp_path)
+    train_round(shared_arrays(model, fresh), round_config(fresh, 1, "r", checkpoint_fingerprints(fresh, model.tokenizer)),
+                site, "r", fresh)
+    assert (tmp_path / "A" / "runs" / "r" / "local.safetensors").is_file()
+    assert not (tmp_path / "A" / "runs" / "r" / "optimizer.pt").exists()
 
 
 def test_site_refuses_a_round_built_for_another_model(sites, cfg, tmp_path):
