@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -271,8 +272,16 @@ def _mean_auc(result: dict) -> float | None:
     return None if first is None else first["mean_auc"]["mean"]
 
 
+def _exit_on_signal(signum, frame) -> None:
+    # SystemExit unwinds through LocalSimulation.__exit__, which stops the SuperLink, SuperExec and Ray by PID;
+    # the default SIGTERM action would end this process alone and orphan them.
+    raise SystemExit(128 + signum)
+
+
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     summary = simulate(cfg, run_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.registry import Registry
+from simulations.flower import _alive, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -86,3 +87,43 @@ def test_no_flower_process_outlives_the_run(simulation):
         if str(run_dir) in text:
             leftovers.append(text)
     assert not leftovers, leftovers
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def test_sigterm_mid_federation_stops_every_flower_process(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}",
+               "data.studies=40", "federation.sites=2", "federation.rounds=50", "federation.local_steps=1",
+               "federation.batch_size=4", "client_resources.num_cpus=1", "compare_centralized=false"]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        # the federation is under way once the ServerApp has written round 1's checkpoint
+        while not list(run_dir.glob("checkpoints/round_0001")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the simulation ended before its first round"
+            time.sleep(1)
+        below = descendants(process.pid)   # SuperLink, SuperExec, the simulation process, Ray
+        assert len(below) >= 3 and _processes_naming(str(run_dir / "flower")), "the federation is not running"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    survivors = [pid for pid in below if _alive(pid)]
+    assert not survivors, f"{len(survivors)} of {len(below)} processes outlived the SIGTERM"
