@@ -165,7 +165,7 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
         metrics = result.public_metrics()
         examples = metrics.pop("examples")
     else:
-        keep_optimizer = bool(OmegaConf.select(cfg, "federation.keep_optimizer_state", default=True))
+        keep_optimizer = bool(OmegaConf.select(cfg, "federation.keep_optimizer_state", default=False))
         optimizer_file = local_file.with_name(OPTIMIZER_FILE)
         optimizer_state = _load_optimizer_state(optimizer_file) if keep_optimizer else None
         setup_s = time.perf_counter() - started

@@ -253,6 +253,7 @@ def test_round_schedule():
 
 
 def test_local_only_parameters_persist_between_rounds(sites, cfg, tmp_path):
+    cfg = OmegaConf.merge(cfg, {"federation": {"keep_optimizer_state": True}})
     model = build_model(cfg)
     prints = checkpoint_fingerprints(cfg, model.tokenizer)
     shared, site = shared_arrays(model, cfg), _site(sites, "A", tmp_path)
