@@ -54,6 +54,7 @@ def prepare_catalog(data_cfg) -> tuple[Path, Path]:
             f"no phantom at {root}; generate it first: python -m simulations.phantom --out {root} "
             f"--studies {data_cfg.studies} --seed {data_cfg.phantom_seed} --held-out {data_cfg.get('held_out', 0.1)} "
             f"--size {data_cfg.get('image_height', 512)} "
+            f"--finding-contrast {data_cfg.get('finding_contrast', 1.0)} "
             "(or train on it, which generates it)")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; point data.root at the dataset folder")

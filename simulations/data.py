@@ -29,7 +29,8 @@ def prepare_data(data_cfg: DictConfig) -> PreparedData:
 
         log.info("generating the phantom (%d studies, seed %d) into %s", data_cfg.studies, data_cfg.phantom_seed, root)
         generate_phantom(root, data_cfg.studies, data_cfg.phantom_seed, size=int(data_cfg.image_height),
-                         held_out=float(data_cfg.held_out))
+                         held_out=float(data_cfg.held_out),
+                         finding_contrast=float(data_cfg.get("finding_contrast", 1.0)))
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; set data.root to the folder holding the data")
     options = {"manifest": data_cfg.manifest} if data_cfg.get("manifest") else {}

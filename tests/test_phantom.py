@@ -306,3 +306,44 @@ def test_held_out_share_is_checked(tmp_path):
 
     with pytest.raises(ValueError, match="held-out"):
         generate_phantom(tmp_path / "p", 10, held_out=0.5)
+
+
+# ------------------------------------------------------------------------------------ finding contrast
+def _render(plan, contrast: float):
+    from simulations.phantom import render_study
+
+    return render_study(np.random.default_rng([5, 1, plan.index]), plan, 128, finding_contrast=contrast)
+
+
+def test_finding_contrast_strengthens_findings_and_changes_nothing_else():
+    import copy
+
+    from simulations.phantom import plan_studies
+
+    plans = plan_studies(40, seed=5)
+    lesion_plans = [p for p in plans if any(f.finding in ("consolidation", "mass", "pleural_effusion")
+                                            for f in p.findings)][:4]
+    normal_plans = [p for p in plans if not p.findings][:2]
+    assert lesion_plans and normal_plans
+    for plan in lesion_plans:
+        (image1, *_), masks1, spacing1 = _render(copy.deepcopy(plan), 1.0)
+        (image3, *_), masks3, spacing3 = _render(copy.deepcopy(plan), 3.0)
+        assert spacing1 == spacing3
+        for f, mask1, mask3 in zip(plan.findings, masks1, masks3):
+            assert np.array_equal(mask1, mask3), f.finding        # the ground truth does not move
+            if f.finding not in ("consolidation", "mass", "pleural_effusion") or mask1.sum() < 20:
+                continue
+            brightening = (image3[mask1] - image1[mask1]).mean()
+            elsewhere = np.abs(image3 - image1)[~np.logical_or.reduce(masks1)].mean()
+            assert brightening > 0.04 and brightening > 4 * elsewhere, (f.finding, brightening, elsewhere)
+    for plan in normal_plans:                                    # no finding: the same pixels
+        (image1, *_), _, _ = _render(plan, 1.0)
+        (image3, *_), _, _ = _render(plan, 3.0)
+        assert np.array_equal(image1, image3)
+
+
+def test_finding_contrast_is_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="finding-contrast"):
+        generate_phantom(tmp_path / "bad", 4, finding_contrast=0.0)
+    root = generate_phantom(tmp_path / "p", 4, seed=1, size=96, finding_contrast=2.0)
+    assert truth_of(root)["finding_contrast"] == 2.0

@@ -111,15 +111,21 @@ def _save_png(path: Path, mask: np.ndarray) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, optimize=False)
 
 
-def render_study(rng: np.random.Generator, plan: StudyPlan, size: int) -> tuple[list, list, float]:
+def render_study(rng: np.random.Generator, plan: StudyPlan, size: int,
+                 finding_contrast: float = 1.0) -> tuple[list, list, float]:
     """The study's images (frontal first, float [H, W] in [0, 1]), one mask per finding on the
-    frontal grid, and the pixel spacing in mm. Nodule and mass sizes in mm are added to their detail."""
+    frontal grid, and the pixel spacing in mm. Nodule and mass sizes in mm are added to their detail.
+    `finding_contrast` scales every finding's change of density (1.0: the calibrated, subtle look; the
+    enlarged heart is anatomy and stays as it is); masks and reports do not change with it."""
     rows, cols = size, 2 * int(round(size * rng.uniform(0.85, 1.0) / 2))
     thorax = sample_thorax(rng, rows, cols, heart_width_for(rng, plan.findings))
     spacing = rng.uniform(300.0, 360.0) / thorax.size[0]
     u, v = thorax.grid()
     density, markings = frontal_density(rng, thorax)
+    normal = density.copy()
     masks = draw_findings(rng, Canvas(thorax, u, v, density, markings), plan.findings)
+    if finding_contrast != 1.0:
+        density = normal + finding_contrast * (density - normal)
     for f in plan.findings:
         if "size_fraction" in f.detail:
             f.detail["mm"] = f.detail.pop("size_fraction") * thorax.size[0] * spacing
@@ -133,14 +139,14 @@ def render_study(rng: np.random.Generator, plan: StudyPlan, size: int) -> tuple[
 class _Writer:
     """Collects the CSV rows and ground truth while the study folders are written."""
 
-    def __init__(self, root: Path, seed: int, size: int):
-        self.root, self.seed, self.size = root, seed, size
+    def __init__(self, root: Path, seed: int, size: int, finding_contrast: float):
+        self.root, self.seed, self.size, self.finding_contrast = root, seed, size, finding_contrast
         self.records, self.study_rows, self.metadata, self.split_rows, self.chexpert = [], [], [], [], []
-        self.truth: dict = {"seed": seed, "studies": {}}
+        self.truth: dict = {"seed": seed, "finding_contrast": finding_contrast, "studies": {}}
 
     def study(self, plan: StudyPlan) -> None:
         rng = np.random.default_rng([self.seed, 1, plan.index])
-        images, masks, spacing = render_study(rng, plan, self.size)
+        images, masks, spacing = render_study(rng, plan, self.size, self.finding_contrast)
         rows, cols = images[0].shape
         description, technique, view_meaning, orientation = EXAMS[plan.view]
         findings = plan.findings
@@ -193,9 +199,10 @@ class _Writer:
 
 
 def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 512, progress: bool = False,
-                     held_out: float = 0.1) -> Path:
+                     held_out: float = 0.1, finding_contrast: float = 1.0) -> Path:
     """Write a `studies`-study phantom to `out` (absent or empty) and return it; same seed and
-    arguments, same bytes. `held_out` of the patients go to `test` and as many to `validate`. Built in a sibling `.partial` folder and renamed, so a killed run never
+    arguments, same bytes. `held_out` of the patients go to `test` and as many to `validate`;
+    `finding_contrast` scales how strongly the findings show (see `render_study`). Built in a sibling `.partial` folder and renamed, so a killed run never
     leaves a phantom that looks complete."""
     out = Path(out)
     if studies < 1:
@@ -205,12 +212,15 @@ def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 5
                          f"got {held_out}")
     if size < 64:
         raise ValueError(f"--size must be >= 64 pixels, got {size}")
+    if not 0.0 < finding_contrast <= 10.0:
+        raise ValueError(f"--finding-contrast must be in (0, 10]: it multiplies each finding's density, "
+                         f"got {finding_contrast}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not an empty folder; remove it or choose another --out")
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "masks").mkdir(parents=True)
-    writer = _Writer(partial, seed, size)
+    writer = _Writer(partial, seed, size, finding_contrast)
     plans = plan_studies(studies, seed, held_out)
     if progress:
         from tqdm import tqdm
