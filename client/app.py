@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secagg import secure_aggregation
 from client.federated import FingerprintMismatch, build_model, shared_arrays, train_round
 from client.site import load_site
 from shared_models.config import compose
@@ -59,6 +60,14 @@ def _arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(contiguous(value)) for name, value in params.items()})
 
 
+def _summary(value):
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return f"<{len(value)} byte strings, {sum(map(len, value))} bytes>"
+    return value
+
+
 def audit_outgoing(message: Message, context: Context, call_next) -> Message:
     """Mod: record the names, shapes and scalars of every reply before it leaves the site."""
     reply = call_next(message, context)
@@ -73,15 +82,16 @@ def audit_outgoing(message: Message, context: Context, call_next) -> Message:
         for name, record in reply.content.items():
             if isinstance(record, ArrayRecord):
                 entry["records"][name] = {"arrays": {k: [list(a.shape), a.dtype] for k, a in record.items()}}
-            else:
-                entry["records"][name] = {"values": dict(record)}
+            else:   # SecAgg+ replies carry keys and masked vectors as bytes: record their sizes
+                entry["records"][name] = {"values": {k: _summary(v) for k, v in record.items()}}
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / "outgoing.jsonl", "a") as handle:
         handle.write(json.dumps(entry) + "\n")
     return reply
 
 
-app = ClientApp(mods=[audit_outgoing])
+# audit_outgoing first, so it records what leaves after SecAgg+ has masked it
+app = ClientApp(mods=[audit_outgoing, secure_aggregation(lambda content, context: train_content(content, context))])
 
 
 def run_config(context: Context):
@@ -100,33 +110,38 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    reply = train_content(message.content, context)
+    return Message(reply, reply_to=message)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict | Error:
+    """The round's reply content (shared arrays, metrics, site name), or an Error that refuses the round."""
     # Deployment starts a ClientApp process per message: its age is the start-up cost (interpreter, imports,
     # fetching this message). A simulation's ClientApp lives on in a worker process, so there it means nothing.
     startup_s = process_age_s() if "site-file" in context.node_config else None
     site = site_of(context)
-    round_config = dict(message.content["config"])
+    round_config = dict(content["config"])
     cfg = run_config(context)
     if site.get("threads"):
         import torch
 
         torch.set_num_threads(int(site["threads"]))
-    shared = decode_arrays({name: array.numpy() for name, array in message.content["arrays"].items()})
+    shared = decode_arrays({name: array.numpy() for name, array in content["arrays"].items()})
     try:
         new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run"]), cfg)
     except FingerprintMismatch as err:
-        return Message(Error(FINGERPRINT_MISMATCH, str(err)), reply_to=message)
+        return Error(FINGERPRINT_MISMATCH, str(err))
     except Exception as err:
         # imported here: opacus (behind client.privacy) costs every non-DP ClientApp process seconds of start-up
         from client.privacy import BudgetExceeded
 
         if not isinstance(err, BudgetExceeded):
             raise
-        return Message(Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}"), reply_to=message)
+        return Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}")
     if "seconds" in metrics and startup_s is not None:  # timings leave only where wall time already does (not DP)
         metrics["startup_s"] = startup_s
-    content = RecordDict({
+    return RecordDict({
         "arrays": _arrays(encode_arrays(new_shared, str(round_config.get("transfer_dtype", "float32")))),
         "metrics": MetricRecord({**metrics, "examples": examples}),
         "site": ConfigRecord({"name": site["name"]}),
     })
-    return Message(content, reply_to=message)

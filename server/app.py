@@ -18,6 +18,7 @@ from server.aggregation import Aggregator, validate_update
 from server.central_dp import dp_fedavg
 from server.checkpoints import discard_after, load_latest_valid, save_round
 from server.registry import Registry
+from server.secagg import secure_round
 from server.rounds import round_config
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose, config_hash
@@ -91,10 +92,6 @@ def check_supported(cfg: DictConfig) -> None:
     """Refuse, before any site is asked, a run this ServerApp cannot carry out as configured."""
     validate_federation_privacy(cfg)
     check_transfer_dtype(cfg.federation.transfer_dtype)
-    if OmegaConf.select(cfg, "privacy.secagg"):
-        raise ValueError(f"privacy={cfg.privacy.name}: SecAgg+ is not yet supported by this ServerApp (its own "
-                         "push/pull round loop does not run Flower's SecAggPlusWorkflow); use privacy=none, dpsgd "
-                         "or central_dp")
 
 
 def initial_model(cfg: DictConfig):
@@ -122,6 +119,7 @@ class Federation:
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
         self.aggregator = Aggregator.from_config(self.fed)
         self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
+        self.secagg = OmegaConf.select(cfg, "privacy.secagg")
         self.model = initial_model(cfg)
         self.fingerprints = checkpoint_fingerprints(cfg, self.model.tokenizer)
         self.config = OmegaConf.to_container(cfg, resolve=True)
@@ -169,6 +167,41 @@ class Federation:
     def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic()
         nodes = wait_for_sites(self.grid, self.fed)
+        exchange_round = self._secure_exchange if self.secagg else self._exchange
+        nodes, accepted, bytes_sent, bytes_received = exchange_round(round_, params, nodes)
+
+        round_fields = dict(sites_asked=len(nodes), sites_accepted=len(accepted), bytes_sent=bytes_sent,
+                            bytes_received=bytes_received)
+        if len(accepted) < int(self.fed.min_sites):
+            self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
+                                    seconds=time.monotonic() - started, **round_fields)
+            raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), federation.min_sites="
+                               f"{self.fed.min_sites}; the run can resume from round {round_ - 1} with federation.resume=true")
+
+        if self.central_dp:
+            params = dp_fedavg(params, [update for _, _, update, _, _ in accepted],
+                               float(self.central_dp.clipping_norm), float(self.central_dp.noise_multiplier))
+        elif self.secagg:   # one update: the sites' example-weighted mean, all the server ever sees
+            params = self.aggregator(params, [(accepted[0][2], sum(n for _, _, _, n, _ in accepted))])
+        else:
+            params = self.aggregator(params, [(update, n) for _, _, update, n, _ in accepted])
+        metrics = _weighted_metrics([(site, m, n) for site, _, _, n, m in accepted])
+        seconds = time.monotonic() - started
+        meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
+                "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
+                "sites": {site: n for site, _, _, n, _ in accepted}, "shared": sorted(params), "config": self.config}
+        folder, written = save_round(self.run_dir, round_, params, meta,
+                                     self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None,
+                                     tokenizer=self.model.tokenizer)
+        self.registry.add_checkpoint(self.name, round_, folder, written["sha256"]["model.safetensors"])
+        self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds, **round_fields)
+        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        log.info("round %d/%d: %d/%d sites%s, %.1f s", round_, self.fed.rounds, len(accepted), len(nodes), loss, seconds)
+        return params
+
+    def _exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]):
+        """Send the round to `nodes`, check each reply; (nodes asked, accepted, bytes sent, bytes received), where
+        accepted holds (site, node, update, examples, metrics) per site whose update passed the checks."""
         wire = encode_arrays(params, self.fed.transfer_dtype)
         content = RecordDict({"arrays": to_record(wire), "config": ConfigRecord(self._round_config(round_))})
 
@@ -197,33 +230,30 @@ class Federation:
                 continue
             accepted.append((site, node, update, examples, metrics))
             self.registry.add_site_metrics(self.name, round_, site, node, examples, metrics)
+        return nodes, accepted, bytes_sent, bytes_received
 
-        round_fields = dict(sites_asked=len(nodes), sites_accepted=len(accepted), bytes_sent=bytes_sent,
-                            bytes_received=bytes_received)
-        if len(accepted) < int(self.fed.min_sites):
-            self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
-                                    seconds=time.monotonic() - started, **round_fields)
-            raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), federation.min_sites="
-                               f"{self.fed.min_sites}; the run can resume from round {round_ - 1} with federation.resume=true")
-
-        if self.central_dp:
-            params = dp_fedavg(params, [update for _, _, update, _, _ in accepted],
-                               float(self.central_dp.clipping_norm), float(self.central_dp.noise_multiplier))
-        else:
-            params = self.aggregator(params, [(update, n) for _, _, update, n, _ in accepted])
-        metrics = _weighted_metrics([(site, m, n) for site, _, _, n, m in accepted])
-        seconds = time.monotonic() - started
-        meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
-                "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
-                "sites": {site: n for site, _, _, n, _ in accepted}, "shared": sorted(params), "config": self.config}
-        folder, written = save_round(self.run_dir, round_, params, meta,
-                                     self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None,
-                                     tokenizer=self.model.tokenizer)
-        self.registry.add_checkpoint(self.name, round_, folder, written["sha256"]["model.safetensors"])
-        self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds, **round_fields)
-        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-        log.info("round %d/%d: %d/%d sites%s, %.1f s", round_, self.fed.rounds, len(accepted), len(nodes), loss, seconds)
-        return params
+    def _secure_exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]):
+        """As `_exchange`, under SecAgg+: every accepted entry carries the same update, the sites' weighted mean
+        (integer arrays keep their value); the bytes are those of the global parameters sent, masked replies are
+        not counted."""
+        result = secure_round(self.grid, nodes, params, round_, self._round_config(round_), dict(self.secagg),
+                              float(self.secagg.max_weight), float(self.fed.round_timeout_s))
+        answered = {node for node, _, _ in result.sites}
+        for node in sorted(set(nodes) - answered):
+            self._reject(round_, f"node {node}", node, ["dropped out of the SecAgg+ round (refused, failed or no reply "
+                                                        f"within {self.fed.round_timeout_s} s per stage)"])
+        if result.mean_delta is None:
+            return nodes, [], 0, 0
+        mean = dict(params)
+        for name, delta in result.mean_delta.items():
+            mean[name] = (params[name].astype(np.float64) + delta).astype(params[name].dtype)
+        accepted = []
+        for node, examples, metrics in result.sites:
+            site = str(metrics.pop("site", f"node {node}"))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            accepted.append((site, node, mean, examples, metrics))
+            self.registry.add_site_metrics(self.name, round_, site, node, examples, metrics)
+        return nodes, accepted, len(nodes) * sum(np.asarray(v).nbytes for v in params.values()), 0
 
     def _reject(self, round_: int, site: str, node: int, problems: list[str]) -> None:
         log.warning("round %d: update from site %s rejected: %s", round_, site, "; ".join(problems))

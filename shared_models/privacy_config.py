@@ -66,7 +66,7 @@ def validate_federation_privacy(cfg) -> None:
             )
 
     if secagg is not None:
-        for key in ("num_shares", "reconstruction_threshold"):
+        for key in ("num_shares", "reconstruction_threshold", "clipping_range", "max_weight"):
             _positive(secagg, key, f"{where}: privacy.secagg")
         if secagg["reconstruction_threshold"] > secagg["num_shares"]:
             raise ValueError(f"{where}: privacy.secagg.reconstruction_threshold ({secagg['reconstruction_threshold']}) "

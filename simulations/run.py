@@ -49,9 +49,10 @@ def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: Pre
             "state_dir": str((folder / site.name).resolve()),
             "device": device,
             "threads": resources.num_cpus,
-            # a virtual site's own caps: the run's caps where set, else no DP budget limit of its own
+            # a virtual site's own caps: the run's caps where set, else no epsilon limit of its own and the
+            # usual delta of 1e-5 (DP-SGD refuses a delta that is not far below 1 / the site's patients)
             "privacy": {"max_epsilon": float(cfg.federation.privacy.max_epsilon or 1e9),
-                        "max_delta": float(cfg.federation.privacy.max_delta or 1.0)},
+                        "max_delta": float(cfg.federation.privacy.max_delta or 1e-5)},
         }
         (folder / f"{index}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     return folder

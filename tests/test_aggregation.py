@@ -320,11 +320,12 @@ def test_dp_round_sends_only_public_scalars_and_refuses_a_round_over_budget(site
     assert not (tmp_path / "poor" / "runs").exists(), "a refused round trains nothing"
 
 
-def test_server_refuses_secagg_and_invalid_privacy_before_asking_any_site(tmp_path):
+def test_server_refuses_invalid_privacy_before_asking_any_site(tmp_path):
     from server.app import check_supported
 
-    with pytest.raises(ValueError, match="SecAgg\\+ is not yet supported by this ServerApp"):
-        check_supported(compose(["privacy=secagg"]))
+    check_supported(compose(["privacy=secagg"]))
+    with pytest.raises(ValueError, match="max_weight"):
+        check_supported(compose(["privacy=secagg", "privacy.secagg.max_weight=0"]))
     with pytest.raises(ValueError, match="strategy=median"):  # validate_privacy_config's own refusal
         check_supported(compose(["privacy=central_dp", "federation.strategy=median"]))
     check_supported(compose(["privacy=central_dp"]))
