@@ -36,7 +36,7 @@ def masked_change(global_params: dict[str, np.ndarray], reply: RecordDict, names
     if missing:
         raise SecureRoundRefused(f"this site's shared parameters lack {missing[:5]}: its model config differs")
     metrics = dict(reply["metrics"])
-    examples = int(metrics.pop("examples"))
+    examples = max(1, round(metrics.pop("examples")))   # a DP round's weight is its expected examples (a float)
     if examples > max_weight:
         raise SecureRoundRefused(f"this site weighs its update with {examples} examples, above SecAgg+'s max_weight "
                                  f"{max_weight:g}: raise privacy.secagg.max_weight to at least the largest site's")
