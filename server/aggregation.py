@@ -66,14 +66,25 @@ def trimmed_mean(updates: list[Update], trim_fraction: float = 0.2) -> Params:
     return _cast_like(combined, updates)
 
 
+# Normalisation statistics are averages, not weights: a server step would extrapolate them (a running
+# variance can go negative), so they take the sites' mean as in FedAvg.
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_statistic(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in STATISTICS
+
+
 @dataclass
 class ServerOptimizer:
-    """FedAdam / FedYogi (Reddi et al. 2021): an adaptive step on the pseudo-gradient mean(update) - global.
+    """A server step on the pseudo-gradient delta = mean(update) - global: FedAdam / FedYogi (Reddi et al. 2021),
+    adaptive; or FedAvgM (Hsu et al. 2019), momentum m = beta1 * m + delta, global += lr * m (lr 1, beta1 0
+    is FedAvg). Normalisation statistics take the mean instead (`STATISTICS`).
 
     Its moments carry across rounds and are checkpointed with the global model (`state_dict`).
     """
 
-    kind: str = "adam"  # "adam" | "yogi"
+    kind: str = "adam"  # "adam" | "yogi" | "momentum"
     lr: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -85,7 +96,14 @@ class ServerOptimizer:
     def step(self, global_params: Params, averaged: Params) -> Params:
         new = {}
         for name, current in global_params.items():
+            if is_statistic(name):
+                new[name] = averaged[name]
+                continue
             delta = averaged[name].astype(np.float64) - current.astype(np.float64)
+            if self.kind == "momentum":
+                self.m[name] = self.beta1 * self.m.get(name, np.zeros_like(delta)) + delta
+                new[name] = (current + self.lr * self.m[name]).astype(current.dtype)
+                continue
             m = self.beta1 * self.m.get(name, np.zeros_like(delta)) + (1 - self.beta1) * delta
             v_prev = self.v.get(name, np.full_like(delta, self.tau**2))
             if self.kind == "yogi":
@@ -113,10 +131,11 @@ COMBINERS: dict[str, Callable[..., Params]] = {
     "fedprox": weighted_mean,  # FedProx differs only in the sites' proximal term
     "fedadam": weighted_mean,
     "fedyogi": weighted_mean,
+    "fedavgm": weighted_mean,
     "median": coordinate_median,
     "trimmed_mean": trimmed_mean,
 }
-SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi"}
+SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedavgm": "momentum"}
 
 
 @dataclass

@@ -329,3 +329,27 @@ def test_server_refuses_invalid_privacy_before_asking_any_site(tmp_path):
     with pytest.raises(ValueError, match="strategy=median"):  # validate_privacy_config's own refusal
         check_supported(compose(["privacy=central_dp", "federation.strategy=median"]))
     check_supported(compose(["privacy=central_dp"]))
+
+
+def test_fedavgm_accumulates_momentum_by_hand_and_lr_1_beta_0_is_fedavg():
+    opt = ServerOptimizer("momentum", lr=1.0, beta1=0.5)
+    w = {"w": np.zeros(2, np.float32)}
+    w = opt.step(w, {"w": w["w"] + 1.0})             # m = 1 -> w = 1
+    w = opt.step(w, {"w": w["w"] + 1.0})             # m = 0.5 * 1 + 1 = 1.5 -> w = 2.5
+    np.testing.assert_allclose(w["w"], 2.5)
+    plain = ServerOptimizer("momentum", lr=1.0, beta1=0.0)
+    out = plain.step({"w": np.zeros(2, np.float32)}, {"w": np.array([0.3, -2.0], np.float32)})
+    np.testing.assert_allclose(out["w"], [0.3, -2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["adam", "yogi", "momentum"])
+def test_server_steps_leave_normalisation_statistics_at_the_sites_mean(kind):
+    opt = ServerOptimizer(kind, lr=5.0, beta1=0.9)
+    current = {"head.1.running_var": np.full(3, 0.2, np.float32), "head.1.num_batches_tracked": np.array(4),
+               "head.0.weight": np.zeros(3, np.float32)}
+    averaged = {"head.1.running_var": np.full(3, 0.05, np.float32), "head.1.num_batches_tracked": np.array(9),
+                "head.0.weight": np.full(3, 0.1, np.float32)}
+    out = opt.step(current, averaged)
+    np.testing.assert_array_equal(out["head.1.running_var"], averaged["head.1.running_var"])   # not 0.2 - 5 * 0.15
+    assert int(out["head.1.num_batches_tracked"]) == 9
+    assert not np.allclose(out["head.0.weight"], averaged["head.0.weight"])                    # weights do step
