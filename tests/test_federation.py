@@ -143,3 +143,21 @@ def test_resume_continues_at_the_next_round(deployment, first_run):
     rounds = [r["round"] for r in Registry(deployment.folder / "runs" / "registry.sqlite").describe("e2e")["rounds"]]
     assert rounds == [1, 2, 3]
     assert "resuming run e2e after its last complete round 2" in resumed["logs"]
+
+
+def test_secagg_round_in_deployment_leaves_the_sites_only_masked(deployment):
+    # Each of SecAgg+'s four messages starts a ClientApp process: the protocol's state must survive between them.
+    overrides = (f"{OVERRIDES} federation.rounds=1 federation.run_name=secagg privacy=secagg "
+                 f"federation.output_dir={deployment.folder / 'runs'}")
+    run = deployment.run(overrides)
+    assert run["status"] == "finished:completed", run["logs"]
+    shown = Registry(deployment.folder / "runs" / "registry.sqlite").describe("secagg")
+    assert [r["status"] for r in shown["rounds"]] == ["complete"] and shown["rejections"] == []
+    assert {m["site"] for m in shown["site_metrics"]} == {"A", "B"}
+    for name in ("A", "B"):
+        state = Path(site_config(deployment, name)["state_dir"])
+        entries = [json.loads(line) for line in (state / "outgoing.jsonl").read_text().splitlines()]
+        secure = [e for e in entries if "secaggplus_configs" in e["records"]]
+        assert len(secure) == 4 and all(e["error"] is None for e in secure)
+        assert all(r.get("arrays", {}) == {} for e in secure for r in e["records"].values())
+        assert sum("masked_params" in e["records"]["secaggplus_configs"]["values"] for e in secure) == 1
