@@ -112,6 +112,17 @@ def data(body: dict) -> list[str]:
     return lines
 
 
+@renderer("privacy")
+def privacy(body: dict) -> list[str]:
+    models = {k: v for k, v in body.items() if isinstance(v, dict)}
+    lines = [f"DP-SGD training step over the non-DP step of the same model and batch ({body.get('method', '')}); "
+             "goal at most 2.0.", ""]
+    lines += table(["model", "DP step s", "non-DP step s", "ratio", "batch"],
+                   [[m, v.get("dp_step_s"), v.get("step_s"), v.get("ratio"), v.get("batch_size")]
+                    for m, v in models.items()])
+    return lines
+
+
 @renderer("memory")
 def memory(body: dict) -> list[str]:
     lines = ["Peak resident memory of a fresh process building the model and running training steps "

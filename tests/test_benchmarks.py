@@ -61,12 +61,14 @@ def test_all_writes_machine_sections_and_markdown_tables(tmp_path, monkeypatch):
                 "step_s": 20.0, "phases_s": {"forward": 5.0, "backward": 12.0, "optimizer": 3.0}}
     data = {"cache_images_per_s": 40.0, "train_images_per_s": 2.0, "ratio": 20.0, "dicom_decode_images_per_s": 3.5}
     monkeypatch.setattr(run, "SECTIONS", {"hardware": lambda args: hardware, "data": lambda args: data,
-                                          "privacy": lambda args: {"tiny": {"dp_step_s": 3.0, "step_s": 1.0, "ratio": 3.0}}})
+                                          "privacy": lambda args: {"tiny": {"dp_step_s": 3.0, "step_s": 1.0, "ratio": 3.0,
+                                                                            "batch_size": 8}, "method": "m"},
+                                          "extra": lambda args: {"tiny": {"ratio": 3.0}}})
     out = tmp_path / "results" / "latest.json"
     assert run.main(["all", "--json", str(out), "--quick"]) == 0
 
     results = json.loads(out.read_text())
-    assert list(results) == ["machine", "hardware", "data", "privacy"]
+    assert list(results) == ["machine", "hardware", "data", "privacy", "extra"]
     assert {"cpu_count", "torch", "device", "section_seconds"} <= set(results["machine"])
     assert results["hardware"] == hardware and results["data"] == data
     markdown = out.with_suffix(".md").read_text()
@@ -74,6 +76,7 @@ def test_all_writes_machine_sections_and_markdown_tables(tmp_path, monkeypatch):
     assert "| 2 G | 8 G | 0.25 | 40 G | 20 |" in markdown        # FLOP-sized numbers in G
     assert "| backward | 12 | 0.6 |" in markdown                     # phase share of the step
     assert "| 40 | 2 | 20 |" in markdown                             # cache vs train images/s
+    assert "| tiny | 3 | 1 | 3 | 8 |" in markdown                   # DP step vs non-DP step
     assert "| tiny.ratio | 3 |" in markdown                          # a section without its own renderer: flat table
 
 
