@@ -99,6 +99,9 @@ def plot_sweep(path: Path, rows: list[dict]) -> None:
     if randoms:
         ax.axhline(sum(randoms) / len(randoms), color="gray", linestyle=":", label="random init")
     ax.set_xscale("log")
+    if dp:   # the epsilons themselves as ticks, in plain numbers
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_xticks([r["epsilon_spent"] for r in dp], [f"{r['epsilon_spent']:.3g}" for r in dp])
     ax.set_xlabel("epsilon spent (delta per site as configured)")
     ax.set_ylabel("linear-probe mean AUC")
     ax.legend(fontsize=8)
