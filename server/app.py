@@ -237,7 +237,7 @@ class Federation:
         (integer arrays keep their value); the bytes are those of the global parameters sent, masked replies are
         not counted."""
         result = secure_round(self.grid, nodes, params, round_, self._round_config(round_), dict(self.secagg),
-                              float(self.secagg.max_weight), float(self.fed.round_timeout_s))
+                              float(self.fed.round_timeout_s))
         answered = {node for node, _, _ in result.sites}
         for node in sorted(set(nodes) - answered):
             self._reject(round_, f"node {node}", node, ["dropped out of the SecAgg+ round (refused, failed or no reply "

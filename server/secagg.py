@@ -2,14 +2,14 @@
 
 The workflow is written for Flower's legacy Strategy API, so this module gives it the minimum it asks for: a
 client manager holding the round's nodes and a strategy that hands every node the same fit instructions and
-keeps what the workflow aggregates. Sites send their change to the global floating-point parameters (small numbers, well inside SecAgg+'s
-clipping range; its stochastic quantisation keeps the mean unbiased) weighted by their example counts; what
-comes back is the example-weighted mean change and each site's scalar metrics (which are not masked).
+keeps what the workflow aggregates. Sites send their change to the global floating-point parameters (small
+numbers, well inside SecAgg+'s clipping range; its stochastic quantisation keeps the mean unbiased) weighted by
+their example counts; what comes back is the example-weighted mean change and each site's scalar metrics
+(which are not masked).
 Integer arrays (BatchNorm's step counters, unused with a momentum) are left out of the sum and keep their value.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,9 +26,6 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from shared_models.transfer import SECAGG_MAX_WEIGHT_KEY, SECAGG_NAMES_KEY
-
-log = logging.getLogger("fedcxr.server")
-
 
 
 @dataclass
@@ -68,10 +65,13 @@ class _SameInstructions(Strategy):
 
 
 def secure_round(grid: Grid, nodes: list[int], params: dict[str, np.ndarray], round_: int, round_config: dict,
-                 secagg: dict, max_weight: float, timeout_s: float) -> SecureRound:
-    """Run SecAgg+ with `nodes` on the global `params`; sites answer with their masked, example-weighted change."""
+                 secagg: dict, timeout_s: float) -> SecureRound:
+    """Run SecAgg+ (`secagg`: the `privacy.secagg` settings) with `nodes` on the global `params`; sites answer
+    with their masked, example-weighted change."""
     names = sorted(name for name, value in params.items() if np.issubdtype(np.asarray(value).dtype, np.floating))
-    strategy = _SameInstructions({**round_config, SECAGG_NAMES_KEY: "\n".join(names), SECAGG_MAX_WEIGHT_KEY: float(max_weight)})
+    max_weight = float(secagg["max_weight"])
+    strategy = _SameInstructions({**round_config, SECAGG_NAMES_KEY: "\n".join(names),
+                                  SECAGG_MAX_WEIGHT_KEY: max_weight})
     clients = SimpleClientManager()
     for node in nodes:
         clients.register(GridClientProxy(node, grid, grid.run.run_id))
@@ -83,7 +83,7 @@ def secure_round(grid: Grid, nodes: list[int], params: dict[str, np.ndarray], ro
                             strategy=strategy, client_manager=clients)
     workflow = SecAggPlusWorkflow(
         num_shares=secagg["num_shares"], reconstruction_threshold=secagg["reconstruction_threshold"],
-        max_weight=float(max_weight), clipping_range=float(secagg["clipping_range"]),
+        max_weight=max_weight, clipping_range=float(secagg["clipping_range"]),
         quantization_range=int(secagg["quantization_range"]), timeout=timeout_s)
     workflow(grid, context)
     if not strategy.results:

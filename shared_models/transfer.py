@@ -5,9 +5,9 @@ import numpy as np
 
 TRANSFER_DTYPES = ("float32", "float16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-# Under SecAgg+ the round's instructions travel in Flower's legacy form: unnamed arrays in this order (names
-# joined by newlines: legacy configs hold scalars only), and the
-# largest example count a site may weigh its change with (SecAgg+'s `max_weight`).
+# Under SecAgg+ the round's instructions travel in Flower's legacy form: unnamed arrays, so their names go in the
+# config (joined by newlines: legacy configs hold scalars only), with the largest example count a site may weigh
+# its change with (SecAgg+'s `max_weight`).
 SECAGG_NAMES_KEY = "secagg_names"
 SECAGG_MAX_WEIGHT_KEY = "secagg_max_weight"
 

@@ -118,9 +118,8 @@ def run_sweep(user_overrides: list[str], epsilons: list[float], run_dir: Path) -
     for epsilon in [None, *epsilons]:
         overrides = [*user_overrides, *arm_overrides(epsilon), "compare_centralized=false"]
         cfg = compose(overrides, config_name="privacy_sweep")
-        choices = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
-                   if "=" in o and "." not in o.split("=", 1)[0] and o.split("=", 1)[0] in ("model", "objective", "data",
-                                                                                        "partition", "privacy")}
+        # group choices (privacy=dpsgd, model=...): simulate() keeps those naming an app section
+        choices = dict(o.split("=", 1) for o in overrides if "=" in o and "." not in o.split("=", 1)[0])
         name = arm_name(epsilon)
         print(f"\n== {name}: {' '.join(arm_overrides(epsilon))}", flush=True)
         summaries[name] = simulate(cfg, run_dir / name, choices)

@@ -74,7 +74,8 @@ def random_params(rng, scale=1.0):
             "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
 
 
-SECAGG = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 4194304}
+SECAGG = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 4194304,
+          "max_weight": 1000}
 CONFIG = {"run": "r", "round": 1, "lr": 1e-3}
 
 
@@ -86,7 +87,7 @@ def test_server_gets_the_example_weighted_mean_change_and_each_sites_metrics():
                   for k, v in global_params.items()} for node in examples}
     grid = InMemoryGrid({node: site_training(new[node], n, f"site_{node}") for node, n in examples.items()})
 
-    result = secure_round(grid, list(examples), global_params, 1, CONFIG, SECAGG, max_weight=1000, timeout_s=10)
+    result = secure_round(grid, list(examples), global_params, 1, CONFIG, SECAGG, timeout_s=10)
 
     total = sum(examples.values())
     for name in ("encoder.weight", "encoder.bias"):
@@ -104,7 +105,7 @@ def test_no_site_sends_its_parameters_in_the_clear():
     new = {node: {k: v + np.float32(0.5) if v.dtype.kind == "f" else v for k, v in global_params.items()}
            for node in (1, 2)}
     grid = InMemoryGrid({node: site_training(new[node], 10, f"s{node}") for node in new})
-    secure_round(grid, [1, 2], global_params, 1, CONFIG, SECAGG, max_weight=1000, timeout_s=10)
+    secure_round(grid, [1, 2], global_params, 1, CONFIG, SECAGG, timeout_s=10)
 
     plain = {v.astype(np.float32).tobytes() for p in new.values() for v in p.values()}
     for reply in grid.sent:
@@ -138,7 +139,7 @@ def test_a_site_that_refuses_drops_out_and_the_others_are_still_averaged():
         return replies
 
     grid.send_and_receive = deliver
-    result = secure_round(grid, [1, 2, 3], global_params, 1, CONFIG, SECAGG, max_weight=1000, timeout_s=10)
+    result = secure_round(grid, [1, 2, 3], global_params, 1, CONFIG, SECAGG, timeout_s=10)
     assert sorted(node for node, _, _ in result.sites) == [1, 2]
     np.testing.assert_allclose(result.mean_delta["encoder.bias"], 0.15, atol=1e-4)   # mean of 0.1 and 0.2
     assert result.failures == 1

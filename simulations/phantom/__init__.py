@@ -122,9 +122,9 @@ def render_study(rng: np.random.Generator, plan: StudyPlan, size: int,
     spacing = rng.uniform(300.0, 360.0) / thorax.size[0]
     u, v = thorax.grid()
     density, markings = frontal_density(rng, thorax)
-    normal = density.copy()
+    normal = density.copy() if finding_contrast != 1.0 else None
     masks = draw_findings(rng, Canvas(thorax, u, v, density, markings), plan.findings)
-    if finding_contrast != 1.0:
+    if normal is not None:
         density = normal + finding_contrast * (density - normal)
     for f in plan.findings:
         if "size_fraction" in f.detail:
@@ -202,8 +202,8 @@ def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 5
                      held_out: float = 0.1, finding_contrast: float = 1.0) -> Path:
     """Write a `studies`-study phantom to `out` (absent or empty) and return it; same seed and
     arguments, same bytes. `held_out` of the patients go to `test` and as many to `validate`;
-    `finding_contrast` scales how strongly the findings show (see `render_study`). Built in a sibling `.partial` folder and renamed, so a killed run never
-    leaves a phantom that looks complete."""
+    `finding_contrast` scales how strongly the findings show (see `render_study`). Built in a sibling
+    `.partial` folder and renamed, so a killed run never leaves a phantom that looks complete."""
     out = Path(out)
     if studies < 1:
         raise ValueError(f"--studies must be >= 1, got {studies}")
