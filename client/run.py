@@ -59,12 +59,22 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
         command += ["--trusted-entities", site["trusted_entities"]]
     if site.get("max_retries") is not None:
         command += ["--max-retries", str(site["max_retries"])]
+    if site.get("clientapp_launcher", "warm") == "warm":
+        command += ["--isolation", "process"]  # the ClientApps come from launcher_command's process
     env = dict(os.environ)
     # The SuperNode starts `flwr-clientapp` by name: it must find this venv's, not another install's.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_HOME", str(Path(site["state_dir"]) / "flwr"))  # installed app bundles of this site
     return command, env
+
+
+def launcher_command(site: dict) -> list[str] | None:
+    """The warm ClientApp launcher beside the SuperNode (None: Flower's SuperExec starts the ClientApps)."""
+    if site.get("clientapp_launcher", "warm") != "warm":
+        return None
+    return [sys.executable, str(Path(__file__).resolve().parent / "clientapp_launcher.py"),
+            "--runtime-api-address", f"127.0.0.1:{site.get('supernode_port') or 9094}", "--parent-pid", str(os.getpid())]
 
 
 # Flower's SUPERNODE_CONNECTION_ERROR: the SuperLink could not be reached, or refused to activate this node. The
@@ -160,7 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     delays = site.get("restart_delays_s")
-    return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays))
+    launcher = launcher_command(site)
+    # The launcher outlives SuperNode restarts (it polls the same local port) and dies with this process.
+    warm = subprocess.Popen(launcher, env=env, preexec_fn=_die_with_parent) if launcher else None
+    try:
+        return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays))
+    finally:
+        if warm is not None:
+            warm.terminate()
+            try:
+                warm.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                warm.kill()
+                warm.wait()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ def _absolute(value: str | None) -> str | None:
     return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
 
 
+# How the SuperNode starts a round's ClientApp: `warm` forks it from a launcher that imported the ML stack once
+# (client/clientapp_launcher.py); `flower` lets Flower's SuperExec start a fresh interpreter per message.
+LAUNCHERS = ("warm", "flower")
+
+
 def load_site(path: Path, check_files: bool = True) -> dict:
     """The site file as a plain dict with absolute paths; raises SiteConfigError naming what is wrong."""
     site = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -50,6 +55,10 @@ def load_site(path: Path, check_files: bool = True) -> dict:
     if delays is not None and (not isinstance(delays, list) or not all(
             isinstance(d, (int, float)) and math.isfinite(d) and d >= 0 for d in delays)):
         raise SiteConfigError(f"{path}: restart_delays_s must be a list of seconds >= 0 (e.g. [5, 10, 20]), got {delays!r}")
+    site.setdefault("clientapp_launcher", "warm")
+    if site["clientapp_launcher"] not in LAUNCHERS:
+        raise SiteConfigError(f"{path}: clientapp_launcher must be one of {list(LAUNCHERS)}, "
+                              f"got {site['clientapp_launcher']!r}")
     if ":" not in str(site["superlink"]):
         raise SiteConfigError(f"{path}: superlink must be host:port, got {site['superlink']!r}")
     if check_files:

@@ -98,3 +98,42 @@ def test_site_file_restart_delays_are_checked(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(site, restart_delays_s=[5, -1])))
     with pytest.raises(SiteConfigError, match="restart_delays_s"):
         load_site(tmp_path / "bad.yaml", check_files=False)
+
+
+def test_site_file_chooses_how_clientapps_start(tmp_path):
+    import pytest
+    import yaml
+
+    from client.run import launcher_command, supernode_command
+    from client.site import SiteConfigError, load_site
+
+    site = {"name": "A", "data": {"root": str(tmp_path), "layout": "manifest"}, "superlink": "127.0.0.1:9092",
+            "root_certificates": "ca.crt", "node_private_key": "key", "state_dir": str(tmp_path),
+            "privacy": {"max_epsilon": 8.0, "max_delta": 1e-5}, "supernode_port": 9111}
+    (tmp_path / "warm.yaml").write_text(yaml.safe_dump(site))
+    warm = load_site(tmp_path / "warm.yaml", check_files=False)
+    command, _ = supernode_command(warm, tmp_path / "warm.yaml")
+    assert command[command.index("--isolation") + 1] == "process"
+    launcher = launcher_command(warm)
+    assert launcher[1].endswith("client/clientapp_launcher.py") and "127.0.0.1:9111" in launcher
+
+    (tmp_path / "flower.yaml").write_text(yaml.safe_dump(dict(site, clientapp_launcher="flower")))
+    flower = load_site(tmp_path / "flower.yaml", check_files=False)
+    assert "--isolation" not in supernode_command(flower, tmp_path / "flower.yaml")[0]
+    assert launcher_command(flower) is None
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(site, clientapp_launcher="hot")))
+    with pytest.raises(SiteConfigError, match="clientapp_launcher must be one of"):
+        load_site(tmp_path / "bad.yaml", check_files=False)
+
+
+def test_launcher_imports_the_ml_stack_but_none_of_the_project():
+    """A `client` package imported before the fork would shadow the run's app bundle in every ClientApp."""
+    script = Path(__file__).resolve().parents[1] / "client" / "clientapp_launcher.py"
+    probe = (f"import runpy, sys; sys.argv = [{str(script)!r}]; "
+             f"ns = runpy.run_path({str(script)!r}, run_name='launcher'); ns['preload'](); "
+             "print(sorted({m.partition('.')[0] for m in sys.modules} & (ns['PROJECT_PACKAGES'] | {'torch', 'timm'})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd="/", env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['timm', 'torch']"
