@@ -225,8 +225,15 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     print(f"federation: {cfg.federation.rounds} rounds x {cfg.federation.local_steps} local steps on {len(sites)} "
           f"virtual sites ({resources.num_cpus} CPU, {resources.num_gpus:g} GPU each), Flower simulation runtime", flush=True)
     app = stage_app(run_dir / "flower" / "app")
+    timeout_s = float("inf") if cfg.timeout_s is None else float(cfg.timeout_s)
     with LocalSimulation(run_dir / "flower") as simulation:
-        record = simulation.run(app, overrides, len(sites), resources, float(cfg.timeout_s), on_poll=show_progress)
+        try:
+            record = simulation.run(app, overrides, len(sites), resources, timeout_s, on_poll=show_progress)
+        except TimeoutError as err:
+            raise TimeoutError(
+                f"{err} (timeout_s={cfg.timeout_s}). Rounds {sorted(printed) or 'none'} of {cfg.federation.rounds} "
+                f"completed and are checkpointed in {run_dir / 'checkpoints'} (evaluate one with python -m "
+                "evaluation.run checkpoint=...); for a longer run set timeout_s higher, or null for no limit") from err
     rounds, described = read_rounds(run_dir / "registry.sqlite", run_name)
     if record["status"] != "finished:completed" or described["run"]["status"] != "finished":
         raise RuntimeError(f"the federation did not complete (Flower: {record['status']}, registry: "

@@ -127,3 +127,29 @@ def test_sigterm_mid_federation_stops_every_flower_process(tmp_path):
             process.wait()
     survivors = [pid for pid in below if _alive(pid)]
     assert not survivors, f"{len(survivors)} of {len(below)} processes outlived the SIGTERM"
+
+
+def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_path, monkeypatch):
+    import simulations.run as run
+    from shared_models.config import compose
+
+    class TimedOut:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, app, overrides, sites, resources, timeout_s, on_poll):
+            assert timeout_s == float("inf")  # timeout_s=null: no limit is passed on as one
+            raise TimeoutError("Flower run 7 did not finish within 60 s; stopped it")
+
+    monkeypatch.setattr(run, "LocalSimulation", TimedOut)
+    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "data.studies=40", "federation.sites=2", "timeout_s=null"],
+                  config_name="simulate")
+    with pytest.raises(TimeoutError, match=r"timeout_s=None\). Rounds none of 5 completed and are checkpointed in "
+                                           r".*checkpoints .*set timeout_s higher, or null for no limit"):
+        run.simulate(cfg, tmp_path / "run", choices={})
