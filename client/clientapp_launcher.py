@@ -82,17 +82,17 @@ def serve(runtime_api_address: str, poll_s: float, parent_pid: int | None) -> in
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    unreachable_since: float | None = None
+    reported_unreachable = False
     while not stopping:
         if parent_pid is not None and os.getppid() != parent_pid:
             break  # the site's supervisor is gone
         reap(children)
         try:
             reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            unreachable_since = None
+            reported_unreachable = False
         except Exception as err:  # noqa: BLE001 — the SuperNode restarts (its supervisor retries); keep polling
-            if unreachable_since is None:
-                unreachable_since = time.monotonic()
+            if not reported_unreachable:
+                reported_unreachable = True
                 print(f"clientapp_launcher: SuperNode at {runtime_api_address} not answering ({err}); retrying",
                       file=sys.stderr, flush=True)
             time.sleep(1.0)
