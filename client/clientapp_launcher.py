@@ -117,7 +117,7 @@ def serve(runtime_api_address: str, poll_s: float, parent_pid: int | None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.clientapp_launcher", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python client/clientapp_launcher.py", description=__doc__)
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often to ask the SuperNode for a task")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")

@@ -59,7 +59,7 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
         command += ["--trusted-entities", site["trusted_entities"]]
     if site.get("max_retries") is not None:
         command += ["--max-retries", str(site["max_retries"])]
-    if site.get("clientapp_launcher", "warm") == "warm":
+    if site["clientapp_launcher"] == "warm":  # load_site fills in the default
         command += ["--isolation", "process"]  # the ClientApps come from launcher_command's process
     env = dict(os.environ)
     # The SuperNode starts `flwr-clientapp` by name: it must find this venv's, not another install's.
@@ -71,7 +71,7 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
 
 def launcher_command(site: dict) -> list[str] | None:
     """The warm ClientApp launcher beside the SuperNode (None: Flower's SuperExec starts the ClientApps)."""
-    if site.get("clientapp_launcher", "warm") != "warm":
+    if site["clientapp_launcher"] != "warm":
         return None
     return [sys.executable, str(Path(__file__).resolve().parent / "clientapp_launcher.py"),
             "--runtime-api-address", f"127.0.0.1:{site.get('supernode_port') or 9094}", "--parent-pid", str(os.getpid())]

@@ -39,6 +39,7 @@ def _absolute(value: str | None) -> str | None:
 # How the SuperNode starts a round's ClientApp: `warm` forks it from a launcher that imported the ML stack once
 # (client/clientapp_launcher.py); `flower` lets Flower's SuperExec start a fresh interpreter per message.
 LAUNCHERS = ("warm", "flower")
+DEFAULT_LAUNCHER = "warm"
 
 
 def load_site(path: Path, check_files: bool = True) -> dict:
@@ -55,7 +56,7 @@ def load_site(path: Path, check_files: bool = True) -> dict:
     if delays is not None and (not isinstance(delays, list) or not all(
             isinstance(d, (int, float)) and math.isfinite(d) and d >= 0 for d in delays)):
         raise SiteConfigError(f"{path}: restart_delays_s must be a list of seconds >= 0 (e.g. [5, 10, 20]), got {delays!r}")
-    site.setdefault("clientapp_launcher", "warm")
+    site.setdefault("clientapp_launcher", DEFAULT_LAUNCHER)
     if site["clientapp_launcher"] not in LAUNCHERS:
         raise SiteConfigError(f"{path}: clientapp_launcher must be one of {list(LAUNCHERS)}, "
                               f"got {site['clientapp_launcher']!r}")
