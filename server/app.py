@@ -24,6 +24,7 @@ from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose, config_hash
 from shared_models.export import export
 from shared_models.factory import create_model
+from shared_models.model import schedule_notice
 from shared_models.sharing import split_state
 from shared_models.transfer import check_transfer_dtype, contiguous, decode_arrays, encode_arrays
 
@@ -124,6 +125,11 @@ class Federation:
         self.fingerprints = checkpoint_fingerprints(cfg, self.model.tokenizer)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.config_hash = config_hash(cfg)
+        # The schedule counts each site's local steps, which continue over the rounds.
+        notice = schedule_notice(cfg.objective, int(self.fed.rounds) * int(self.fed.local_steps),
+                                 f"each site ({self.fed.rounds} rounds x {self.fed.local_steps} local steps)")
+        if notice:
+            log.warning(notice)
 
     def _starting_point(self) -> tuple[int, dict[str, np.ndarray] | None]:
         latest = load_latest_valid(self.run_dir)

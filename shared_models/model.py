@@ -63,6 +63,27 @@ OBJECTIVE_BUILDERS: dict[str, Callable[[dict, "PretrainModel"], nn.Module]] = {
 }
 
 
+def term_start_steps(objective) -> dict[str, int]:
+    """The first optimizer step of each weighted term under `objective.schedule` (absent: step 0)."""
+    starts = (objective.get("schedule") or {}).get("start_step") or {}
+    return {term: int(starts.get(term, 0)) for term, weight in objective["lambdas"].items() if float(weight) > 0}
+
+
+def terms_never_trained(objective, steps: int) -> dict[str, int]:
+    """Weighted terms that a run of `steps` optimizer steps never trains (their start step is not below it)."""
+    return {term: start for term, start in term_start_steps(objective).items() if start >= steps}
+
+
+def schedule_notice(objective, steps: int, trainer: str) -> str | None:
+    """What a person should know when `trainer`'s `steps` optimizer steps never reach some weighted terms."""
+    missed = terms_never_trained(objective, steps)
+    if not missed:
+        return None
+    listed = ", ".join(f"{term} (from step {start})" for term, start in sorted(missed.items()))
+    return (f"{trainer} trains {steps} steps, so these weighted terms of objective {objective.get('name', '')!r} "
+            f"never train: {listed}. Lower objective.schedule.stage2_step / warmup_steps, or train more steps")
+
+
 class PretrainModel(nn.Module):
     """`forward(batch, step)` returns every active loss term and `loss` = sum of lambda * term."""
 
@@ -85,9 +106,8 @@ class PretrainModel(nn.Module):
         self.tokenizer = tokenizer
         self.projection_dim = projection_dim
         self.lambdas = {term: float(w) for term, w in objective["lambdas"].items() if float(w) > 0}
-        schedule = objective.get("schedule", {})
-        self.stage2_step = int(schedule.get("stage2_step", 0))
-        self.start_step = {term: int(s) for term, s in schedule.get("start_step", {}).items()}
+        self.stage2_step = int((objective.get("schedule") or {}).get("stage2_step", 0))
+        self.start_step = term_start_steps(objective)
 
         # Global heads map to the contrastive space; token heads map patches, words and sentences to one
         # space shared by the local objectives and the decoders.

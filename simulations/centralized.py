@@ -18,6 +18,7 @@ from shared_models.batch import collate
 from shared_models.checkpoint import load_checkpoint, save_checkpoint
 from shared_models.config import config_hash, hydra_entry
 from shared_models.factory import create_model
+from shared_models.model import schedule_notice, terms_never_trained
 from simulations.data import prepare_data
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
         raise ValueError(f"train.resume_from is at step {start_step}, not before train.steps={settings.steps}; "
                          "raise train.steps to train further")
     settings = replace(settings, start_step=start_step, steps=settings.steps - start_step, total_steps=settings.steps)
+    notice = schedule_notice(cfg.objective, settings.total_steps, "the centralized run")
+    if notice:
+        log.warning(notice)
     max_length = cfg.train.max_text_length or cfg.model.text.max_length
     log.info("centralized: %d images, steps %d..%d of %s / %s", len(dataset), start_step, settings.total_steps,
              cfg.model.name, cfg.objective.name)
@@ -85,6 +89,7 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
         "loss_start": result.loss_start,
         "loss_end": result.loss_end,
         "images": len(dataset),
+        "terms_never_trained": terms_never_trained(cfg.objective, settings.total_steps),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -104,6 +104,8 @@ def stage_app(target: Path) -> Path:
 class LocalSimulation:
     """A SuperLink in simulation mode on 127.0.0.1 that this process started and stops (by its process group)."""
 
+    linger_s = 120.0   # how long Flower may take to finish a run after the ServerApp has recorded its end
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.home = self.folder / "flwr-home"
@@ -170,11 +172,20 @@ class LocalSimulation:
                                    f"client-resources-num-gpus={resources.num_gpus}"))
         run_id = str(started["run-id"])
         deadline, next_ask = time.monotonic() + timeout_s, time.monotonic() + 20
+        ended_at = None
         while True:
             ended = on_poll()
+            if ended and ended_at is None:
+                ended_at = time.monotonic()
             if ended or time.monotonic() > next_ask:
                 record = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json"))["runs"][0]
                 if record["status"].startswith("finished"):
+                    break
+                if ended_at is not None and time.monotonic() - ended_at > self.linger_s:
+                    # The ServerApp has ended the run (e.g. a round with too few sites) but a virtual site is
+                    # still training for it: without a timeout this would wait for nothing.
+                    self.flwr("stop", run_id, CONNECTION)
+                    record = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json"))["runs"][0]
                     break
                 next_ask = time.monotonic() + (2 if ended else 20)
             if time.monotonic() > deadline:

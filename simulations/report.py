@@ -109,6 +109,10 @@ def write_report(run_dir: Path, summary: dict, sites_markdown: str) -> Path:
     plot_site_losses(run_dir / "loss_per_site.png", rounds)
     plot_global(run_dir / "global_per_round.png", rounds)
     plot_final(run_dir / "final_auc.png", summary["final"])
+    never = {arm: ", ".join(sorted(entry["terms_never_trained"])) or "none"
+             for arm, entry in summary.get("schedule", {}).items()}
+    schedule = "; ".join(f"{arm} ({summary['schedule'][arm]['steps']} steps along one model): {terms}"
+                         for arm, terms in never.items())
     epsilon = ", ".join(f"{site} {e:.2f}" for site, e in summary["epsilon"].items()) or "DP off"
     text = f"""# Simulation report
 
@@ -133,6 +137,8 @@ def write_report(run_dir: Path, summary: dict, sites_markdown: str) -> Path:
 
 Bytes over the network: {summary['bytes']['to_sites'] / 1e6:.1f} MB to the sites, {summary['bytes']['to_server'] / 1e6:.1f} MB
 back. Epsilon: {epsilon}. Wall time {summary['wall_s']:.0f} s.
+
+Weighted terms the objective schedule never reaches: {schedule or "-"}.
 """
     path = run_dir / "report.md"
     path.write_text(text)

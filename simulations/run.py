@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from client.data.catalog import open_catalog, usable_studies
 from shared_models.config import compose, hydra_entry
+from shared_models.model import schedule_notice, terms_never_trained
 from simulations.data import PreparedData, prepare_data
 from simulations.flower import ClientResources, LocalSimulation, stage_app
 from simulations.partition import Site, composition, composition_markdown, partition, save_partition
@@ -170,6 +171,29 @@ def train_centralized_baseline(cfg: DictConfig, folder: Path, data: PreparedData
     return folder / "checkpoint", summary
 
 
+def schedule_comparison(cfg: DictConfig, sites: int) -> dict:
+    """Each arm's optimizer steps along one model's schedule and the weighted terms it never reaches: a site
+    continues its local steps over the rounds, the centralized baseline takes all sites' steps in one run."""
+    per_site = int(cfg.federation.rounds) * int(cfg.federation.local_steps)
+    arms = {"federated": per_site, **({"centralized": per_site * sites} if cfg.compare_centralized else {})}
+    return {arm: {"steps": steps, "terms_never_trained": terms_never_trained(cfg.objective, steps)}
+            for arm, steps in arms.items()}
+
+
+def schedule_mismatch(schedule: dict) -> str | None:
+    """A notice when the centralized baseline trains terms that the sites never reach."""
+    if "centralized" not in schedule:
+        return None
+    only_central = sorted(set(schedule["federated"]["terms_never_trained"])
+                          - set(schedule["centralized"]["terms_never_trained"]))
+    if not only_central:
+        return None
+    return (f"not like for like: the centralized baseline ({schedule['centralized']['steps']} steps) trains "
+            f"{', '.join(only_central)}, which the sites ({schedule['federated']['steps']} local steps each) never "
+            "reach under objective.schedule; lower objective.schedule.stage2_step / warmup_steps below the sites' "
+            "steps to compare the same objective")
+
+
 # ------------------------------------------------------------------------------------------ main
 def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict:
     """The whole simulation into `run_dir`; returns summary.json's content. `choices` are the config
@@ -222,6 +246,11 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
                       + (f", loss {loss:.4f}" if loss is not None else "") + f", {entry['global']['seconds']:.0f} s", flush=True)
         return described["run"]["status"] != "running"
 
+    schedule = schedule_comparison(cfg, len(sites))
+    for notice in [schedule_notice(cfg.objective, schedule["federated"]["steps"], "each site"),
+                   schedule_mismatch(schedule)]:
+        if notice:
+            print(f"NOTICE: {notice}", flush=True)
     print(f"federation: {cfg.federation.rounds} rounds x {cfg.federation.local_steps} local steps on {len(sites)} "
           f"virtual sites ({resources.num_cpus} CPU, {resources.num_gpus:g} GPU each), Flower simulation runtime", flush=True)
     app = stage_app(run_dir / "flower" / "app")
@@ -267,6 +296,7 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         "bytes": {"to_sites": sum(r["global"]["bytes_sent"] for r in rounds),
                   "to_server": sum(r["global"]["bytes_received"] for r in rounds)},
         "epsilon": epsilon,
+        "schedule": schedule,
         "flower": {"run_id": record.get("run-id"), "status": record["status"], "client_resources": vars(resources)},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -7,7 +7,7 @@ from shared_models.batch import collate
 from shared_models.config import compose
 from shared_models.factory import create_model
 from shared_models.image_encoder import ImageEncoder
-from shared_models.model import TERM_MODULE
+from shared_models.model import TERM_MODULE, schedule_notice, terms_never_trained
 from shared_models.sharing import shared_parameter_names, split_state
 from shared_models.text_encoder import TextEncoder, sentence_means
 from shared_models.tokenizer import tokenizer_hash, train_wordpiece
@@ -228,6 +228,18 @@ def test_schedules_switch_terms(hybrid):
     assert set(hybrid.active_terms(5)) == {"global", "summary", "region", "tag", "soft_label", "seg"}
     assert set(hybrid.active_terms(10)) == set(TERM_MODULE)
     assert (hybrid.hybridmed_stage(9), hybrid.hybridmed_stage(10)) == (1, 2)
+
+
+def test_terms_never_trained_are_those_starting_at_or_after_the_last_step():
+    objective = compose(["objective=hybrid", "objective.schedule.stage2_step=10",
+                         "objective.schedule.warmup_steps=5", "objective.lambdas.caption=0"]).objective
+    # steps 0..9 are trained: a term starting at step 10 never is, one at step 5 is (unweighted caption: not listed)
+    assert terms_never_trained(objective, 10) == {"global_impression": 10, "token": 10, "distill": 10}
+    assert terms_never_trained(objective, 11) == {}
+    assert terms_never_trained(objective, 5) == {"global_impression": 10, "token": 10, "distill": 10, "seg": 5}
+    notice = schedule_notice(objective, 5, "each site")
+    assert "seg (from step 5)" in notice and "token (from step 10)" in notice and "stage2_step" in notice
+    assert schedule_notice(objective, 11, "each site") is None
 
 
 def _gradient_owners(model, loss):

@@ -41,6 +41,35 @@ def test_summary_has_the_contract_keys(simulation):
         assert (run_dir / name).is_file(), name
 
 
+def test_summary_and_report_name_the_terms_the_schedule_never_reaches(simulation):
+    run_dir, _ = simulation
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # 2 rounds x 1 local step per site, 2 x 2 centralized steps: hybrid's stage 2 (1000) and seg (200) never start
+    unreached = {"global_impression": 1000, "token": 1000, "caption": 1000, "distill": 1000, "seg": 200}
+    assert summary["schedule"] == {"federated": {"steps": 2, "terms_never_trained": unreached},
+                                   "centralized": {"steps": 4, "terms_never_trained": unreached}}
+    assert "federated (2 steps along one model): caption, distill, global_impression, seg, token" in \
+        (run_dir / "report.md").read_text()
+
+
+def test_a_baseline_that_reaches_terms_the_sites_never_do_is_flagged():
+    from shared_models.config import compose
+    from simulations.run import schedule_comparison, schedule_mismatch
+
+    cfg = compose(["federation.rounds=2", "federation.local_steps=3", "objective.schedule.stage2_step=10",
+                   "objective.schedule.warmup_steps=4"], config_name="simulate")
+    schedule = schedule_comparison(cfg, sites=3)   # 6 steps per site, 18 centralized
+    assert schedule["federated"] == {"steps": 6, "terms_never_trained": dict.fromkeys(
+        ["global_impression", "token", "caption", "distill"], 10)}
+    assert schedule["centralized"] == {"steps": 18, "terms_never_trained": {}}
+    notice = schedule_mismatch(schedule)
+    assert "caption, distill, global_impression, token" in notice and "not like for like" in notice
+    cfg.objective.schedule.stage2_step = 5   # the sites reach stage 2 at their last step
+    assert schedule_mismatch(schedule_comparison(cfg, sites=3)) is None
+    cfg.compare_centralized = False
+    assert set(schedule_comparison(cfg, sites=3)) == {"federated"}
+
+
 def test_per_round_metrics_match_the_run_registry(simulation):
     run_dir, _ = simulation
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -153,3 +182,30 @@ def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_pat
     with pytest.raises(TimeoutError, match=r"timeout_s=None\). Rounds none of 5 completed and are checkpointed in "
                                            r".*checkpoints .*set timeout_s higher, or null for no limit"):
         run.simulate(cfg, tmp_path / "run", choices={})
+
+
+def test_a_run_the_server_app_ended_is_stopped_if_flower_keeps_it_going(tmp_path, monkeypatch):
+    import json as json_
+
+    from simulations.flower import ClientResources, LocalSimulation
+
+    simulation = LocalSimulation(tmp_path)   # not entered: flwr's answers are scripted below
+    simulation.linger_s = 1.5
+    asked: list[str] = []
+    stopped = {"done": False}
+
+    def flwr(*args, timeout_s=120):
+        asked.append(args[0])
+        if args[0] == "run":
+            return json_.dumps({"run-id": 7})
+        if args[0] == "stop":
+            stopped["done"] = True
+            return ""
+        return json_.dumps({"runs": [{"status": "finished:stopped" if stopped["done"] else "running"}]})
+
+    monkeypatch.setattr(simulation, "flwr", flwr)
+    monkeypatch.setattr("simulations.flower.subprocess.run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
+    # the registry says the run ended (on_poll True) while Flower still lists it as running, with no timeout
+    record = simulation.run(tmp_path, [], 2, ClientResources(1, 0), float("inf"), on_poll=lambda: True)
+    assert record["status"] == "finished:stopped" and asked.count("stop") == 1
+    assert asked[0] == "run" and asked[-1] == "ls"
