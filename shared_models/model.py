@@ -224,10 +224,6 @@ class StepInputs:
         impression = self.model.text_encoder(b["impression_ids"], b["impression_mask"]).report_emb
         return torch.where(b["has_impression"][:, None], self.model.text_projection(impression), self.report_emb)
 
-    def zero(self) -> Tensor:
-        # A term with no eligible sample: an exact 0 that still belongs to the graph.
-        return self.image_emb.sum() * 0.0
-
 
 def _global(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
     return {"global": model.objectives["global"](s.image_emb, s.report_emb)}
@@ -245,21 +241,19 @@ def _token(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
 
 
 def _impression(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
+    """On every row, studies lacking findings or impression masked out of the token means: no branch on the
+    batch's values, so the same code runs under DP-SGD's vmapped per-study gradients (no row: exact 0s)."""
     b = s.batch
     rows = b["has_findings"] & b["has_impression"]
-    stage = model.hybridmed_stage(step)
-    if not rows.any():
-        return {term: s.zero() for term in ("summary", "caption", "distill")}
-    length = int(b["impression_mask"][rows].sum(dim=1).max())
+    # A row without findings would cross-attend to no token (NaN); give it the first one, its loss is masked.
+    findings_mask = b["findings_mask"].bool()
+    findings_mask = findings_mask | (~findings_mask.any(dim=1, keepdim=True) & (torch.arange(
+        findings_mask.shape[1], device=findings_mask.device) == 0))
     # In stage 1 only the summary branch runs, so the image encoder is not needed for it.
-    patches = s.patch_tokens[rows] if stage == 2 else s.findings_tokens.new_zeros(int(rows.sum()), 1, 1)
+    stage = model.hybridmed_stage(step)
+    patches = s.patch_tokens if stage == 2 else s.findings_tokens.new_zeros(len(rows), 1, 1)
     return model.objectives["impression"](
-        b["impression_ids"][rows, :length],
-        b["impression_mask"][rows, :length],
-        patches,
-        s.findings_tokens[rows],
-        b["findings_mask"][rows],
-        stage,
+        b["impression_ids"], b["impression_mask"] * rows[:, None], patches, s.findings_tokens, findings_mask, stage,
     )
 
 

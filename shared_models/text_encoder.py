@@ -105,7 +105,12 @@ class TextEncoder(nn.Module):
         sentence_ids: torch.Tensor | None = None,
         num_sentences: int | None = None,
     ) -> TextFeatures:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+        # The additive [B, 1, 1, L] mask is what transformers would build from the 2D one; built here, it spares
+        # transformers' check of whether any token is padded, a data-dependent branch torch.func.vmap refuses
+        # (DP-SGD's per-study gradients, client/privacy/clipping.py).
+        dtype = self.model.get_input_embeddings().weight.dtype
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        out = self.model(input_ids=input_ids, attention_mask=additive_mask, output_attentions=True)
         tokens = out.last_hidden_state
         word_weights = out.attentions[-1][:, :, 0, :].mean(dim=1) * attention_mask
         report_emb = REPORT_POOLING[self.pooling](tokens, attention_mask)

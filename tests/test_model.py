@@ -157,6 +157,20 @@ def test_text_features_sentences_and_word_weights():
 
 
 # -- tokenizer and collate ------------------------------------------------------------------------
+def test_text_encoder_is_the_hugging_face_model_with_its_own_2d_mask(hybrid, batch):
+    encoder = hybrid.text_encoder.eval()
+    try:
+        ids, mask = batch["report_ids"], batch["report_mask"]
+        assert not bool(mask.all())   # the batch has padding
+        ours = encoder(ids, mask)
+        theirs = encoder.model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        padded = ~mask.bool()
+        torch.testing.assert_close(ours.token_embeds[~padded], theirs.last_hidden_state[~padded])
+        torch.testing.assert_close(ours.word_weights, theirs.attentions[-1][:, :, 0, :].mean(dim=1) * mask)
+    finally:
+        encoder.train()
+
+
 def test_tokenizer_is_deterministic_and_covers_text():
     first, second = train_wordpiece(num_reports=300), train_wordpiece(num_reports=300)
     assert tokenizer_hash(first) == tokenizer_hash(second)

@@ -22,6 +22,7 @@ from shared_models.objectives import (
     soft_targets,
 )
 from shared_models.objectives.impression_decoder import distillation_kl, token_cross_entropy
+from shared_models.objectives.token_alignment import masked_quantile
 
 R2 = 1 / math.sqrt(2)
 
@@ -236,6 +237,27 @@ def test_region_features_pool_each_images_own_box():
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]] * 2)  # left half, right half
     features = region_features(grid, boxes)[..., 0]
     assert torch.allclose(features, torch.tensor([[0.5, 2.5], [10.5, 12.5]]))
+
+
+def test_region_features_weigh_each_cell_by_its_area_inside_the_box():
+    grid = torch.arange(4.0).expand(1, 1, 4, 4)  # value = column index
+    boxes = torch.tensor([[[0.125, 0.0, 0.625, 1.0], [0.0, 0.0, 0.375, 0.5], [2.0, 0.0, 3.0, 1.0]]])
+    features = region_features(grid, boxes)[0, :, 0]
+    # columns 0.5..2.5: cells 0, 1, 2 cover 0.5, 1, 0.5 -> (0 * 0.5 + 1 + 2 * 0.5) / 2; columns 0..1.5 -> 0.5 / 1.5;
+    # a box wholly off the image pools nothing and stays finite
+    assert torch.allclose(features, torch.tensor([1.0, 1 / 3, 0.0]))
+
+
+def test_masked_quantile_interpolates_as_nanquantile_over_each_rows_valid_entries():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(6, 9, generator=generator)
+    mask = torch.rand(6, 9, generator=generator) < 0.6
+    mask[:, 0], mask[5] = True, False
+    mask[5, 3] = True  # one valid entry: every quantile is that entry
+    for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+        expected = torch.nanquantile(values.masked_fill(~mask, float("nan")), q, dim=1, keepdim=True)
+        torch.testing.assert_close(masked_quantile(values, mask, q), expected)
+    assert masked_quantile(torch.tensor([[4.0, 1.0, 3.0, 9.0]]), torch.tensor([[True, True, True, False]]), 0.25) == 2.0  # 1, 3, 4: halfway 1..3
 
 
 def test_region_sentence_matches_hand_computed_case_and_leaves_out_unnamed_sentences():

@@ -8,6 +8,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Terms whose value for one study depends on the other studies of the batch (in-batch negatives, soft
 # targets from the other studies' tags). Every other term of the hybrid objective is a function of one
@@ -26,6 +28,10 @@ class TrainableModel(Protocol):
 
 class PrivacyError(ValueError):
     """The model or settings cannot be trained under DP as configured."""
+
+
+# How the per-patient summands are computed: all studies in one vmapped pass, or one pass per patient.
+PER_STUDY_METHODS = ("vmap", "loop")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,14 @@ def only_terms(model: TrainableModel, terms: set[str]) -> Iterator[list[str]]:
         model.lambdas = saved
 
 
+def refresh_before_vmap(model: nn.Module) -> None:
+    """A model that would fill a buffer on its first forward (the tag head's queries) fills it now: vmap
+    cannot write a buffer in place."""
+    refresh = getattr(model, "refresh_tag_queries", None)
+    if refresh is not None and "tag" in getattr(model, "lambdas", {}) and int(model.objectives["tag"].query_updates) == 0:
+        refresh()
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -95,15 +109,55 @@ def loss_gradient(model: TrainableModel, batch: dict, step: int, params: Sequenc
     return grads, {name: float(value.detach()) for name, value in out.items()}
 
 
-def clip_(grads: list[Tensor], max_norm: float) -> float:
-    """Scale `grads` in place so their joint L2 norm is at most max_norm; returns the norm before."""
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+def clip_factor(grads: list[Tensor], max_norm: float, scale: float = 1.0) -> tuple[float, float]:
+    """The factor that brings `scale * grads` to joint L2 norm at most max_norm, and that norm before.
+
+    A factor, not an in-place scaling: autograd may return one gradient as a view of another (at batch 1,
+    timm's cls_token gradient is a slice of pos_embed's), which an in-place scaling would scale twice."""
+    norm = scale * float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     if not math.isfinite(norm):  # a NaN would pass any clip and void the sensitivity bound
         raise FloatingPointError(f"non-finite gradient norm {norm}; lower train.lr or check the data")
-    if norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / norm)
-    return norm
+    return scale * min(1.0, max_norm / norm) if norm > 0 else scale, norm
+
+
+def per_study_gradients(model: nn.Module, batch: dict, step: int, params: Sequence[nn.Parameter],
+                        autocast: Callable[[], object]) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Row i of each returned tensor is the gradient of the model's weighted loss on a batch holding study i
+    alone (the batch of one that `collate([sample_i])` would give, padded to this batch's widths), computed
+    for every study at once with torch.func.vmap; also each study's loss terms [B].
+
+    The function vmap maps sees one study: its value and gradient depend on no other study of the batch
+    (docs/privacy.md, "Per-study gradients in one pass"). Padding changes neither but the order of
+    floating-point sums."""
+    refresh_before_vmap(model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    weights = {names[id(p)]: p.detach() for p in params}
+    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+    def loss_of_one_study(weights: dict[str, Tensor], study: dict[str, Tensor]):
+        one = {k: v.unsqueeze(0) for k, v in study.items()}
+        with autocast():
+            out = functional_call(model, weights, (one,), {"step": step}, strict=False)
+        return out["loss"], {name: value.detach() for name, value in out.items()}
+
+    # randomness="same": dropout draws one mask for every study, independent of the data as DP-SGD needs.
+    # The math attention kernel is plain matmul + softmax, which vmap batches; the fused CPU kernels it would
+    # run one study at a time.
+    with sdpa_kernel(SDPBackend.MATH):
+        grads, terms = vmap(grad(loss_of_one_study, has_aux=True), in_dims=(None, 0), randomness="same")(
+            weights, tensors)
+    return [grads[names[id(p)]].float() for p in params], terms
+
+
+def clip_rows(grads: list[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
+    """Each row i of `grads` (study i's gradient across all tensors) scaled to L2 norm at most max_norm;
+    also the norms before."""
+    norms = torch.linalg.vector_norm(torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1), dim=1)
+    if not bool(torch.isfinite(norms).all()):   # a NaN would pass any clip and void the sensitivity bound
+        raise FloatingPointError(f"non-finite per-study gradient norms {norms.tolist()}; lower train.lr or check the data")
+    factors = (max_norm / norms).clamp(max=1.0)
+    # out of place: vmap may return a row-broadcast (stride 0) tensor for a gradient every study shares
+    return [g * factors.view(-1, *([1] * (g.dim() - 1))) for g in grads], norms
 
 
 @dataclass
@@ -123,6 +177,7 @@ def clipped_gradient_sum(
     params: Sequence[nn.Parameter] | None = None,
     move: Callable[[dict], dict] = lambda batch: batch,
     autocast: Callable[[], object] = nullcontext,
+    per_study: str = "vmap",
 ) -> ClippedSum:
     """S(B) = sum over patients of clip_C(grad of its per-patient terms on a batch of that study alone)
              + clip_{C_b}(coupled_scale * grad of the coupled terms on the whole batch).
@@ -131,7 +186,12 @@ def clipped_gradient_sum(
     whatever the terms compute: the proof uses only that each per-patient summand sees one study, and that
     the coupled part is one vector clipped as a whole. `coupled_scale` is a public constant (the expected
     batch size) so that, unclipped, the coupled terms weigh as much as without DP.
+
+    `per_study`: "vmap" computes the per-patient summands for the whole batch in one vmapped pass
+    (`per_study_gradients`), "loop" runs one forward/backward per patient; both compute the same summands.
     """
+    if per_study not in PER_STUDY_METHODS:
+        raise PrivacyError(f"privacy.dpsgd.per_study={per_study!r}; choose one of {sorted(PER_STUDY_METHODS)}")
     params = list(params) if params is not None else trainable_parameters(model)
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     terms: dict[str, float] = {}
@@ -139,13 +199,23 @@ def clipped_gradient_sum(
     step_terms = set(model.active_terms(step))
 
     with only_terms(model, (step_terms - COUPLED_TERMS)) as per_patient:
-        if per_patient:
+        if per_patient and samples and per_study == "vmap":
+            grads, values = per_study_gradients(model, move(collate_fn(samples)), step, params, autocast)
+            if not all(bool(torch.isfinite(v).all()) for v in values.values()):
+                raise FloatingPointError(f"non-finite loss at step {step}: { {k: v.tolist() for k, v in values.items()} }")
+            grads, norms = clip_rows(grads, clip.patient)
+            clipped += int((norms > clip.patient).sum())
+            for acc, g in zip(total, grads):
+                acc.add_(g.sum(dim=0))
+            terms.update({name: float(value.mean()) for name, value in values.items()})
+        elif per_patient:
             sums: dict[str, float] = {}
             for sample in samples:
                 grads, values = loss_gradient(model, move(collate_fn([sample])), step, params, autocast)
-                clipped += clip_(grads, clip.patient) > clip.patient
+                factor, norm = clip_factor(grads, clip.patient)
+                clipped += norm > clip.patient
                 for acc, g in zip(total, grads):
-                    acc.add_(g)
+                    acc.add_(g, alpha=factor)
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
             terms.update({name: value / max(1, len(samples)) for name, value in sums.items()})
@@ -154,11 +224,9 @@ def clipped_gradient_sum(
     with only_terms(model, step_terms & COUPLED_TERMS) as coupled:
         if coupled and len(samples) >= 2:
             grads, values = loss_gradient(model, move(collate_fn(samples)), step, params, autocast)
-            for g in grads:
-                g.mul_(coupled_scale)
-            clip_(grads, clip.coupled)
+            factor, _ = clip_factor(grads, clip.coupled, scale=coupled_scale)
             for acc, g in zip(total, grads):
-                acc.add_(g)
+                acc.add_(g, alpha=factor)
             terms.update({name: value for name, value in values.items() if name != "loss"})
     terms["loss"] = sum(model.lambdas[t] * terms[t] for t in step_terms if t in terms)
     return ClippedSum(total, terms, int(clipped))

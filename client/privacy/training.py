@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from client.privacy.accountant import ACCOUNTANTS, noise_for_target
 from client.privacy.clipping import (
+    PER_STUDY_METHODS,
     ClipNorms,
     PrivacyError,
     clipped_gradient_sum,
@@ -43,8 +44,11 @@ class DpSgdSettings:
     coupled_max_grad_norm: float = 1.0   # C_b: the coupled terms' (scaled) batch gradient
     accountant: str = "rdp"
     target_epsilon: float | None = None
+    per_study: str = "vmap"              # the per-patient summands: one vmapped pass (vmap) or a pass each (loop)
 
     def __post_init__(self):
+        if self.per_study not in PER_STUDY_METHODS:
+            raise PrivacyError(f"privacy.dpsgd.per_study={self.per_study!r}; choose one of {list(PER_STUDY_METHODS)}")
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyError(f"privacy.dpsgd.accountant={self.accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
         if self.target_epsilon is None and (self.noise_multiplier is None or self.noise_multiplier <= 0):
@@ -91,6 +95,7 @@ def dp_train_steps(
     progress: bool = True,
     description: str = "dp-train",
     optimizer_state: dict | None = None,
+    per_study: str = "vmap",
 ) -> TrainResult:
     """`settings.steps` DP-SGD steps: gradient = (S(B) + N(0, (noise * sensitivity)^2 I)) / expected batch size.
 
@@ -127,7 +132,8 @@ def dp_train_steps(
         samples = [dataset[j] for j in sampler.draw()]
         examples += len(samples)
         summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params,
-                                      move=lambda batch: move_to(batch, device), autocast=autocast)
+                                      move=lambda batch: move_to(batch, device), autocast=autocast,
+                                      per_study=per_study)
         for param, grad in zip(params, noisy_gradient(summed.gradient, noise_std, scale, noise_generator)):
             param.grad = grad.to(param.dtype)
         if proximal_anchor is not None and settings.proximal_mu > 0:
@@ -213,7 +219,8 @@ def dp_train_round(
     finally:
         ledger.close()
     result = dp_train_steps(model, dataset, collate_fn, settings, dp.clip, noise, sampler, device, proximal_anchor,
-                            progress, description=f"site {site['name']} dp", optimizer_state=optimizer_state)
+                            progress, description=f"site {site['name']} dp", optimizer_state=optimizer_state,
+                            per_study=dp.per_study)
     local = {name: float(v) for name, v in result.loss_end.items()}
     local.update(seconds=result.seconds, patients=float(result.examples))
     return DpRoundResult(result, charge, noise, sampler.sample_rate,

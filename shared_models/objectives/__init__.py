@@ -1,4 +1,5 @@
 """The pre-training objectives: small modules that turn encoder outputs into loss terms."""
+from .checks import values_checkable
 from .global_contrastive import GlobalContrastive, similarity_logits
 from .impression_decoder import BRANCHES, ImpressionDecoder, ImpressionGeneration
 from .pseudo_segmentation import PseudoSegmentation, SegmentationDecoder, dice_bce_loss, pseudo_masks
@@ -24,6 +25,7 @@ __all__ = [
     "pseudo_masks",
     "region_features",
     "similarity_logits",
+    "values_checkable",
     "soft_targets",
     "tag_similarity",
 ]

@@ -27,7 +27,7 @@ def pseudo_masks(
     maps = attention.detach().float().reshape(batch, 1, height, width)
     maps = F.interpolate(maps, size=tuple(image_hw), mode="bilinear", align_corners=False).flatten(1)
     keep = round((1 - quantile) * maps.shape[1])
-    masks = torch.zeros_like(maps).scatter_(1, maps.topk(keep, dim=1).indices, 1.0)
+    masks = torch.zeros_like(maps).scatter(1, maps.topk(keep, dim=1).indices, 1.0)  # out of place: vmap batches it
     return masks.reshape(batch, 1, *image_hw)
 
 

@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+from shared_models.objectives.checks import values_checkable
 
 
 def valid_boxes(boxes: Tensor) -> Tensor:
@@ -11,25 +12,31 @@ def valid_boxes(boxes: Tensor) -> Tensor:
     return torch.isfinite(boxes).all(-1) & (x2 > x1) & (y2 > y1)
 
 
-def region_features(patch_grid: Tensor, boxes: Tensor) -> Tensor:
-    """RoIAlign (output 1x1) of every box on its own image's patch grid: [B, D, h, w] x [B, R, 4] -> [B, R, D].
+def _cell_overlaps(low: Tensor, high: Tensor, cells: int) -> Tensor:
+    """[..., cells] length of [low, high] (grid units) inside each cell [c, c + 1]."""
+    edges = torch.arange(cells, device=low.device, dtype=low.dtype)
+    return (torch.minimum(high[..., None], edges + 1) - torch.maximum(low[..., None], edges)).clamp(min=0)
 
-    Each RoI's batch index is its row in this batch, built here from the tensors themselves, so a
-    shuffled or sorted batch still pools each image's own regions (ASG's collate built the indices
-    before sorting the batch and never fixed them).
+
+def region_features(patch_grid: Tensor, boxes: Tensor) -> Tensor:
+    """The mean of every box on its own image's patch grid: [B, D, h, w] x [B, R, 4] -> [B, R, D].
+
+    Each cell weighs by its area inside the box: RoIAlign's 1x1 average with exact area weights in place of
+    bilinear samples. It is one einsum over each image's own grid, so a shuffled batch still pools each
+    image's own regions, and torch.func.vmap batches it (DP-SGD's per-study gradients), which torchvision's
+    roi_align does not allow.
     """
     batch, dim, height, width = patch_grid.shape
     if boxes.dim() != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4:
         raise ValueError(f"boxes must be [B={batch}, R, 4] (x1, y1, x2, y2 in [0, 1]), got {tuple(boxes.shape)}")
-    num_regions = boxes.shape[1]
     # Invalid boxes are pooled over the whole grid to stay finite; callers mask them out.
     whole_image = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
-    boxes = torch.where(valid_boxes(boxes)[..., None], boxes, whole_image)
-    scale = boxes.new_tensor([width, height, width, height])
-    image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(num_regions)
-    rois = torch.cat([image_index[:, None], (boxes * scale).reshape(-1, 4)], dim=1)
-    pooled = roi_align(patch_grid, rois.to(patch_grid.dtype), output_size=1, spatial_scale=1.0, aligned=True)
-    return pooled.reshape(batch, num_regions, dim)
+    boxes = torch.where(valid_boxes(boxes)[..., None], boxes, whole_image).to(patch_grid.dtype)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    across = _cell_overlaps(x1 * width, x2 * width, width)       # [B, R, w]
+    down = _cell_overlaps(y1 * height, y2 * height, height)      # [B, R, h]
+    area = (across.sum(-1) * down.sum(-1)).clamp_min(1e-6)       # 0 only for a box wholly off the image
+    return torch.einsum("brh,brw,bdhw->brd", down, across, patch_grid) / area[..., None]
 
 
 class RegionSentenceAlignment(nn.Module):
@@ -51,7 +58,7 @@ class RegionSentenceAlignment(nn.Module):
                 f"{tuple(sentence_regions.shape)} must match the batch of patch_grid {tuple(patch_grid.shape)}"
             )
         num_regions = boxes.shape[1]
-        if sentence_regions.numel() and int(sentence_regions.max()) >= num_regions:
+        if values_checkable() and sentence_regions.numel() and int(sentence_regions.max()) >= num_regions:
             raise ValueError(
                 f"sentence_regions names region {int(sentence_regions.max())} but boxes hold only {num_regions} regions"
             )

@@ -4,6 +4,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def masked_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
+    """[B, 1] each row's q-quantile over its valid entries, interpolated linearly as torch.nanquantile does;
+    written with sort and gather so that torch.func.vmap batches it (nanquantile writes in place)."""
+    ordered = values.masked_fill(~mask, float("inf")).sort(dim=1).values
+    position = q * (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0).to(values.dtype)
+    below, above = position.floor(), position.ceil()
+    low_value, high_value = ordered.gather(1, below.long()), ordered.gather(1, above.long())
+    return low_value + (position - below) * (high_value - low_value)
+
+
 def clip_and_normalise_weights(
     weights: Tensor, mask: Tensor | None = None, low: float = 0.1, high: float = 0.9
 ) -> Tensor:
@@ -16,9 +26,8 @@ def clip_and_normalise_weights(
     mask = torch.ones_like(weights, dtype=torch.bool) if mask is None else mask.bool()
     if mask.shape != weights.shape:
         raise ValueError(f"weights {tuple(weights.shape)} and mask {tuple(mask.shape)} must have one shape [B, K]")
-    quantiles = weights.new_tensor([low, high])
-    bounds = torch.nanquantile(weights.masked_fill(~mask, float("nan")), quantiles, dim=1, keepdim=True)
-    clipped = torch.minimum(torch.maximum(weights, bounds[0]), bounds[1]).masked_fill(~mask, 0.0)
+    lower, upper = masked_quantile(weights, mask, low), masked_quantile(weights, mask, high)
+    clipped = torch.minimum(torch.maximum(weights, lower), upper).masked_fill(~mask, 0.0)
     return clipped / clipped.sum(dim=1, keepdim=True).clamp_min(torch.finfo(clipped.dtype).tiny)
 
 
