@@ -8,7 +8,7 @@ from functools import partial
 import torch
 
 from benchmarks.common import all_terms_step, build, synthetic_samples, time_train_step
-from client.privacy.clipping import ClipNorms, clipped_gradient_sum, trainable_parameters
+from client.privacy.clipping import ClipNorms, clipped_gradient_sum, per_study_method, trainable_parameters
 from client.privacy.training import noisy_gradient
 from shared_models.batch import collate
 
@@ -16,7 +16,7 @@ MODELS = {"tiny": 8, "resnet50_bert": 8}  # model -> batch size (patients per st
 
 
 def dp_step_seconds(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1,
-                    per_study: str = "vmap") -> float:
+                    per_study: str = "auto") -> float:
     """Median wall seconds of one DP-SGD step: the clipped sum S(B) (the per-patient terms' per-study gradients
     in one vmapped pass, or one pass per patient with per_study="loop"; one batch pass for the coupled terms),
     Gaussian noise, AdamW."""
@@ -47,14 +47,17 @@ def run(quick: bool = False) -> dict:
         collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=int(cfg.model.text.max_length))
         step = all_terms_step(cfg)
         plain, _ = time_train_step(model, collate_fn(samples), step, repeats)
-        private = dp_step_seconds(model, samples, collate_fn, step, repeats)
-        looped = dp_step_seconds(model, samples, collate_fn, step, repeats, per_study="loop")
-        results[model_name] = {"dp_step_s": round(private, 4), "step_s": round(plain, 4),
-                               "ratio": round(private / plain, 3), "batch_size": batch_size,
-                               "loop_dp_step_s": round(looped, 4), "loop_ratio": round(looped / plain, 3)}
+        seconds = {method: dp_step_seconds(model, samples, collate_fn, step, repeats, per_study=method)
+                   for method in ("vmap", "loop")}
+        chosen = per_study_method(model, "auto")
+        results[model_name] = {"dp_step_s": round(seconds[chosen], 4), "step_s": round(plain, 4),
+                               "ratio": round(seconds[chosen] / plain, 3), "batch_size": batch_size,
+                               "per_study": chosen,
+                               **{f"{method}_ratio": round(s / plain, 3) for method, s in seconds.items()}}
         del model
-    results["method"] = ("ratio: the per-patient terms' per-study gradients in one torch.func.vmap pass (per_study="
-                         "vmap, the default) + one clipped batch pass for the coupled terms; loop_ratio: one pass per "
-                         "patient instead (docs/privacy.md); AdamW after the noise in both")
+    results["method"] = ("the per-patient terms' per-study gradients in one torch.func.vmap pass (vmap_ratio) or one "
+                         "pass per patient (loop_ratio), + one clipped batch pass for the coupled terms; ratio: the "
+                         "method privacy.dpsgd.per_study=auto picks for the model (docs/privacy.md); AdamW after the "
+                         "noise in both")
     results["threads"] = torch.get_num_threads()
     return results

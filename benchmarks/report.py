@@ -117,9 +117,9 @@ def privacy(body: dict) -> list[str]:
     models = {k: v for k, v in body.items() if isinstance(v, dict)}
     lines = [f"DP-SGD training step over the non-DP step of the same model and batch ({body.get('method', '')}); "
              "goal at most 2.0.", ""]
-    lines += table(["model", "DP step s", "non-DP step s", "ratio", "batch", "DP step s, loop", "ratio, loop"],
-                   [[m, v.get("dp_step_s"), v.get("step_s"), v.get("ratio"), v.get("batch_size"),
-                     v.get("loop_dp_step_s"), v.get("loop_ratio")] for m, v in models.items()])
+    lines += table(["model", "DP step s", "non-DP step s", "ratio", "batch", "per_study", "ratio, vmap", "ratio, loop"],
+                   [[m, v.get("dp_step_s"), v.get("step_s"), v.get("ratio"), v.get("batch_size"), v.get("per_study"),
+                     v.get("vmap_ratio"), v.get("loop_ratio")] for m, v in models.items()])
     return lines
 
 

@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from client.privacy import (
     require_group_norm,
     validate_privacy_config,
 )
-from client.privacy.clipping import only_terms, per_study_gradients, trainable_parameters
+from client.privacy.clipping import only_terms, per_study_gradients, per_study_method, trainable_parameters
 from client.privacy.sampling import secret_generator
 from client.privacy.training import noisy_gradient
 from client.trainer import TrainSettings
@@ -158,6 +159,12 @@ def test_one_vmapped_pass_gives_each_studys_own_gradient(hybrid):
         hybrid.train()
     with pytest.raises(PrivacyError, match="per_study"):
         clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 4, per_study="ghost")
+    with pytest.raises(PrivacyError, match="per_study"):
+        DpSgdSettings(per_study="ghost")
+    # auto: vmap for a ViT image encoder, the loop for a CNN's (measured faster on CPU, benchmarks/privacy.py)
+    assert per_study_method(hybrid, "auto") == "vmap" and per_study_method(hybrid, "loop") == "loop"
+    cnn = types.SimpleNamespace(image_encoder=types.SimpleNamespace(is_transformer=False))
+    assert per_study_method(cnn, "auto") == "loop" and per_study_method(cnn, "vmap") == "vmap"
 
 
 def test_dp_round_on_the_hybrid_model_trains_local_heads_under_dp(hybrid, tmp_path):

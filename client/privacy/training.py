@@ -44,7 +44,7 @@ class DpSgdSettings:
     coupled_max_grad_norm: float = 1.0   # C_b: the coupled terms' (scaled) batch gradient
     accountant: str = "rdp"
     target_epsilon: float | None = None
-    per_study: str = "vmap"              # the per-patient summands: one vmapped pass (vmap) or a pass each (loop)
+    per_study: str = "auto"              # the per-patient summands: one vmapped pass (vmap), a pass each (loop), auto
 
     def __post_init__(self):
         if self.per_study not in PER_STUDY_METHODS:
@@ -95,7 +95,7 @@ def dp_train_steps(
     progress: bool = True,
     description: str = "dp-train",
     optimizer_state: dict | None = None,
-    per_study: str = "vmap",
+    per_study: str = "auto",
 ) -> TrainResult:
     """`settings.steps` DP-SGD steps: gradient = (S(B) + N(0, (noise * sensitivity)^2 I)) / expected batch size.
 
