@@ -239,13 +239,21 @@ def test_region_features_pool_each_images_own_box():
     assert torch.allclose(features, torch.tensor([[0.5, 2.5], [10.5, 12.5]]))
 
 
-def test_region_features_weigh_each_cell_by_its_area_inside_the_box():
-    grid = torch.arange(4.0).expand(1, 1, 4, 4)  # value = column index
-    boxes = torch.tensor([[[0.125, 0.0, 0.625, 1.0], [0.0, 0.0, 0.375, 0.5], [2.0, 0.0, 3.0, 1.0]]])
-    features = region_features(grid, boxes)[0, :, 0]
-    # columns 0.5..2.5: cells 0, 1, 2 cover 0.5, 1, 0.5 -> (0 * 0.5 + 1 + 2 * 0.5) / 2; columns 0..1.5 -> 0.5 / 1.5;
-    # a box wholly off the image pools nothing and stays finite
-    assert torch.allclose(features, torch.tensor([1.0, 1 / 3, 0.0]))
+def test_region_features_are_torchvisions_roi_align_without_it():
+    from torchvision.ops import roi_align
+
+    generator = torch.Generator().manual_seed(0)
+    for height, width in [(4, 4), (3, 7), (8, 5), (2, 2)]:
+        grid = torch.randn(3, 5, height, width, generator=generator)
+        corners = torch.rand(3, 6, 2, 2, generator=generator)
+        low, high = corners.min(dim=2).values, (corners.max(dim=2).values + 0.01).clamp(max=1.0)
+        boxes = torch.cat([low, high], dim=-1)                    # x1, y1, x2, y2
+        boxes[0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])          # the whole image
+        boxes[1, 1] = torch.tensor([0.3, 0.2, 0.31, 0.21])        # under one cell
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        rois = torch.cat([torch.arange(3.0).repeat_interleave(6)[:, None], (boxes * scale).reshape(-1, 4)], dim=1)
+        expected = roi_align(grid, rois, output_size=1, spatial_scale=1.0, aligned=True).reshape(3, 6, 5)
+        torch.testing.assert_close(region_features(grid, boxes), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_masked_quantile_interpolates_as_nanquantile_over_each_rows_valid_entries():

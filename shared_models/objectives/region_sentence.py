@@ -12,19 +12,32 @@ def valid_boxes(boxes: Tensor) -> Tensor:
     return torch.isfinite(boxes).all(-1) & (x2 > x1) & (y2 > y1)
 
 
-def _cell_overlaps(low: Tensor, high: Tensor, cells: int) -> Tensor:
-    """[..., cells] length of [low, high] (grid units) inside each cell [c, c + 1]."""
-    edges = torch.arange(cells, device=low.device, dtype=low.dtype)
-    return (torch.minimum(high[..., None], edges + 1) - torch.maximum(low[..., None], edges)).clamp(min=0)
+def _axis_weights(start: Tensor, length: Tensor, cells: int) -> Tensor:
+    """[..., cells] RoIAlign's weight on each cell along one axis, for a 1-bin RoI: the mean over its
+    ceil(length) sample points of each point's linear-interpolation weights (torchvision's rules: a point
+    beyond [-1, cells] weighs nothing, one below 0 reads cell 0, one past the last cell centre the last)."""
+    samples = torch.arange(cells + 1, device=start.device, dtype=start.dtype)      # ceil(length) <= cells
+    count = length.ceil().clamp(min=1)[..., None]
+    point = start[..., None] + (samples + 0.5) * length[..., None] / count            # [..., S]
+    used = (samples < count) & (point >= -1.0) & (point <= cells)
+    point = point.clamp(min=0)
+    low = point.floor().clamp(max=cells - 1)
+    point = torch.where(low >= cells - 1, low, point)
+    high = (low + 1).clamp(max=cells - 1)
+    frac = point - low
+    grid = torch.arange(cells, device=start.device, dtype=start.dtype)
+    weights = ((1 - frac)[..., None] * (low[..., None] == grid) + frac[..., None] * (high[..., None] == grid))
+    return (weights * used[..., None]).sum(-2) / count
 
 
 def region_features(patch_grid: Tensor, boxes: Tensor) -> Tensor:
-    """The mean of every box on its own image's patch grid: [B, D, h, w] x [B, R, 4] -> [B, R, D].
+    """RoIAlign (output 1x1, aligned, adaptive sampling) of every box on its own image's patch grid:
+    [B, D, h, w] x [B, R, 4] -> [B, R, D].
 
-    Each cell weighs by its area inside the box: RoIAlign's 1x1 average with exact area weights in place of
-    bilinear samples. It is one einsum over each image's own grid, so a shuffled batch still pools each
-    image's own regions, and torch.func.vmap batches it (DP-SGD's per-study gradients), which torchvision's
-    roi_align does not allow.
+    torchvision's roi_align computes the same numbers but cannot run under torch.func.vmap (DP-SGD's
+    per-study gradients). A 1x1 bin averages bilinear samples on a grid of points, and bilinear weights
+    factor into a row and a column part, so the average is one einsum of per-axis weights; each RoI
+    reads only its own image, so a shuffled batch still pools each image's own regions.
     """
     batch, dim, height, width = patch_grid.shape
     if boxes.dim() != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4:
@@ -33,10 +46,9 @@ def region_features(patch_grid: Tensor, boxes: Tensor) -> Tensor:
     whole_image = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
     boxes = torch.where(valid_boxes(boxes)[..., None], boxes, whole_image).to(patch_grid.dtype)
     x1, y1, x2, y2 = boxes.unbind(-1)
-    across = _cell_overlaps(x1 * width, x2 * width, width)       # [B, R, w]
-    down = _cell_overlaps(y1 * height, y2 * height, height)      # [B, R, h]
-    area = (across.sum(-1) * down.sum(-1)).clamp_min(1e-6)       # 0 only for a box wholly off the image
-    return torch.einsum("brh,brw,bdhw->brd", down, across, patch_grid) / area[..., None]
+    across = _axis_weights(x1 * width - 0.5, (x2 - x1) * width, width)       # [B, R, w]
+    down = _axis_weights(y1 * height - 0.5, (y2 - y1) * height, height)      # [B, R, h]
+    return torch.einsum("brh,brw,bdhw->brd", down, across, patch_grid)
 
 
 class RegionSentenceAlignment(nn.Module):
