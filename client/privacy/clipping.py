@@ -36,10 +36,10 @@ PER_STUDY_METHODS = ("auto", "vmap", "loop")
 
 
 def per_study_method(model: nn.Module, requested: str) -> str:
-    """`requested`, with "auto" resolved by measurement (benchmarks/results): vmap for transformer image
-    encoders (ViT: tiny 1.6x faster than the loop), the loop for CNNs, whose per-study convolution weight
-    gradients vmap computes as grouped convolutions, slower on CPU than one pass per patient (resnet50_bert
-    2.2x slower)."""
+    """`requested`, with "auto" resolved by measurement (benchmarks/results/latest.md, 2 CPU threads): vmap for
+    transformer image encoders (tiny: DP step 1.97x the non-DP step, the loop 3.25x), the loop for CNNs, whose
+    per-study convolution weight gradients vmap computes as grouped convolutions, slower on CPU than one pass
+    per patient (resnet50_bert: vmap 2.25x, the loop 2.02x)."""
     if requested != "auto":
         return requested
     encoder = getattr(model, "image_encoder", None)
