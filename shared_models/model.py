@@ -147,6 +147,11 @@ class PretrainModel(nn.Module):
         self.text_encoder.train(was_training)
         self.objectives["tag"].set_tag_queries(self.text_token_projection(cls))
 
+    def embed_tag_queries_once(self) -> None:
+        """Embed the tag queries if the tag term is weighted and they never were (a training step needs them)."""
+        if "tag" in self.lambdas and int(self.objectives["tag"].query_updates) == 0:
+            self.refresh_tag_queries()
+
     # -- embeddings for retrieval, zero-shot and evaluation -------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
         return F.normalize(self.image_projection(self.image_encoder(images).global_emb), dim=-1)
@@ -162,8 +167,7 @@ class PretrainModel(nn.Module):
         if self.training and len(batch["images"]) < 2 and self._has_batch_norm_heads:
             raise ValueError("a training batch of 1 study: model.projection_head=mlp_bn standardises over the batch "
                              "and needs at least 2; raise train.batch_size (or add studies), or use projection_head=linear")
-        if "tag" in self.lambdas and int(self.objectives["tag"].query_updates) == 0:
-            self.refresh_tag_queries()
+        self.embed_tag_queries_once()
         inputs = StepInputs(self, batch)
         out: dict[str, Tensor] = {}
         for module in dict.fromkeys(TERM_MODULE[term] for term in terms_now):

@@ -22,7 +22,7 @@ from shared_models.objectives import (
     soft_targets,
 )
 from shared_models.objectives.impression_decoder import distillation_kl, token_cross_entropy
-from shared_models.objectives.token_alignment import masked_quantile
+from shared_models.objectives.token_alignment import masked_quantiles
 
 R2 = 1 / math.sqrt(2)
 
@@ -264,8 +264,8 @@ def test_masked_quantile_interpolates_as_nanquantile_over_each_rows_valid_entrie
     mask[5, 3] = True  # one valid entry: every quantile is that entry
     for q in (0.0, 0.1, 0.5, 0.9, 1.0):
         expected = torch.nanquantile(values.masked_fill(~mask, float("nan")), q, dim=1, keepdim=True)
-        torch.testing.assert_close(masked_quantile(values, mask, q), expected)
-    assert masked_quantile(torch.tensor([[4.0, 1.0, 3.0, 9.0]]), torch.tensor([[True, True, True, False]]), 0.25) == 2.0  # 1, 3, 4: halfway 1..3
+        torch.testing.assert_close(masked_quantiles(values, mask, (q,))[0], expected)
+    assert masked_quantiles(torch.tensor([[4.0, 1.0, 3.0, 9.0]]), torch.tensor([[True, True, True, False]]), (0.25,))[0] == 2.0  # 1, 3, 4: halfway 1..3
 
 
 def test_region_sentence_matches_hand_computed_case_and_leaves_out_unnamed_sentences():

@@ -35,6 +35,11 @@ class PrivacyError(ValueError):
 PER_STUDY_METHODS = ("auto", "vmap", "loop")
 
 
+def check_per_study(requested: str) -> None:
+    if requested not in PER_STUDY_METHODS:
+        raise PrivacyError(f"privacy.dpsgd.per_study={requested!r}; choose one of {list(PER_STUDY_METHODS)}")
+
+
 def per_study_method(model: nn.Module, requested: str) -> str:
     """`requested`, with "auto" resolved by measurement (benchmarks/results/latest.md, 2 CPU threads): vmap for
     transformer image encoders (tiny: DP step 1.97x the non-DP step, the loop 3.25x), the loop for CNNs, whose
@@ -96,14 +101,6 @@ def only_terms(model: TrainableModel, terms: set[str]) -> Iterator[list[str]]:
         model.lambdas = saved
 
 
-def refresh_before_vmap(model: nn.Module) -> None:
-    """A model that would fill a buffer on its first forward (the tag head's queries) fills it now: vmap
-    cannot write a buffer in place."""
-    refresh = getattr(model, "refresh_tag_queries", None)
-    if refresh is not None and "tag" in getattr(model, "lambdas", {}) and int(model.objectives["tag"].query_updates) == 0:
-        refresh()
-
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -141,7 +138,9 @@ def per_study_gradients(model: nn.Module, batch: dict, step: int, params: Sequen
     The function vmap maps sees one study: its value and gradient depend on no other study of the batch
     (docs/privacy.md, "Per-study gradients in one pass"). Padding changes neither but the order of
     floating-point sums."""
-    refresh_before_vmap(model)
+    embed_once = getattr(model, "embed_tag_queries_once", None)
+    if embed_once is not None:   # here, not in the model's first forward: vmap cannot write a buffer in place
+        embed_once()
     names = {id(p): name for name, p in model.named_parameters()}
     weights = {names[id(p)]: p.detach() for p in params}
     tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
@@ -203,8 +202,7 @@ def clipped_gradient_sum(
     (`per_study_gradients`), "loop" runs one forward/backward per patient; both compute the same summands;
     "auto" picks the faster for the model (`per_study_method`).
     """
-    if per_study not in PER_STUDY_METHODS:
-        raise PrivacyError(f"privacy.dpsgd.per_study={per_study!r}; choose one of {list(PER_STUDY_METHODS)}")
+    check_per_study(per_study)
     per_study = per_study_method(model, per_study)
     params = list(params) if params is not None else trainable_parameters(model)
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]

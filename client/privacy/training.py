@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from client.privacy.accountant import ACCOUNTANTS, noise_for_target
 from client.privacy.clipping import (
-    PER_STUDY_METHODS,
     ClipNorms,
     PrivacyError,
+    check_per_study,
     clipped_gradient_sum,
     require_group_norm,
     trainable_parameters,
@@ -47,8 +47,7 @@ class DpSgdSettings:
     per_study: str = "auto"              # the per-patient summands: one vmapped pass (vmap), a pass each (loop), auto
 
     def __post_init__(self):
-        if self.per_study not in PER_STUDY_METHODS:
-            raise PrivacyError(f"privacy.dpsgd.per_study={self.per_study!r}; choose one of {list(PER_STUDY_METHODS)}")
+        check_per_study(self.per_study)
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyError(f"privacy.dpsgd.accountant={self.accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
         if self.target_epsilon is None and (self.noise_multiplier is None or self.noise_multiplier <= 0):

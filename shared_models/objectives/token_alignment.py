@@ -4,14 +4,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def masked_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
-    """[B, 1] each row's q-quantile over its valid entries, interpolated linearly as torch.nanquantile does;
-    written with sort and gather so that torch.func.vmap batches it (nanquantile writes in place)."""
+def masked_quantiles(values: Tensor, mask: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
+    """[B, 1] per q: each row's q-quantile over its valid entries, interpolated linearly as torch.nanquantile
+    does; written with sort and gather so that torch.func.vmap batches it (nanquantile writes in place)."""
     ordered = values.masked_fill(~mask, float("inf")).sort(dim=1).values
-    position = q * (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0).to(values.dtype)
-    below, above = position.floor(), position.ceil()
-    low_value, high_value = ordered.gather(1, below.long()), ordered.gather(1, above.long())
-    return low_value + (position - below) * (high_value - low_value)
+    last = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0).to(values.dtype)
+    quantiles = []
+    for q in qs:
+        position = q * last
+        below, above = position.floor(), position.ceil()
+        low_value, high_value = ordered.gather(1, below.long()), ordered.gather(1, above.long())
+        quantiles.append(low_value + (position - below) * (high_value - low_value))
+    return quantiles
 
 
 def clip_and_normalise_weights(
@@ -26,7 +30,7 @@ def clip_and_normalise_weights(
     mask = torch.ones_like(weights, dtype=torch.bool) if mask is None else mask.bool()
     if mask.shape != weights.shape:
         raise ValueError(f"weights {tuple(weights.shape)} and mask {tuple(mask.shape)} must have one shape [B, K]")
-    lower, upper = masked_quantile(weights, mask, low), masked_quantile(weights, mask, high)
+    lower, upper = masked_quantiles(weights, mask, (low, high))
     clipped = torch.minimum(torch.maximum(weights, lower), upper).masked_fill(~mask, 0.0)
     return clipped / clipped.sum(dim=1, keepdim=True).clamp_min(torch.finfo(clipped.dtype).tiny)
 
