@@ -123,7 +123,7 @@ def clip_factor(grads: list[Tensor], max_norm: float, scale: float = 1.0) -> tup
 
     A factor, not an in-place scaling: autograd may return one gradient as a view of another (at batch 1,
     timm's cls_token gradient is a slice of pos_embed's), which an in-place scaling would scale twice."""
-    norm = scale * float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    norm = scale * float(torch.nn.utils.get_total_norm(grads))
     if not math.isfinite(norm):  # a NaN would pass any clip and void the sensitivity bound
         raise FloatingPointError(f"non-finite gradient norm {norm}; lower train.lr or check the data")
     return scale * min(1.0, max_norm / norm) if norm > 0 else scale, norm
@@ -160,15 +160,16 @@ def per_study_gradients(model: nn.Module, batch: dict, step: int, params: Sequen
     return [grads[names[id(p)]].float() for p in params], terms
 
 
-def clip_rows(grads: list[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
-    """Each row i of `grads` (study i's gradient across all tensors) scaled to L2 norm at most max_norm;
-    also the norms before."""
+def clipped_row_sum(grads: list[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
+    """Sum over rows i of `grads` (study i's gradient across all tensors), each row first scaled to L2 norm at
+    most max_norm; also the row norms before.
+
+    One weighted sum (sum_i f_i g_i as a tensordot) per tensor: the scaled rows are never materialised."""
     norms = torch.linalg.vector_norm(torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1), dim=1)
     if not bool(torch.isfinite(norms).all()):   # a NaN would pass any clip and void the sensitivity bound
         raise FloatingPointError(f"non-finite per-study gradient norms {norms.tolist()}; lower train.lr or check the data")
     factors = (max_norm / norms).clamp(max=1.0)
-    # out of place: vmap may return a row-broadcast (stride 0) tensor for a gradient every study shares
-    return [g * factors.view(-1, *([1] * (g.dim() - 1))) for g in grads], norms
+    return [torch.tensordot(factors, g, dims=1) for g in grads], norms
 
 
 @dataclass
@@ -215,10 +216,9 @@ def clipped_gradient_sum(
             grads, values = per_study_gradients(model, move(collate_fn(samples)), step, params, autocast)
             if not all(bool(torch.isfinite(v).all()) for v in values.values()):
                 raise FloatingPointError(f"non-finite loss at step {step}: { {k: v.tolist() for k, v in values.items()} }")
-            grads, norms = clip_rows(grads, clip.patient)
+            row_sums, norms = clipped_row_sum(grads, clip.patient)
             clipped += int((norms > clip.patient).sum())
-            for acc, g in zip(total, grads):
-                acc.add_(g.sum(dim=0))
+            torch._foreach_add_(total, row_sums)
             terms.update({name: float(value.mean()) for name, value in values.items()})
         elif per_patient:
             sums: dict[str, float] = {}
@@ -226,8 +226,7 @@ def clipped_gradient_sum(
                 grads, values = loss_gradient(model, move(collate_fn([sample])), step, params, autocast)
                 factor, norm = clip_factor(grads, clip.patient)
                 clipped += norm > clip.patient
-                for acc, g in zip(total, grads):
-                    acc.add_(g, alpha=factor)
+                torch._foreach_add_(total, grads, alpha=factor)
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
             terms.update({name: value / max(1, len(samples)) for name, value in sums.items()})
@@ -237,8 +236,7 @@ def clipped_gradient_sum(
         if coupled and len(samples) >= 2:
             grads, values = loss_gradient(model, move(collate_fn(samples)), step, params, autocast)
             factor, _ = clip_factor(grads, clip.coupled, scale=coupled_scale)
-            for acc, g in zip(total, grads):
-                acc.add_(g, alpha=factor)
+            torch._foreach_add_(total, grads, alpha=factor)
             terms.update({name: value for name, value in values.items() if name != "loss"})
     terms["loss"] = sum(model.lambdas[t] * terms[t] for t in step_terms if t in terms)
     return ClippedSum(total, terms, int(clipped))
