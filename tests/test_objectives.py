@@ -250,10 +250,12 @@ def test_region_features_are_torchvisions_roi_align_without_it():
         boxes = torch.cat([low, high], dim=-1)                    # x1, y1, x2, y2
         boxes[0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])          # the whole image
         boxes[1, 1] = torch.tensor([0.3, 0.2, 0.31, 0.21])        # under one cell
+        boxes[2, 2] = torch.tensor([2.0, 0.0, 3.0, 1.0])          # wholly off the image: pools nothing
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         rois = torch.cat([torch.arange(3.0).repeat_interleave(6)[:, None], (boxes * scale).reshape(-1, 4)], dim=1)
         expected = roi_align(grid, rois, output_size=1, spatial_scale=1.0, aligned=True).reshape(3, 6, 5)
         torch.testing.assert_close(region_features(grid, boxes), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(region_features(grid, boxes)[2, 2], torch.zeros(5))
 
 
 def test_masked_quantile_interpolates_as_nanquantile_over_each_rows_valid_entries():

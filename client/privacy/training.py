@@ -78,7 +78,7 @@ class DpSgdSettings:
 def noisy_gradient(summed: list[torch.Tensor], noise_std: float, scale: float,
                    generator: torch.Generator) -> list[torch.Tensor]:
     """(S(B) + N(0, noise_std^2 I)) / scale, one fresh Gaussian per coordinate."""
-    # the noise tensor becomes the result in place: one allocation and one pass per parameter, not three
+    # the noise tensor becomes the result in place: one allocation per parameter, not three
     return [torch.empty_like(g).normal_(0.0, noise_std, generator=generator).add_(g).div_(scale) for g in summed]
 
 
