@@ -160,7 +160,17 @@ class PretrainModel(nn.Module):
         return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask).report_emb), dim=-1)
 
     # -- training step --------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+    def step_inputs(self, batch: dict[str, Tensor]) -> StepInputs:
+        """The batch's encoder outputs, computed on first use; pass them to `forward` to keep them."""
+        return StepInputs(self, batch)
+
+    def stacked_inputs(self, studies: list[StepInputs]) -> StackedInputs:
+        """The coupled terms' inputs for the batch of `studies`, each encoded on its own (`StackedInputs`)."""
+        return StackedInputs(studies)
+
+    def forward(self, batch: dict[str, Tensor], step: int, inputs: StepInputs | None = None) -> dict[str, Tensor]:
+        """`inputs`: the batch's encoder outputs to use (and keep), e.g. `StackedInputs` of studies already
+        encoded one by one; by default computed here from `batch`."""
         terms_now = self.active_terms(step)
         if not terms_now:
             raise ValueError(f"no objective term is active at step {step}; lambdas: {self.lambdas}")
@@ -168,7 +178,7 @@ class PretrainModel(nn.Module):
             raise ValueError("a training batch of 1 study: model.projection_head=mlp_bn standardises over the batch "
                              "and needs at least 2; raise train.batch_size (or add studies), or use projection_head=linear")
         self.embed_tag_queries_once()
-        inputs = StepInputs(self, batch)
+        inputs = inputs if inputs is not None else StepInputs(self, batch)
         out: dict[str, Tensor] = {}
         for module in dict.fromkeys(TERM_MODULE[term] for term in terms_now):
             computed = TERM_FUNCTIONS[module](self, inputs, step)
@@ -227,6 +237,29 @@ class StepInputs:
         b = self.batch
         impression = self.model.text_encoder(b["impression_ids"], b["impression_mask"]).report_emb
         return torch.where(b["has_impression"][:, None], self.model.text_projection(impression), self.report_emb)
+
+
+class StackedInputs:
+    """The coupled terms' inputs for a batch whose studies were encoded one at a time (`StepInputs` each, graph
+    kept): row i is study i's own embedding, as one forward of the batch computes it when the encoders treat
+    every study on its own (no BatchNorm). DP-SGD's per-patient loop reuses those forwards for the coupled terms
+    instead of encoding the batch again."""
+
+    def __init__(self, studies: list[StepInputs]):
+        self.studies = studies
+        self.batch = {key: torch.cat([s.batch[key] for s in studies]) for key in ("images", "tags")}
+
+    @cached_property
+    def image_emb(self) -> Tensor:
+        return torch.cat([s.image_emb for s in self.studies])
+
+    @cached_property
+    def report_emb(self) -> Tensor:
+        return torch.cat([s.report_emb for s in self.studies])
+
+    @cached_property
+    def impression_emb(self) -> Tensor:
+        return torch.cat([s.impression_emb for s in self.studies])
 
 
 def _global(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:

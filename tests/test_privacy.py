@@ -80,14 +80,16 @@ def flat(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads])
 
 
-def neighbour_gaps(model, samples, collate_fn, clip, step=0, removed=None) -> list[float]:
+def neighbour_gaps(model, samples, collate_fn, clip, step=0, removed=None, per_study="auto") -> list[float]:
     """||S(B) - S(B minus one patient)|| for each patient removed (all by default)."""
-    full = flat(clipped_gradient_sum(model, samples, collate_fn, step, clip, coupled_scale=len(samples)).gradient)
+    full = flat(clipped_gradient_sum(model, samples, collate_fn, step, clip, coupled_scale=len(samples),
+                                     per_study=per_study).gradient)
     gaps = []
     for k in removed if removed is not None else range(len(samples)):
         rest = samples[:k] + samples[k + 1:]
         # The coupled scale is a public constant: the same on both neighbours.
-        smaller = clipped_gradient_sum(model, rest, collate_fn, step, clip, coupled_scale=len(samples)).gradient
+        smaller = clipped_gradient_sum(model, rest, collate_fn, step, clip, coupled_scale=len(samples),
+                                       per_study=per_study).gradient
         gaps.append(float((full - flat(smaller)).norm()))
     return gaps
 
@@ -108,14 +110,16 @@ def hybrid():
 
 
 @pytest.mark.parametrize("term", ["global", "global_impression", "token", "summary", "caption", "distill",
-                                  "region", "tag", "soft_label", "seg", "all"])
+                                  "region", "tag", "soft_label", "seg", "all", "all, loop"])
 def test_summed_clipped_gradient_stays_within_the_calibrated_bound(hybrid, term):
-    terms = set(hybrid.lambdas) if term == "all" else {term}
+    # "all, loop": every term through the loop, whose coupled terms reuse the per-patient passes' encodings
+    terms = set(hybrid.lambdas) if term.startswith("all") else {term}
     samples = [make_sample(i + 3 * len(term)) for i in range(4)]
     clip = ClipNorms(patient=1e-3, coupled=1e-3)  # small: every gradient is clipped, the bound is nearly tight
     collate_fn = lambda s: collate(s, hybrid.tokenizer, max_length=48)  # noqa: E731
     with only_terms(hybrid, terms):
-        gaps = neighbour_gaps(hybrid, samples, collate_fn, clip, removed=[0, 3])
+        gaps = neighbour_gaps(hybrid, samples, collate_fn, clip, removed=[0, 3],
+                              per_study="loop" if term.endswith("loop") else "auto")
     assert max(gaps) <= clip.sensitivity * (1 + 1e-4), (term, gaps, clip.sensitivity)
     assert min(gaps) > 0.5 * clip.patient  # a patient's presence does show (the test is not vacuous)
     if not terms & COUPLED_TERMS:
@@ -165,6 +169,32 @@ def test_one_vmapped_pass_gives_each_studys_own_gradient(hybrid):
     assert per_study_method(hybrid, "auto") == "vmap" and per_study_method(hybrid, "loop") == "loop"
     cnn = types.SimpleNamespace(image_encoder=types.SimpleNamespace(is_transformer=False))
     assert per_study_method(cnn, "auto") == "loop" and per_study_method(cnn, "vmap") == "vmap"
+
+
+def test_loop_reuses_each_studys_encoding_for_the_coupled_terms(hybrid):
+    """With every term of `hybrid` on, the loop takes the coupled terms' batch gradient through the encoder
+    outputs kept from its per-patient passes: the image encoder runs once per study and never on the whole
+    batch, and S(B) equals the vmap path's, whose coupled terms run a second forward of the batch."""
+    samples = [make_sample(0), make_sample(1, findings=False), make_sample(2, impression=False), make_sample(3)]
+    collate_fn = lambda s: collate(s, hybrid.tokenizer, max_length=48)  # noqa: E731
+    seen = []
+    hook = hybrid.image_encoder.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    hybrid.eval()   # no dropout: the two methods draw different masks
+    try:
+        for clip in (ClipNorms(patient=1e9, coupled=1e9), ClipNorms(patient=0.05, coupled=0.05)):
+            seen.clear()
+            by_loop = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 4, per_study="loop")
+            assert seen == [1, 1, 1, 1]
+            by_vmap = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 4, per_study="vmap")
+            assert seen[-1] == 4   # the vmap path's coupled terms encode the batch again
+            # float sums in another order: the unclipped entries reach about 100
+            torch.testing.assert_close(flat(by_loop.gradient), flat(by_vmap.gradient), atol=2e-4, rtol=1e-4)
+            assert set(by_loop.terms) == set(hybrid.lambdas) | {"loss"}
+            for term in COUPLED_TERMS:
+                assert by_loop.terms[term] == pytest.approx(by_vmap.terms[term], rel=1e-5), term
+    finally:
+        hook.remove()
+        hybrid.train()
 
 
 def test_dp_round_on_the_hybrid_model_trains_local_heads_under_dp(hybrid, tmp_path):

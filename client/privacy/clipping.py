@@ -106,24 +106,34 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def loss_gradient(model: TrainableModel, batch: dict, step: int, params: Sequence[nn.Parameter],
-                  autocast: Callable[[], object]) -> tuple[list[Tensor], dict[str, float]]:
-    """Gradient of the model's weighted loss on `batch` w.r.t. `params` (zeros where unused), and its terms."""
+                  autocast: Callable[[], object], inputs: object | None = None,
+                  keep_graph: bool = False) -> tuple[list[Tensor | None], dict[str, float]]:
+    """Gradient of the model's weighted loss on `batch` w.r.t. `params` (None where unused), and its terms.
+
+    `inputs`: the encoder outputs the model should use and keep (the model's `step_inputs(batch)`), with
+    `keep_graph` so that a later backward can pass through them again."""
     with autocast():
-        out = model(batch, step=step)
+        out = model(batch, step=step) if inputs is None else model(batch, step=step, inputs=inputs)
     loss = out["loss"]
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }")
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, grads)]
-    return grads, {name: float(value.detach()) for name, value in out.items()}
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True, retain_graph=keep_graph)
+    return [None if g is None else g.float() for g in grads], {name: float(value.detach()) for name, value in out.items()}
 
 
-def clip_factor(grads: list[Tensor], max_norm: float, scale: float = 1.0) -> tuple[float, float]:
-    """The factor that brings `scale * grads` to joint L2 norm at most max_norm, and that norm before.
+def add_scaled_(total: list[Tensor], grads: list[Tensor | None], factor: float) -> None:
+    """total += factor * grads, skipping parameters the loss did not use."""
+    used = [i for i, g in enumerate(grads) if g is not None]
+    torch._foreach_add_([total[i] for i in used], [grads[i] for i in used], alpha=factor)
+
+
+def clip_factor(grads: list[Tensor | None], max_norm: float, scale: float = 1.0) -> tuple[float, float]:
+    """The factor that brings `scale * grads` (None: zero) to joint L2 norm at most max_norm, and that norm before.
 
     A factor, not an in-place scaling: autograd may return one gradient as a view of another (at batch 1,
     timm's cls_token gradient is a slice of pos_embed's), which an in-place scaling would scale twice."""
-    norm = scale * float(torch.nn.utils.get_total_norm(grads))
+    used = [g for g in grads if g is not None]
+    norm = scale * float(torch.nn.utils.get_total_norm(used)) if used else 0.0
     if not math.isfinite(norm):  # a NaN would pass any clip and void the sensitivity bound
         raise FloatingPointError(f"non-finite gradient norm {norm}; lower train.lr or check the data")
     return scale * min(1.0, max_norm / norm) if norm > 0 else scale, norm
@@ -201,7 +211,10 @@ def clipped_gradient_sum(
 
     `per_study`: "vmap" computes the per-patient summands for the whole batch in one vmapped pass
     (`per_study_gradients`), "loop" runs one forward/backward per patient; both compute the same summands;
-    "auto" picks the faster for the model (`per_study_method`).
+    "auto" picks the faster for the model (`per_study_method`). The loop also keeps each study's encoder outputs
+    (a model with `step_inputs`) and takes the coupled terms' batch gradient through them: the same gradient as
+    a second forward of the whole batch (the encoders see every study on its own: no BatchNorm), without that
+    forward.
     """
     check_per_study(per_study)
     per_study = per_study_method(model, per_study)
@@ -210,10 +223,20 @@ def clipped_gradient_sum(
     terms: dict[str, float] = {}
     clipped = 0
     step_terms = set(model.active_terms(step))
+    # With fewer than two studies there are no negatives: the coupled terms are 0 with a 0 gradient.
+    coupled_terms = step_terms & COUPLED_TERMS if len(samples) >= 2 else set()
+    per_patient_terms = step_terms - COUPLED_TERMS
+    # The loop keeps each study's encoder outputs for the coupled terms (the model's `stacked_inputs`): their
+    # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
+    step_inputs = getattr(model, "step_inputs", None)
+    reuse_encoded = bool(per_study == "loop" and coupled_terms and per_patient_terms and step_inputs)
+    encoded = []
+    needs_batch = (per_study == "vmap" and per_patient_terms) or (coupled_terms and not reuse_encoded)
+    batch = move(collate_fn(samples)) if samples and needs_batch else None
 
-    with only_terms(model, (step_terms - COUPLED_TERMS)) as per_patient:
+    with only_terms(model, per_patient_terms) as per_patient:
         if per_patient and samples and per_study == "vmap":
-            grads, values = per_study_gradients(model, move(collate_fn(samples)), step, params, autocast)
+            grads, values = per_study_gradients(model, batch, step, params, autocast)
             if not all(bool(torch.isfinite(v).all()) for v in values.values()):
                 raise FloatingPointError(f"non-finite loss at step {step}: { {k: v.tolist() for k, v in values.items()} }")
             row_sums, norms = clipped_row_sum(grads, clip.patient)
@@ -223,20 +246,23 @@ def clipped_gradient_sum(
         elif per_patient:
             sums: dict[str, float] = {}
             for sample in samples:
-                grads, values = loss_gradient(model, move(collate_fn([sample])), step, params, autocast)
+                study = move(collate_fn([sample]))
+                inputs = step_inputs(study) if reuse_encoded else None
+                grads, values = loss_gradient(model, study, step, params, autocast, inputs, keep_graph=reuse_encoded)
+                encoded += [inputs] if reuse_encoded else []
                 factor, norm = clip_factor(grads, clip.patient)
                 clipped += norm > clip.patient
-                torch._foreach_add_(total, grads, alpha=factor)
+                add_scaled_(total, grads, factor)
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
             terms.update({name: value / max(1, len(samples)) for name, value in sums.items()})
 
-    # With fewer than two studies there are no negatives: the coupled terms are 0 with a 0 gradient.
-    with only_terms(model, step_terms & COUPLED_TERMS) as coupled:
-        if coupled and len(samples) >= 2:
-            grads, values = loss_gradient(model, move(collate_fn(samples)), step, params, autocast)
+    with only_terms(model, coupled_terms) as coupled:
+        if coupled:
+            inputs = model.stacked_inputs(encoded) if encoded else None
+            grads, values = loss_gradient(model, batch if inputs is None else inputs.batch, step, params, autocast, inputs)
             factor, _ = clip_factor(grads, clip.coupled, scale=coupled_scale)
-            torch._foreach_add_(total, grads, alpha=factor)
+            add_scaled_(total, grads, factor)
             terms.update({name: value for name, value in values.items() if name != "loss"})
     terms["loss"] = sum(model.lambdas[t] * terms[t] for t in step_terms if t in terms)
     return ClippedSum(total, terms, int(clipped))
