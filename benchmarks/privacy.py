@@ -7,57 +7,91 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import all_terms_step, build, synthetic_samples, time_train_step
+from benchmarks.common import all_terms_step, build, synthetic_samples
 from client.privacy.clipping import ClipNorms, clipped_gradient_sum, per_study_method, trainable_parameters
 from client.privacy.training import noisy_gradient
 from shared_models.batch import collate
 
 MODELS = {"tiny": 8, "resnet50_bert": 8}  # model -> batch size (patients per step), as in `objectives`
+METHODS = ("vmap", "loop")
 
 
-def dp_step_seconds(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1,
-                    per_study: str = "auto") -> float:
-    """Median wall seconds of one DP-SGD step: the clipped sum S(B) (the per-patient terms' per-study gradients
-    in one vmapped pass, or one pass per patient with per_study="loop"; one batch pass for the coupled terms),
-    Gaussian noise, AdamW."""
+def plain_step(model, batch: dict, step: int, optimizer) -> None:
+    """One non-DP step: forward, backward, AdamW."""
+    optimizer.zero_grad(set_to_none=True)
+    model(batch, step=step)["loss"].backward()
+    optimizer.step()
+
+
+def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer, generator, per_study: str) -> None:
+    """One DP-SGD step: the clipped sum S(B) (the per-patient terms' per-study gradients in one vmapped pass, or
+    one pass per patient with per_study="loop"; the coupled terms clipped as one batch gradient), Gaussian
+    noise, AdamW."""
+    summed = clipped_gradient_sum(model, samples, collate_fn, step, ClipNorms(1.0, 1.0), len(samples), params,
+                                  per_study=per_study)
+    for param, grad in zip(params, noisy_gradient(summed.gradient, 1.0, len(samples), generator)):
+        param.grad = grad
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of fn()."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1) -> dict:
+    """The non-DP step and each DP method's step, timed in turn within every repeat, so that a change in the
+    machine's speed during the run (its cores are shared) falls on all of them alike; per method, the median
+    over repeats of its DP/non-DP ratio within a repeat, wall and CPU."""
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    plain_optimizer = torch.optim.AdamW(params, lr=1e-5)
+    dp_optimizer = torch.optim.AdamW(params, lr=1e-5)
     generator = torch.Generator().manual_seed(0)
+    batch = collate_fn(samples)
     model.train()
-    times = []
+    times: dict[str, list[tuple[float, float]]] = {"plain": [], **{m: [] for m in METHODS}}
     for i in range(warmup + repeats):
-        started = time.perf_counter()
-        summed = clipped_gradient_sum(model, samples, collate_fn, step, ClipNorms(1.0, 1.0), len(samples), params,
-                                      per_study=per_study)
-        for param, grad in zip(params, noisy_gradient(summed.gradient, 1.0, len(samples), generator)):
-            param.grad = grad
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        round_times = {"plain": timed(lambda: plain_step(model, batch, step, plain_optimizer))}
+        for method in METHODS:
+            round_times[method] = timed(lambda: dp_step(model, samples, collate_fn, step, params, dp_optimizer,
+                                                        generator, method))
         if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            for name, value in round_times.items():
+                times[name].append(value)
+    out = {"step_s": round(statistics.median(w for w, _ in times["plain"]), 4)}
+    for method in METHODS:
+        pairs = list(zip(times[method], times["plain"]))
+        out[f"{method}_step_s"] = round(statistics.median(w for w, _ in times[method]), 4)
+        out[f"{method}_ratio"] = round(statistics.median(dp[0] / plain[0] for dp, plain in pairs), 3)
+        out[f"{method}_cpu_ratio"] = round(statistics.median(dp[1] / plain[1] for dp, plain in pairs), 3)
+        out[f"{method}_ratio_range"] = [round(min(dp[0] / plain[0] for dp, plain in pairs), 3),
+                                        round(max(dp[0] / plain[0] for dp, plain in pairs), 3)]
+    return out
 
 
 def run(quick: bool = False) -> dict:
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     results: dict = {}
     for model_name, batch_size in MODELS.items():
         cfg, model = build(model_name, "hybrid", ["privacy=dpsgd"])   # GroupNorm: what DP-SGD trains
         samples = synthetic_samples(batch_size, int(cfg.model.image.img_size))
         collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=int(cfg.model.text.max_length))
-        step = all_terms_step(cfg)
-        plain, _ = time_train_step(model, collate_fn(samples), step, repeats)
-        seconds = {method: dp_step_seconds(model, samples, collate_fn, step, repeats, per_study=method)
-                   for method in ("vmap", "loop")}
+        measured = step_ratios(model, samples, collate_fn, all_terms_step(cfg), repeats)
         chosen = per_study_method(model, "auto")
-        results[model_name] = {"dp_step_s": round(seconds[chosen], 4), "step_s": round(plain, 4),
-                               "ratio": round(seconds[chosen] / plain, 3), "batch_size": batch_size,
-                               "per_study": chosen,
-                               **{f"{method}_ratio": round(s / plain, 3) for method, s in seconds.items()}}
+        results[model_name] = {"dp_step_s": measured[f"{chosen}_step_s"], "step_s": measured["step_s"],
+                               "ratio": measured[f"{chosen}_ratio"], "cpu_ratio": measured[f"{chosen}_cpu_ratio"],
+                               "ratio_range": measured[f"{chosen}_ratio_range"], "batch_size": batch_size,
+                               "per_study": chosen, "repeats": repeats,
+                               **{k: v for k, v in measured.items() if k.endswith(("_ratio", "_ratio_range"))}}
         del model
     results["method"] = ("the per-patient terms' per-study gradients in one torch.func.vmap pass (vmap_ratio) or one "
-                         "pass per patient (loop_ratio), + one clipped batch pass for the coupled terms; ratio: the "
-                         "method privacy.dpsgd.per_study=auto picks for the model (docs/privacy.md); AdamW after the "
-                         "noise in both")
+                         "pass per patient (loop_ratio, whose coupled terms reuse those passes' encodings), + the "
+                         "coupled terms' batch gradient clipped as one; ratio: the method privacy.dpsgd.per_study=auto "
+                         "picks for the model (docs/privacy.md); AdamW after the noise in both; the non-DP and DP "
+                         "steps timed in turn within each repeat, ratio = median over repeats of the ratio within one, "
+                         "ratio_range its min and max, cpu_ratio the same for process CPU seconds")
     results["threads"] = torch.get_num_threads()
     return results

@@ -112,14 +112,20 @@ def data(body: dict) -> list[str]:
     return lines
 
 
+def _span(bounds: list | None) -> str | None:
+    return f"{bounds[0]}-{bounds[1]}" if bounds else None
+
+
 @renderer("privacy")
 def privacy(body: dict) -> list[str]:
     models = {k: v for k, v in body.items() if isinstance(v, dict)}
     lines = [f"DP-SGD training step over the non-DP step of the same model and batch ({body.get('method', '')}); "
              "goal at most 2.0.", ""]
-    lines += table(["model", "DP step s", "non-DP step s", "ratio", "batch", "per_study", "ratio, vmap", "ratio, loop"],
-                   [[m, v.get("dp_step_s"), v.get("step_s"), v.get("ratio"), v.get("batch_size"), v.get("per_study"),
-                     v.get("vmap_ratio"), v.get("loop_ratio")] for m, v in models.items()])
+    lines += table(["model", "DP step s", "non-DP step s", "ratio", "ratio min-max", "CPU ratio", "batch", "per_study",
+                    "ratio, vmap", "ratio, loop"],
+                   [[m, v.get("dp_step_s"), v.get("step_s"), v.get("ratio"), _span(v.get("ratio_range")),
+                     v.get("cpu_ratio"), v.get("batch_size"), v.get("per_study"), v.get("vmap_ratio"),
+                     v.get("loop_ratio")] for m, v in models.items()])
     return lines
 
 
