@@ -41,10 +41,10 @@ def check_per_study(requested: str) -> None:
 
 
 def per_study_method(model: nn.Module, requested: str) -> str:
-    """`requested`, with "auto" resolved by measurement (docs/privacy.md, 2 CPU threads, four runs): vmap for
-    transformer image encoders (tiny: DP step 2.05-2.19x the non-DP step, the loop 3.40-4.11x), the loop for
-    CNNs, whose per-study convolution weight gradients vmap computes as grouped convolutions, mostly slower on
-    CPU than one pass per patient (resnet50_bert: the loop 1.93-2.14x, vmap 1.90-2.52x)."""
+    """`requested`, with "auto" resolved by measurement (docs/privacy.md, 2 CPU threads, three interleaved runs):
+    vmap for transformer image encoders (tiny: DP step 1.88-2.06x the non-DP step, the loop 3.25-3.48x), the loop
+    for CNNs, whose per-study convolution weight gradients vmap computes as grouped convolutions, slower on CPU
+    than one pass per patient (resnet50_bert: the loop 2.04-2.11x, vmap 2.53-2.75x)."""
     if requested != "auto":
         return requested
     encoder = getattr(model, "image_encoder", None)
