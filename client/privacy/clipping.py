@@ -249,7 +249,8 @@ def clipped_gradient_sum(
                 study = move(collate_fn([sample]))
                 inputs = step_inputs(study) if reuse_encoded else None
                 grads, values = loss_gradient(model, study, step, params, autocast, inputs, keep_graph=reuse_encoded)
-                encoded += [inputs] if reuse_encoded else []
+                if reuse_encoded:
+                    encoded.append(inputs)
                 factor, norm = clip_factor(grads, clip.patient)
                 clipped += norm > clip.patient
                 add_scaled_(total, grads, factor)
