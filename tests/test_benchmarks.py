@@ -62,6 +62,7 @@ def test_all_writes_machine_sections_and_markdown_tables(tmp_path, monkeypatch):
     data = {"cache_images_per_s": 40.0, "train_images_per_s": 2.0, "ratio": 20.0, "dicom_decode_images_per_s": 3.5}
     monkeypatch.setattr(run, "SECTIONS", {"hardware": lambda args: hardware, "data": lambda args: data,
                                           "privacy": lambda args: {"tiny": {"dp_step_s": 3.0, "step_s": 1.0, "ratio": 3.0,
+                                                                            "ratio_range": [2.5, 3.5], "cpu_ratio": 2.9,
                                                                             "batch_size": 8}, "method": "m"},
                                           "extra": lambda args: {"tiny": {"ratio": 3.0}}})
     out = tmp_path / "results" / "latest.json"
@@ -76,7 +77,7 @@ def test_all_writes_machine_sections_and_markdown_tables(tmp_path, monkeypatch):
     assert "| 2 G | 8 G | 0.25 | 40 G | 20 |" in markdown        # FLOP-sized numbers in G
     assert "| backward | 12 | 0.6 |" in markdown                     # phase share of the step
     assert "| 40 | 2 | 20 |" in markdown                             # cache vs train images/s
-    assert "| tiny | 3 | 1 | 3 | 8 |" in markdown                   # DP step vs non-DP step
+    assert "| tiny | 3 | 1 | 3 | 2.5-3.5 | 2.9 | 8 |" in markdown   # DP step vs non-DP step, its spread
     assert "| tiny.ratio | 3 |" in markdown                          # a section without its own renderer: flat table
 
 
@@ -107,3 +108,21 @@ def test_peak_rss_is_the_child_own_not_its_parent():
     before, after = map(float, done.stdout.split())
     assert parent_mb > 200 and before < parent_mb / 2
     assert 100 <= after - before < 110
+
+
+def test_privacy_ratio_is_the_median_of_ratios_within_each_repeat(monkeypatch):
+    """The non-DP and DP steps are timed in turn each repeat; a machine that slows down mid-run (repeat 2 here
+    is twice as slow for every step) leaves the within-repeat ratios, and so the figure, unchanged."""
+    from benchmarks import privacy
+
+    # per repeat: plain, vmap, loop (wall, cpu); the first repeat is the warm-up and is dropped
+    script = iter([(9, 9), (9, 9), (9, 9),
+                   (1.0, 1.0), (2.0, 1.8), (3.0, 3.0),
+                   (2.0, 2.0), (4.0, 3.6), (6.0, 6.0),
+                   (1.0, 1.0), (2.5, 2.0), (3.5, 3.0)])
+    monkeypatch.setattr(privacy, "timed", lambda fn: next(script))
+    out = privacy.step_ratios(nn.Linear(2, 2), [], lambda samples: samples, step=0, repeats=3)
+    assert out["vmap_ratio"] == 2.0 and out["vmap_ratio_range"] == [2.0, 2.5]
+    assert out["vmap_cpu_ratio"] == 1.8
+    assert out["loop_ratio"] == 3.0 and out["loop_ratio_range"] == [3.0, 3.5]
+    assert out["step_s"] == 1.0 and out["vmap_step_s"] == 2.5
