@@ -59,6 +59,26 @@ def all_terms_step(cfg) -> int:
     return max([0, int(schedule.get("stage2_step", 0)), *starts]) + 1
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of fn(), its queued GPU work included."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    fn()
+    synchronize()
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def train_step(model, batch: dict, step: int, optimizer) -> None:
+    """One non-DP training step: forward, backward, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    model(batch, step=step)["loss"].backward()
+    optimizer.step()
+
+
 def time_train_step(model, batch: dict, step: int, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Median (wall seconds, process CPU seconds) of forward + backward + AdamW step on one batch.
 
@@ -67,18 +87,8 @@ def time_train_step(model, batch: dict, step: int, repeats: int, warmup: int = 2
     """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
-    wall, cpu = [], []
-    for i in range(warmup + repeats):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        optimizer.zero_grad(set_to_none=True)
-        model(batch, step=step)["loss"].backward()
-        optimizer.step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= warmup:
-            wall.append(time.perf_counter() - started)
-            cpu.append(time.process_time() - cpu_started)
-    return statistics.median(wall), statistics.median(cpu)
+    times = [timed(lambda: train_step(model, batch, step, optimizer)) for _ in range(warmup + repeats)][warmup:]
+    return statistics.median(w for w, _ in times), statistics.median(c for _, c in times)
 
 
 def make_batch(model, cfg, batch_size: int) -> dict:

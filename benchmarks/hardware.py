@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import all_terms_step, build, make_batch
+from benchmarks.common import all_terms_step, build, make_batch, synchronize
 
 MODEL, OBJECTIVE, BATCH_SIZE = "resnet50_bert", "hybrid", 8
 MATMUL_SIZE = 2048      # fp32, 17 GFLOP: long enough to time, large enough to reach the BLAS peak
@@ -21,11 +21,6 @@ OP_KINDS = {
     "data_movement": ("copy", "cat", "index", "gather", "scatter", "clone", "contiguous", "pad", "stack",
                       "transpose", "permute"),
 }
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def matmul_flops_per_s(device: torch.device, size: int = MATMUL_SIZE) -> float:

@@ -2,25 +2,17 @@
 from __future__ import annotations
 
 import statistics
-import time
 from functools import partial
 
 import torch
 
-from benchmarks.common import all_terms_step, build, synthetic_samples
+from benchmarks.common import all_terms_step, build, synthetic_samples, timed, train_step
 from client.privacy.clipping import ClipNorms, clipped_gradient_sum, per_study_method, trainable_parameters
 from client.privacy.training import noisy_gradient
 from shared_models.batch import collate
 
 MODELS = {"tiny": 8, "resnet50_bert": 8}  # model -> batch size (patients per step), as in `objectives`
 METHODS = ("vmap", "loop")
-
-
-def plain_step(model, batch: dict, step: int, optimizer) -> None:
-    """One non-DP step: forward, backward, AdamW."""
-    optimizer.zero_grad(set_to_none=True)
-    model(batch, step=step)["loss"].backward()
-    optimizer.step()
 
 
 def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer, generator, per_study: str) -> None:
@@ -35,13 +27,6 @@ def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall, process CPU) seconds of fn()."""
-    started, cpu_started = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - started, time.process_time() - cpu_started
-
-
 def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1) -> dict:
     """The non-DP step and each DP method's step, timed in turn within every repeat, so that a change in the
     machine's speed during the run (its cores are shared) falls on all of them alike; per method, the median
@@ -54,7 +39,7 @@ def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int,
     model.train()
     times: dict[str, list[tuple[float, float]]] = {"plain": [], **{m: [] for m in METHODS}}
     for i in range(warmup + repeats):
-        round_times = {"plain": timed(lambda: plain_step(model, batch, step, plain_optimizer))}
+        round_times = {"plain": timed(lambda: train_step(model, batch, step, plain_optimizer))}
         for method in METHODS:
             round_times[method] = timed(lambda: dp_step(model, samples, collate_fn, step, params, dp_optimizer,
                                                         generator, method))
