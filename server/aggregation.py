@@ -129,6 +129,7 @@ class ServerOptimizer:
 COMBINERS: dict[str, Callable[..., Params]] = {
     "fedavg": weighted_mean,
     "fedprox": weighted_mean,  # FedProx differs only in the sites' proximal term
+    "cyclic": weighted_mean,   # one site per round (server.rounds.sites_of_round): its update becomes the model
     "fedadam": weighted_mean,
     "fedyogi": weighted_mean,
     "fedavgm": weighted_mean,

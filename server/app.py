@@ -13,13 +13,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from shared_models.privacy_config import validate_federation_privacy
+from shared_models.privacy_config import ONE_SITE_PER_ROUND, validate_federation_privacy
 from server.aggregation import Aggregator, validate_update
 from server.central_dp import dp_fedavg
 from server.checkpoints import discard_after, load_latest_valid, save_round
 from server.registry import Registry
 from server.secagg import secure_round
-from server.rounds import round_config
+from server.rounds import round_config, sites_of_round
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose, config_hash
 from shared_models.export import export
@@ -41,11 +41,11 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def exchange(grid: Grid, message_to, nodes: list[int], timeout_s: float, poll_s: float,
-             admit_every_s: float = 2.0) -> tuple[list[int], list[tuple[int, Message]]]:
+             admit_every_s: float = 2.0, admit_late: bool = True) -> tuple[list[int], list[tuple[int, Message]]]:
     """Send `message_to(node)` to each node and collect replies until all have come back or `timeout_s` has passed.
 
-    A node that connects while replies are outstanding is sent the round too: a site restarted after a crash
-    rejoins the round in progress instead of waiting for the next one. Returns (nodes asked, (node, reply) pairs):
+    With `admit_late`, a node that connects while replies are outstanding is sent the round too: a site restarted
+    after a crash rejoins the round in progress instead of waiting for the next one. Returns (nodes asked, (node, reply) pairs):
     the node is the one asked, since the SuperLink itself answers for a node that has gone away."""
     asked = list(nodes)
     node_of = dict(zip(grid.push_messages([message_to(node) for node in asked]), asked))
@@ -56,7 +56,7 @@ def exchange(grid: Grid, message_to, nodes: list[int], timeout_s: float, poll_s:
     while pending and time.monotonic() < deadline:
         try:
             pulled = list(grid.pull_messages(list(pending)))
-            if time.monotonic() - admitted > admit_every_s:
+            if admit_late and time.monotonic() - admitted > admit_every_s:
                 admitted = time.monotonic()
                 late = sorted(set(grid.get_node_ids()) - set(asked))
                 if late:
@@ -172,13 +172,21 @@ class Federation:
 
     def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic()
-        nodes = wait_for_sites(self.grid, self.fed)
+        nodes = sites_of_round(self.fed.strategy, wait_for_sites(self.grid, self.fed), round_)
         exchange_round = self._secure_exchange if self.secagg else self._exchange
         nodes, accepted, bytes_sent, bytes_received = exchange_round(round_, params, nodes)
 
         round_fields = dict(sites_asked=len(nodes), sites_accepted=len(accepted), bytes_sent=bytes_sent,
                             bytes_received=bytes_received)
-        if len(accepted) < int(self.fed.min_sites):
+        if not accepted and self.fed.strategy in ONE_SITE_PER_ROUND:
+            # The one site asked sent nothing usable (its rejection is recorded): the model stays as it was and
+            # the next round asks the next site, as cyclic weight transfer passes over an absent institution.
+            self.registry.add_round(self.name, round_, status="skipped", metrics={},
+                                    seconds=time.monotonic() - started, **round_fields)
+            log.warning("round %d/%d: node %s sent no valid update; the global model is unchanged and the next "
+                        "round asks the next site", round_, self.fed.rounds, nodes[0])
+            return params
+        if len(accepted) < int(self.fed.min_sites) and self.fed.strategy not in ONE_SITE_PER_ROUND:
             self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
                                     seconds=time.monotonic() - started, **round_fields)
             raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), federation.min_sites="
@@ -215,7 +223,9 @@ class Federation:
             return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_),
                            ttl=float(self.fed.round_timeout_s))
 
-        nodes, replies = exchange(self.grid, message_to, nodes, float(self.fed.round_timeout_s), float(self.fed.poll_s))
+        # A cyclic round asks its one site only; the others wait for their turn.
+        nodes, replies = exchange(self.grid, message_to, nodes, float(self.fed.round_timeout_s), float(self.fed.poll_s),
+                                  admit_late=self.fed.strategy not in ONE_SITE_PER_ROUND)
         bytes_sent = len(nodes) * content["arrays"].count_bytes()
 
         accepted, bytes_received = [], 0

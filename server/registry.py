@@ -37,7 +37,7 @@ class Round(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run: Mapped[str] = mapped_column(ForeignKey("runs.name"))
     round: Mapped[int]
-    status: Mapped[str]  # complete | too_few_sites
+    status: Mapped[str]  # complete | too_few_sites | skipped (cyclic: the site asked sent no valid update)
     sites_asked: Mapped[int]
     sites_accepted: Mapped[int]
     seconds: Mapped[float]

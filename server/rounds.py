@@ -3,6 +3,20 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from shared_models.privacy_config import ONE_SITE_PER_ROUND
+
+
+def sites_of_round(strategy: str, nodes: list[int], round_: int) -> list[int]:
+    """The SuperNodes asked in round `round_` (1-based): all of `nodes`, or for `cyclic` the next one in turn."""
+    if strategy in ONE_SITE_PER_ROUND:
+        return [nodes[(round_ - 1) % len(nodes)]]
+    return nodes
+
+
+def total_local_steps(fed: DictConfig, sites: int) -> int:
+    """All sites' local steps over the run: what a centralized baseline with the same budget trains."""
+    return int(fed.rounds) * int(fed.local_steps) * (1 if fed.strategy in ONE_SITE_PER_ROUND else sites)
+
 
 def hybridmed_stage(cfg: DictConfig, start_step: int) -> int:
     """The HybridMED stage a round starting at `start_step` begins in, by the model's own step schedule."""

@@ -7,6 +7,10 @@ from omegaconf import DictConfig, OmegaConf
 MECHANISMS = ("dpsgd", "central_dp", "secagg")
 # Strategies whose server step needs each site's update in the clear (order statistics of the updates).
 ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum", "bulyan"})
+# Strategies that ask one site per round, in turn (cyclic weight transfer: Chang et al. 2018, Sheller et al. 2020):
+# the global model continues from each site's update, so the sites' local steps add up in sequence instead of
+# being averaged in parallel. The server then sees each site's update on its own.
+ONE_SITE_PER_ROUND = frozenset({"cyclic"})
 # Flower's fixed-clipping DP wrappers account for an unweighted mean of clipped updates (FedAvg, equal weights).
 MEAN_STRATEGIES = frozenset({"fedavg", "fedprox"})
 
@@ -49,6 +53,13 @@ def validate_federation_privacy(cfg) -> None:
     strategy = config_value(cfg, "federation.strategy", "fedavg")
     central, secagg = privacy_block(cfg, "central_dp"), privacy_block(cfg, "secagg")
 
+    if strategy in ONE_SITE_PER_ROUND and (central is not None or secagg is not None):
+        raise ValueError(
+            f"{where} with federation.strategy={strategy}: {strategy} asks one site per round, so the round's "
+            "aggregate is that site's own update. SecAgg+ would hide nothing, and central DP would clip and noise a "
+            "single site's update as if it were a mean over sites. Use privacy=dpsgd (each site's own DP-SGD) or "
+            "privacy=none with cyclic, or a strategy that averages several sites (fedavg, fedprox)."
+        )
     if central is not None:
         _positive(central, "clipping_norm", f"{where}: privacy.central_dp")
         _positive(central, "noise_multiplier", f"{where}: privacy.central_dp", allow_zero=True)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import OperationalError
 
 from client.data.catalog import open_catalog, usable_studies
+from server.rounds import total_local_steps
 from shared_models.config import compose, hydra_entry
 from shared_models.model import schedule_notice, terms_never_trained
 from simulations.data import PreparedData, prepare_data
@@ -163,7 +164,7 @@ def train_centralized_baseline(cfg: DictConfig, folder: Path, data: PreparedData
     from simulations.centralized import train_centralized
 
     fed = cfg.federation
-    steps = int(fed.rounds) * int(fed.local_steps) * len(sites)
+    steps = total_local_steps(fed, len(sites))
     central = cfg.copy()
     central.train.batch_size, central.train.lr = int(fed.batch_size), float(fed.lr)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,8 @@ def schedule_comparison(cfg: DictConfig, sites: int) -> dict:
     """Each arm's optimizer steps along one model's schedule and the weighted terms it never reaches: a site
     continues its local steps over the rounds, the centralized baseline takes all sites' steps in one run."""
     per_site = int(cfg.federation.rounds) * int(cfg.federation.local_steps)
-    arms = {"federated": per_site, **({"centralized": per_site * sites} if cfg.compare_centralized else {})}
+    arms = {"federated": per_site,
+            **({"centralized": total_local_steps(cfg.federation, sites)} if cfg.compare_centralized else {})}
     return {arm: {"steps": steps, "terms_never_trained": terms_never_trained(cfg.objective, steps)}
             for arm, steps in arms.items()}
 

@@ -17,7 +17,7 @@ from server.aggregation import (Aggregator, ServerOptimizer, coordinate_median, 
 from server.central_dp import dp_fedavg
 from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
-from server.rounds import hybridmed_stage, round_config
+from server.rounds import hybridmed_stage, round_config, sites_of_round, total_local_steps
 from server.runs import main as runs_main
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
@@ -353,3 +353,67 @@ def test_server_steps_leave_normalisation_statistics_at_the_sites_mean(kind):
     np.testing.assert_array_equal(out["head.1.running_var"], averaged["head.1.running_var"])   # not 0.2 - 5 * 0.15
     assert int(out["head.1.num_batches_tracked"]) == 9
     assert not np.allclose(out["head.0.weight"], averaged["head.0.weight"])                    # weights do step
+
+
+def test_cyclic_asks_each_site_in_turn_and_its_budget_is_one_site_per_round():
+    nodes = [17, 4, 9]
+    asked = [sites_of_round("cyclic", nodes, r) for r in range(1, 7)]
+    assert asked == [[17], [4], [9], [17], [4], [9]]
+    assert sites_of_round("fedavg", nodes, 5) == nodes
+    cyclic = compose(["federation.strategy=cyclic", "federation.rounds=12", "federation.local_steps=25"])
+    fedavg = compose(["federation.rounds=12", "federation.local_steps=25"])
+    assert total_local_steps(cyclic.federation, 4) == 300 and total_local_steps(fedavg.federation, 4) == 1200
+    # one site's update passes through the aggregator unchanged
+    update = {"w": np.array([0.25, -1.5], np.float32)}
+    np.testing.assert_array_equal(Aggregator.from_config(cyclic.federation)({"w": np.zeros(2)}, [(update, 7)])["w"],
+                                  update["w"])
+
+
+@pytest.mark.parametrize("privacy", ["secagg", "central_dp", "dpsgd_secagg"])
+def test_cyclic_refuses_mechanisms_that_need_several_sites_per_round(privacy):
+    from server.app import check_supported
+
+    with pytest.raises(ValueError, match="one site per round"):
+        check_supported(compose([f"privacy={privacy}", "federation.strategy=cyclic"]))
+    check_supported(compose(["privacy=dpsgd", "federation.strategy=cyclic"]))
+
+
+class _FailingGrid:
+    """A SuperLink with two nodes whose every reply is an error."""
+
+    def __init__(self):
+        self.sent = []
+
+    def get_node_ids(self):
+        return [8, 3]
+
+    def push_messages(self, messages):
+        self.sent += [m.metadata.dst_node_id for m in messages]
+        return [f"to-{m.metadata.dst_node_id}" for m in messages]
+
+    def pull_messages(self, ids):
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), has_error=lambda: True,
+                                error=SimpleNamespace(reason="site crashed")) for i in ids]
+
+
+def test_a_cyclic_round_whose_site_fails_is_skipped_and_the_model_unchanged(tmp_path, monkeypatch):
+    import server.app
+    from server.app import Federation
+
+    # Flower's Message needs a running ServerApp's run id; the grid only reads the destination
+    monkeypatch.setattr(server.app, "Message", lambda content, dst_node_id, **_: SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=dst_node_id)))
+    cfg = compose(["federation.strategy=cyclic", "federation.rounds=2", f"federation.output_dir={tmp_path}",
+                   "federation.run_name=cyc", "federation.poll_s=0.01", "federation.wait_for_sites_s=1"])
+    grid = _FailingGrid()
+    federation = Federation(grid, cfg)
+    federation.registry.start_run("cyc", None, 2, {}, "hash")
+    params = {"w": np.ones(3, np.float32)}
+    assert federation.round(1, params) is params and federation.round(2, params) is params
+    assert grid.sent == [3, 8], "one node per round, in node order, and no other node admitted late"
+    shown = federation.registry.describe("cyc")
+    assert [(r["round"], r["status"], r["sites_asked"]) for r in shown["rounds"]] == [(1, "skipped", 1), (2, "skipped", 1)]
+    assert [(r["round"], int(r["node_id"])) for r in shown["rejections"]] == [(1, 3), (2, 8)]
+    assert "site crashed" in shown["rejections"][0]["problems"][0]
+    assert load_latest_valid(tmp_path / "cyc") is None, "a skipped round writes no checkpoint"
+

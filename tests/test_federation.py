@@ -161,3 +161,23 @@ def test_secagg_round_in_deployment_leaves_the_sites_only_masked(deployment):
         assert len(secure) == 4 and all(e["error"] is None for e in secure)
         assert all(r.get("arrays", {}) == {} for e in secure for r in e["records"].values())
         assert sum("masked_params" in e["records"]["secaggplus_configs"]["values"] for e in secure) == 1
+
+
+def test_cyclic_passes_the_model_from_site_to_site(deployment, tmp_path):
+    overrides = (f"{OVERRIDES} federation.rounds=2 federation.run_name=cyclic federation.strategy=cyclic "
+                 f"federation.output_dir={deployment.folder / 'runs'}")
+    run = deployment.run(overrides)
+    assert run["status"] == "finished:completed", run["logs"]
+    shown = Registry(deployment.folder / "runs" / "registry.sqlite").describe("cyclic")
+    assert [(r["status"], r["sites_asked"], r["sites_accepted"]) for r in shown["rounds"]] == [("complete", 1, 1)] * 2
+    first, second = (m["site"] for m in shown["site_metrics"])
+    assert {first, second} == {"A", "B"}, "each round asks the other site"
+    # Round 1's model is the first site's own update from the seeded start, not a mean with the other's.
+    cfg = compose(overrides.split())
+    model = build_model(cfg)
+    site = dict(site_config(deployment, first), state_dir=str(tmp_path / first))
+    expected, _, _ = train_round(shared_arrays(model, cfg), round_config(cfg, 1, "cyclic",
+                                 checkpoint_fingerprints(cfg, model.tokenizer)), site, "cyclic", cfg)
+    saved = load_file(deployment.folder / "runs" / "cyclic" / "checkpoints" / "round_0001" / "model.safetensors")
+    for name, value in expected.items():
+        np.testing.assert_allclose(saved[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

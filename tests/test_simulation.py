@@ -66,6 +66,8 @@ def test_a_baseline_that_reaches_terms_the_sites_never_do_is_flagged():
     assert "caption, distill, global_impression, token" in notice and "not like for like" in notice
     cfg.objective.schedule.stage2_step = 5   # the sites reach stage 2 at their last step
     assert schedule_mismatch(schedule_comparison(cfg, sites=3)) is None
+    cfg.federation.strategy = "cyclic"   # one site per round: the model's 6 steps are all the sites' steps
+    assert schedule_comparison(cfg, sites=3)["centralized"]["steps"] == 6
     cfg.compare_centralized = False
     assert set(schedule_comparison(cfg, sites=3)) == {"federated"}
 
