@@ -19,7 +19,7 @@ from server.central_dp import dp_fedavg
 from server.checkpoints import discard_after, load_latest_valid, save_round
 from server.registry import Registry
 from server.secagg import secure_round
-from server.rounds import round_config, sites_of_round
+from server.rounds import round_config, schedule_trainer, sites_of_round
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose, config_hash
 from shared_models.export import export
@@ -127,7 +127,8 @@ class Federation:
         self.config_hash = config_hash(cfg)
         # The schedule counts each site's local steps, which continue over the rounds.
         notice = schedule_notice(cfg.objective, int(self.fed.rounds) * int(self.fed.local_steps),
-                                 f"each site ({self.fed.rounds} rounds x {self.fed.local_steps} local steps)")
+                                 f"{schedule_trainer(self.fed.strategy)} ({self.fed.rounds} rounds x "
+                                 f"{self.fed.local_steps} local steps)")
         if notice:
             log.warning(notice)
 

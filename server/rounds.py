@@ -13,6 +13,12 @@ def sites_of_round(strategy: str, nodes: list[int], round_: int) -> list[int]:
     return nodes
 
 
+def schedule_trainer(strategy: str) -> str:
+    """Whose steps `rounds x local_steps` counts, for notices: each site's, continued over the rounds, or with
+    `cyclic` the model's as it passes from site to site (round r starts at step (r - 1) * local_steps)."""
+    return "the model passed from site to site" if strategy in ONE_SITE_PER_ROUND else "each site"
+
+
 def total_local_steps(fed: DictConfig, sites: int) -> int:
     """All sites' local steps over the run: what a centralized baseline with the same budget trains."""
     return int(fed.rounds) * int(fed.local_steps) * (1 if fed.strategy in ONE_SITE_PER_ROUND else sites)

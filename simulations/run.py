@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import OperationalError
 
 from client.data.catalog import open_catalog, usable_studies
-from server.rounds import total_local_steps
+from server.rounds import schedule_trainer, total_local_steps
 from shared_models.config import compose, hydra_entry
 from shared_models.model import schedule_notice, terms_never_trained
 from simulations.data import PreparedData, prepare_data
@@ -249,7 +249,8 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         return described["run"]["status"] != "running"
 
     schedule = schedule_comparison(cfg, len(sites))
-    for notice in [schedule_notice(cfg.objective, schedule["federated"]["steps"], "each site"),
+    for notice in [schedule_notice(cfg.objective, schedule["federated"]["steps"],
+                                             schedule_trainer(cfg.federation.strategy)),
                    schedule_mismatch(schedule)]:
         if notice:
             print(f"NOTICE: {notice}", flush=True)
