@@ -45,8 +45,9 @@ def exchange(grid: Grid, message_to, nodes: list[int], timeout_s: float, poll_s:
     """Send `message_to(node)` to each node and collect replies until all have come back or `timeout_s` has passed.
 
     With `admit_late`, a node that connects while replies are outstanding is sent the round too: a site restarted
-    after a crash rejoins the round in progress instead of waiting for the next one. Returns (nodes asked, (node, reply) pairs):
-    the node is the one asked, since the SuperLink itself answers for a node that has gone away."""
+    after a crash rejoins the round in progress instead of waiting for the next one. Returns (nodes asked,
+    (node, reply) pairs): the node is the one asked, since the SuperLink itself answers for a node that has gone
+    away."""
     asked = list(nodes)
     node_of = dict(zip(grid.push_messages([message_to(node) for node in asked]), asked))
     pending = set(node_of)

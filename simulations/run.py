@@ -249,9 +249,8 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         return described["run"]["status"] != "running"
 
     schedule = schedule_comparison(cfg, len(sites))
-    for notice in [schedule_notice(cfg.objective, schedule["federated"]["steps"],
-                                             schedule_trainer(cfg.federation.strategy)),
-                   schedule_mismatch(schedule)]:
+    trainer = schedule_trainer(cfg.federation.strategy)
+    for notice in [schedule_notice(cfg.objective, schedule["federated"]["steps"], trainer), schedule_mismatch(schedule)]:
         if notice:
             print(f"NOTICE: {notice}", flush=True)
     print(f"federation: {cfg.federation.rounds} rounds x {cfg.federation.local_steps} local steps on {len(sites)} "
