@@ -79,16 +79,30 @@ def train_step(model, batch: dict, step: int, optimizer) -> None:
     optimizer.step()
 
 
-def time_train_step(model, batch: dict, step: int, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median (wall seconds, process CPU seconds) of forward + backward + AdamW step on one batch.
+def interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict[str, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds of each named step per repeat, the steps timed in turn within every repeat so
+    that a change in the machine's speed during the run (its cores are shared) falls on all of them alike; the
+    warm-up repeats are dropped."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, fn in steps.items():
+            seconds = timed(fn)
+            if i >= warmup:
+                times[name].append(seconds)
+    return times
 
-    CPU seconds count only this process's threads, so on a machine shared with other jobs they measure the
-    step's own cost where wall time also measures the neighbours; compare ratios of either within one run.
-    """
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model.train()
-    times = [timed(lambda: train_step(model, batch, step, optimizer)) for _ in range(warmup + repeats)][warmup:]
-    return statistics.median(w for w, _ in times), statistics.median(c for _, c in times)
+
+def ratio_to(times: dict[str, list[tuple[float, float]]], name: str, reference: str) -> dict:
+    """name's step over reference's within each repeat: the median (wall and CPU) and the wall range."""
+    pairs = list(zip(times[name], times[reference]))
+    wall = [step[0] / ref[0] for step, ref in pairs]
+    return {"ratio": round(statistics.median(wall), 3),
+            "cpu_ratio": round(statistics.median(step[1] / ref[1] for step, ref in pairs), 3),
+            "ratio_range": [round(min(wall), 3), round(max(wall), 3)]}
+
+
+def median_seconds(times: list[tuple[float, float]]) -> tuple[float, float]:
+    return (round(statistics.median(w for w, _ in times), 4), round(statistics.median(c for _, c in times), 4))
 
 
 def make_batch(model, cfg, batch_size: int) -> dict:

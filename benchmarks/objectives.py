@@ -1,9 +1,11 @@
 """Training-step time of every objective preset relative to `clip` with the same encoders, and parameter counts."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from benchmarks.common import all_terms_step, build, make_batch, time_train_step
+from benchmarks.common import all_terms_step, build, interleaved, make_batch, median_seconds, ratio_to, train_step
 from shared_models.sharing import shared_parameter_names, sharing_settings
 
 PRESETS = ["clip", "hybridmed", "asg", "g2d", "hybrid"]
@@ -22,23 +24,29 @@ def component_params(model, cfg) -> dict[str, int]:
 
 
 def run(quick: bool = False) -> dict:
+    """Every preset of one model built side by side and timed in turn within each repeat (`interleaved`), so the
+    ratios to `clip` are taken within a repeat and the machine's drift falls on all presets alike."""
     repeats = 2 if quick else 3
     results: dict = {"params": {}}
     for model_name, batch_size in MODELS.items():
-        results[model_name] = {}
+        steps = {}
         for preset in PRESETS:
             cfg, model = build(model_name, preset)
-            batch = make_batch(model, cfg, batch_size)
-            seconds, cpu_seconds = time_train_step(model, batch, all_terms_step(cfg), repeats)
-            results[model_name][preset] = {"step_s": round(seconds, 4), "cpu_s": round(cpu_seconds, 4)}
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            model.train()
+            steps[preset] = partial(train_step, model, make_batch(model, cfg, batch_size), all_terms_step(cfg),
+                                    optimizer)
             if preset == "hybrid":
                 results["params"][model_name] = component_params(model, cfg)
-            del model
-        clip = results[model_name]["clip"]
+        times = interleaved(steps, repeats, warmup=2)
+        del steps
+        results[model_name] = {}
         for preset in PRESETS:
-            timing = results[model_name][preset]
-            timing["ratio_vs_clip"] = round(timing["step_s"] / clip["step_s"], 3)
-            timing["cpu_ratio_vs_clip"] = round(timing["cpu_s"] / clip["cpu_s"], 3)
+            seconds, cpu_seconds = median_seconds(times[preset])
+            vs_clip = ratio_to(times, preset, "clip")
+            results[model_name][preset] = {"step_s": seconds, "cpu_s": cpu_seconds, "ratio_vs_clip": vs_clip["ratio"],
+                                           "cpu_ratio_vs_clip": vs_clip["cpu_ratio"],
+                                           "ratio_range_vs_clip": vs_clip["ratio_range"]}
         results[model_name]["batch_size"] = batch_size
         results[model_name]["image_size"] = int(cfg.model.image.img_size)
     results["threads"] = torch.get_num_threads()

@@ -1,12 +1,12 @@
 """DP-SGD step time over the non-DP step of the same model (GroupNorm, `hybrid`) on the same batch."""
 from __future__ import annotations
 
-import statistics
 from functools import partial
 
 import torch
 
-from benchmarks.common import all_terms_step, build, synthetic_samples, timed, train_step
+from benchmarks.common import (all_terms_step, build, interleaved, median_seconds, ratio_to, synthetic_samples,
+                               train_step)
 from client.privacy.clipping import ClipNorms, clipped_gradient_sum, per_study_method, trainable_parameters
 from client.privacy.training import noisy_gradient
 from shared_models.batch import collate
@@ -28,32 +28,22 @@ def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer
 
 
 def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1) -> dict:
-    """The non-DP step and each DP method's step, timed in turn within every repeat, so that a change in the
-    machine's speed during the run (its cores are shared) falls on all of them alike; per method, the median
-    over repeats of its DP/non-DP ratio within a repeat, wall and CPU."""
+    """The non-DP step and each DP method's step, timed in turn within every repeat (`interleaved`); per method,
+    the median over repeats of its DP/non-DP ratio within a repeat, wall and CPU."""
     params = trainable_parameters(model)
     plain_optimizer = torch.optim.AdamW(params, lr=1e-5)
     dp_optimizer = torch.optim.AdamW(params, lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     batch = collate_fn(samples)
     model.train()
-    times: dict[str, list[tuple[float, float]]] = {"plain": [], **{m: [] for m in METHODS}}
-    for i in range(warmup + repeats):
-        round_times = {"plain": timed(lambda: train_step(model, batch, step, plain_optimizer))}
-        for method in METHODS:
-            round_times[method] = timed(lambda: dp_step(model, samples, collate_fn, step, params, dp_optimizer,
-                                                        generator, method))
-        if i >= warmup:
-            for name, value in round_times.items():
-                times[name].append(value)
-    out = {"step_s": round(statistics.median(w for w, _ in times["plain"]), 4)}
+    steps = {"plain": lambda: train_step(model, batch, step, plain_optimizer)}
     for method in METHODS:
-        pairs = list(zip(times[method], times["plain"]))
-        out[f"{method}_step_s"] = round(statistics.median(w for w, _ in times[method]), 4)
-        out[f"{method}_ratio"] = round(statistics.median(dp[0] / plain[0] for dp, plain in pairs), 3)
-        out[f"{method}_cpu_ratio"] = round(statistics.median(dp[1] / plain[1] for dp, plain in pairs), 3)
-        out[f"{method}_ratio_range"] = [round(min(dp[0] / plain[0] for dp, plain in pairs), 3),
-                                        round(max(dp[0] / plain[0] for dp, plain in pairs), 3)]
+        steps[method] = partial(dp_step, model, samples, collate_fn, step, params, dp_optimizer, generator, method)
+    times = interleaved(steps, repeats, warmup)
+    out = {"step_s": median_seconds(times["plain"])[0]}
+    for method in METHODS:
+        out[f"{method}_step_s"] = median_seconds(times[method])[0]
+        out.update({f"{method}_{key}": value for key, value in ratio_to(times, method, "plain").items()})
     return out
 
 

@@ -113,16 +113,33 @@ def test_peak_rss_is_the_child_own_not_its_parent():
 def test_privacy_ratio_is_the_median_of_ratios_within_each_repeat(monkeypatch):
     """The non-DP and DP steps are timed in turn each repeat; a machine that slows down mid-run (repeat 2 here
     is twice as slow for every step) leaves the within-repeat ratios, and so the figure, unchanged."""
-    from benchmarks import privacy
+    from benchmarks import common, privacy
 
     # per repeat: plain, vmap, loop (wall, cpu); the first repeat is the warm-up and is dropped
     script = iter([(9, 9), (9, 9), (9, 9),
                    (1.0, 1.0), (2.0, 1.8), (3.0, 3.0),
                    (2.0, 2.0), (4.0, 3.6), (6.0, 6.0),
                    (1.0, 1.0), (2.5, 2.0), (3.5, 3.0)])
-    monkeypatch.setattr(privacy, "timed", lambda fn: next(script))
+    monkeypatch.setattr(common, "timed", lambda fn: next(script))
     out = privacy.step_ratios(nn.Linear(2, 2), [], lambda samples: samples, step=0, repeats=3)
     assert out["vmap_ratio"] == 2.0 and out["vmap_ratio_range"] == [2.0, 2.5]
     assert out["vmap_cpu_ratio"] == 1.8
     assert out["loop_ratio"] == 3.0 and out["loop_ratio_range"] == [3.0, 3.5]
     assert out["step_s"] == 1.0 and out["vmap_step_s"] == 2.5
+
+
+def test_interleaved_timing_takes_every_step_in_turn_and_drops_the_warm_up(monkeypatch):
+    """The objectives and privacy sections rest on this: within each repeat every step runs once, in order, so a
+    slowdown lands on all of them; ratio_to takes the ratio within a repeat, not of the medians."""
+    from benchmarks import common
+
+    calls = []
+    clock = iter([(5, 5), (5, 5), (1.0, 1.0), (3.0, 3.0), (4.0, 4.0), (4.0, 4.0), (1.0, 1.0), (2.0, 2.0)])
+    monkeypatch.setattr(common, "timed", lambda fn: (fn(), next(clock))[1])
+    steps = {"clip": lambda: calls.append("clip"), "hybrid": lambda: calls.append("hybrid")}
+    times = common.interleaved(steps, repeats=3, warmup=1)
+    assert calls == ["clip", "hybrid"] * 4
+    assert times == {"clip": [(1.0, 1.0), (4.0, 4.0), (1.0, 1.0)], "hybrid": [(3.0, 3.0), (4.0, 4.0), (2.0, 2.0)]}
+    # within-repeat ratios 3, 1, 2 -> median 2; the medians' ratio (3 / 1) would say 3
+    assert common.ratio_to(times, "hybrid", "clip") == {"ratio": 2.0, "cpu_ratio": 2.0, "ratio_range": [1.0, 3.0]}
+    assert common.median_seconds(times["hybrid"]) == (3.0, 3.0)
