@@ -74,6 +74,16 @@ class ComponentTimer:
             handle.remove()
 
 
+def objectives_seconds(forward_s: list[float], components: list[dict[str, float]]) -> float:
+    """Median over repeats of the forward time the encoders leave over, taken within each repeat.
+
+    A residual of separate medians would subtract the encoders' times of other repeats: on a shared
+    machine that drift can exceed the objectives' own small share of the forward.
+    """
+    return max(0.0, statistics.median(f - sum(c.get(name, 0.0) for name in COMPONENTS)
+                                      for f, c in zip(forward_s, components, strict=True)))
+
+
 def phased_step(model, optimizer, batch, step: int) -> dict[str, float]:
     """One training step, timed by phase."""
     times = {}
@@ -157,9 +167,8 @@ def run(quick: bool = False) -> dict:
     step_s = statistics.median(s["step"] for s in steps)
     phases = {phase: round(statistics.median(s[phase] for s in steps), 4)
               for phase in ("forward", "backward", "optimizer")}
-    forward_s = statistics.median(s["forward"] for s in steps)
     component_s = {name: statistics.median(c.get(name, 0.0) for c in components) for name in COMPONENTS}
-    component_s["objectives"] = max(0.0, forward_s - sum(component_s.values()))
+    component_s["objectives"] = objectives_seconds([s["forward"] for s in steps], components)
     peak = statistics.median(matmuls)
     train = step_flops / step_s
     # ratio = (share of the step in forward + backward) x (share of that in dense kernels) x (their

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks import memory, run
-from benchmarks.hardware import count_flops, matmul_flops_per_s, op_kind
+from benchmarks.hardware import count_flops, matmul_flops_per_s, objectives_seconds, op_kind
 from benchmarks.report import render_markdown
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +144,18 @@ def test_interleaved_timing_takes_every_step_in_turn_and_drops_the_warm_up(monke
     # within-repeat ratios 3, 1, 2 -> median 2; the medians' ratio (3 / 1) would say 3
     assert common.ratio_to(times, "hybrid", "clip") == {"ratio": 2.0, "cpu_ratio": 2.0, "ratio_range": [1.0, 3.0]}
     assert common.median_seconds(times["hybrid"]) == (3.0, 3.0)
+
+
+def test_objectives_time_is_the_forward_the_encoders_leave_over_within_each_repeat():
+    # The image encoder was slow in the first repeat, the text encoder in the second (a shared machine).
+    forward = [1.3, 1.7, 1.1]
+    components = [{"image_encoder": 0.6, "text_encoder": 0.6}, {"image_encoder": 0.3, "text_encoder": 1.2},
+                  {"image_encoder": 0.35, "text_encoder": 0.65}]
+    # Within each repeat the objectives take 0.1, 0.2, 0.1 s: median 0.1.
+    assert objectives_seconds(forward, components) == pytest.approx(0.1)
+    # Subtracting separate medians (1.3 - 0.35 - 0.65) would triple it.
+    separate = statistics.median(forward) - sum(
+        statistics.median(c[name] for c in components) for name in ("image_encoder", "text_encoder"))
+    assert separate == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        objectives_seconds([1.0], [])
