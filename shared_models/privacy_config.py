@@ -58,7 +58,8 @@ def validate_federation_privacy(cfg) -> None:
             f"{where} with federation.strategy={strategy}: {strategy} asks one site per round, so the round's "
             "aggregate is that site's own update. SecAgg+ would hide nothing, and central DP would clip and noise a "
             "single site's update as if it were a mean over sites. Use privacy=dpsgd (each site's own DP-SGD) or "
-            "privacy=none with cyclic, or a strategy that averages several sites (fedavg, fedprox)."
+            "privacy=none with cyclic, or a strategy that averages several sites (federation.strategy=fedavg or "
+            "fedprox)."
         )
     if central is not None:
         _positive(central, "clipping_norm", f"{where}: privacy.central_dp")

@@ -93,8 +93,11 @@ def app_overrides(cfg: DictConfig, choices: dict[str, str], forced: dict[str, ob
 
     have = composed_leaves(groups)
     overrides = groups + [f"{key}={_hydra_value(value)}" for key, value in want.items() if have.get(key, object()) != value]
+    # keys the apps' defaults have and this run does not (another preset's extra kwargs, a `~key` deletion)
+    overrides += [f"~{key}" for key in have if key not in want]
     got = composed_leaves(overrides)
-    differing = [key for key, value in want.items() if got.get(key) != value]
+    absent = object()
+    differing = [key for key in want.keys() | got.keys() if got.get(key, absent) != want.get(key, absent)]
     if differing:
         raise RuntimeError(f"the apps would not compose this run's configuration (differs at {differing[:5]})")
     return overrides

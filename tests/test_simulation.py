@@ -21,7 +21,8 @@ def simulation(tmp_path_factory):
     run_dir = tmp / "run"
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
-               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", "probe.max_iter=20"]
+               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", "probe.max_iter=20",
+               "federation.strategy=fedavg"]   # every site in every round (the default's cyclic asks one per round)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
@@ -56,7 +57,8 @@ def test_a_baseline_that_reaches_terms_the_sites_never_do_is_flagged():
     from shared_models.config import compose
     from simulations.run import schedule_comparison, schedule_mismatch
 
-    cfg = compose(["federation.rounds=2", "federation.local_steps=3", "objective.schedule.stage2_step=10",
+    cfg = compose(["federation.strategy=fedavg", "federation.rounds=2", "federation.local_steps=3",
+                   "objective.schedule.stage2_step=10",
                    "objective.schedule.warmup_steps=4"], config_name="simulate")
     schedule = schedule_comparison(cfg, sites=3)   # 6 steps per site, 18 centralized
     assert schedule["federated"] == {"steps": 6, "terms_never_trained": dict.fromkeys(
@@ -179,7 +181,8 @@ def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_pat
             raise TimeoutError("Flower run 7 did not finish within 60 s; stopped it")
 
     monkeypatch.setattr(run, "LocalSimulation", TimedOut)
-    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "data.studies=40", "federation.sites=2", "timeout_s=null"],
+    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "data.studies=40", "federation.sites=2", "federation.rounds=5",
+                   "timeout_s=null"],
                   config_name="simulate")
     with pytest.raises(TimeoutError, match=r"timeout_s=None\). Rounds none of 5 completed and are checkpointed in "
                                            r".*checkpoints .*set timeout_s higher, or null for no limit"):
@@ -211,3 +214,19 @@ def test_a_run_the_server_app_ended_is_stopped_if_flower_keeps_it_going(tmp_path
     record = simulation.run(tmp_path, [], 2, ClientResources(1, 0), float("inf"), on_poll=lambda: True)
     assert record["status"] == "finished:stopped" and asked.count("stop") == 1
     assert asked[0] == "run" and asked[-1] == "ls"
+
+
+def test_the_apps_compose_the_runs_model_even_without_its_group_choice():
+    from omegaconf import OmegaConf
+
+    from shared_models.config import compose
+    from simulations.run import app_overrides
+
+    # The simulate default's tiny_cnn lacks two keys of config.yaml's tiny (its ViT kwargs and global_pool):
+    # overriding values alone would leave the apps building a resnet10t with a ViT's depth kwarg.
+    cfg = compose(["model=tiny_cnn"], config_name="simulate")
+    for choices in ({}, {"model": "tiny_cnn"}):
+        overrides = app_overrides(cfg, choices, forced={})
+        assert OmegaConf.to_container(compose(overrides).model, resolve=True) == \
+            OmegaConf.to_container(cfg.model, resolve=True)
+    assert "~model.image.kwargs.depth" in app_overrides(cfg, {}, forced={})
