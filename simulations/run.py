@@ -92,8 +92,10 @@ def app_overrides(cfg: DictConfig, choices: dict[str, str], forced: dict[str, ob
         return _leaves({k: composed.get(k) for k in APP_SECTIONS})
 
     have = composed_leaves(groups)
-    overrides = groups + [f"{key}={_hydra_value(value)}" for key, value in want.items() if have.get(key, object()) != value]
-    # keys the apps' defaults have and this run does not (another preset's extra kwargs, a `~key` deletion)
+    # keys only this run has are appended (`+`), keys only the apps' defaults have deleted (`~`): another preset's
+    # kwargs, a `~key` on the command line
+    overrides = groups + [f"{'' if key in have else '+'}{key}={_hydra_value(value)}" for key, value in want.items()
+                          if have.get(key, object()) != value]
     overrides += [f"~{key}" for key in have if key not in want]
     got = composed_leaves(overrides)
     absent = object()
@@ -115,6 +117,13 @@ def readonly_registry(path: Path):
     registry.engine = create_engine(f"sqlite:///file:{Path(path).resolve()}?mode=ro&uri=true",
                                     connect_args={"timeout": 30})
     return registry
+
+
+def last_error(log: Path) -> str:
+    """The last `SomeError: message` line of a Flower run's log (where a ServerApp's or ClientApp's traceback ends)."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    errors = [line.strip() for line in lines if re.match(r"^\s*[\w.]*(Error|Exception): ", line)]
+    return errors[-1] if errors else f"no error message in {log.name}"
 
 
 def read_rounds(registry_path: Path, run_name: str) -> tuple[list[dict], dict]:
@@ -268,11 +277,15 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
                 f"{err} (timeout_s={cfg.timeout_s}). Rounds {sorted(printed) or 'none'} of {cfg.federation.rounds} "
                 f"completed and are checkpointed in {run_dir / 'checkpoints'} (evaluate one with python -m "
                 "evaluation.run checkpoint=...); for a longer run set timeout_s higher, or null for no limit") from err
-    rounds, described = read_rounds(run_dir / "registry.sqlite", run_name)
+    flower_log = run_dir / "flower" / "flower_run.log"
+    try:
+        rounds, described = read_rounds(run_dir / "registry.sqlite", run_name)
+    except (KeyError, OperationalError) as err:   # the ServerApp failed before it recorded the run
+        raise RuntimeError(f"the federation never started (Flower: {record['status']}): {last_error(flower_log)}; "
+                           f"see {flower_log}") from err
     if record["status"] != "finished:completed" or described["run"]["status"] != "finished":
         raise RuntimeError(f"the federation did not complete (Flower: {record['status']}, registry: "
-                           f"{described['run']['status']}, {described['run'].get('error')}); see "
-                           f"{run_dir / 'flower' / 'flower_run.log'}")
+                           f"{described['run']['status']}, {described['run'].get('error')}); see {flower_log}")
 
     if cfg.eval_rounds:
         for entry in rounds:

@@ -222,11 +222,39 @@ def test_the_apps_compose_the_runs_model_even_without_its_group_choice():
     from shared_models.config import compose
     from simulations.run import app_overrides
 
-    # The simulate default's tiny_cnn lacks two keys of config.yaml's tiny (its ViT kwargs and global_pool):
-    # overriding values alone would leave the apps building a resnet10t with a ViT's depth kwarg.
+    # The simulate default's tiny_cnn lacks two keys of config.yaml's tiny (its ViT depth and global_pool) and has
+    # one tiny lacks (its stem): overriding values alone would fail, or build a resnet10t with a ViT's depth kwarg.
     cfg = compose(["model=tiny_cnn"], config_name="simulate")
     for choices in ({}, {"model": "tiny_cnn"}):
         overrides = app_overrides(cfg, choices, forced={})
         assert OmegaConf.to_container(compose(overrides).model, resolve=True) == \
             OmegaConf.to_container(cfg.model, resolve=True)
-    assert "~model.image.kwargs.depth" in app_overrides(cfg, {}, forced={})
+    assert {"~model.image.kwargs.depth", "+model.image.kwargs.stem_type=deep"} <= set(app_overrides(cfg, {}, forced={}))
+
+
+def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowers_log(tmp_path, monkeypatch):
+    import simulations.run as run
+    from shared_models.config import compose
+
+    class FailsAtStart:   # what Flower does when the ServerApp raises before it records the run
+        def __init__(self, folder):
+            self.folder = folder
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, app, overrides, sites, resources, timeout_s, on_poll):
+            (self.folder / "flower_run.log").write_text(
+                "Traceback (most recent call last):\n  File \"server/app.py\", line 1, in main\n"
+                "ValueError: num_channels (24) must be divisible by num_groups (32)\nERROR :     Exit Code: 700\n")
+            assert not on_poll()   # no registry yet: the progress poll waits rather than fails
+            return {"status": "finished:failed"}
+
+    monkeypatch.setattr(run, "LocalSimulation", FailsAtStart)
+    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "data.studies=40", "federation.sites=2"], config_name="simulate")
+    with pytest.raises(RuntimeError, match=r"never started \(Flower: finished:failed\): ValueError: num_channels \(24\) "
+                                           r"must be divisible by num_groups \(32\); see .*flower_run\.log"):
+        run.simulate(cfg, tmp_path / "run", choices={})
