@@ -159,7 +159,8 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
         from client.privacy import dp_train_round
 
         caps = {k.removeprefix("privacy_"): v for k, v in round_config.items() if k.startswith("privacy_")}
-        planned = int(round_config["rounds"]) * int(round_config["local_steps"])
+        # this site's own rounds (its turns under cyclic); a coordinator that does not say: every round
+        planned = int(round_config.get("site_rounds", round_config["rounds"])) * int(round_config["local_steps"])
         result = dp_train_round(model, dataset, collate_fn, settings, dpsgd, site, run_id, int(round_config["round"]),
                                 planned, caps, device, anchor)
         metrics = result.public_metrics()

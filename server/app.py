@@ -122,6 +122,7 @@ class Federation:
         self.aggregator = Aggregator.from_config(self.fed)
         self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
+        self.connected: int | None = None   # SuperNodes at the current round's start (each site's share of rounds)
         self.model = initial_model(cfg)
         self.fingerprints = checkpoint_fingerprints(cfg, self.model.tokenizer)
         self.config = OmegaConf.to_container(cfg, resolve=True)
@@ -170,11 +171,13 @@ class Federation:
                  self.run_dir / "checkpoint", self.run_dir / "export")
 
     def _round_config(self, round_: int) -> dict:
-        return round_config(self.cfg, round_, self.name, self.fingerprints)
+        return round_config(self.cfg, round_, self.name, self.fingerprints, self.connected)
 
     def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic()
-        nodes = sites_of_round(self.fed.strategy, wait_for_sites(self.grid, self.fed), round_)
+        connected = wait_for_sites(self.grid, self.fed)
+        self.connected = len(connected)
+        nodes = sites_of_round(self.fed.strategy, connected, round_)
         exchange_round = self._secure_exchange if self.secagg else self._exchange
         nodes, accepted, bytes_sent, bytes_received = exchange_round(round_, params, nodes)
 

@@ -13,6 +13,13 @@ def sites_of_round(strategy: str, nodes: list[int], round_: int) -> list[int]:
     return nodes
 
 
+def site_rounds(strategy: str, nodes: int, rounds: int) -> int:
+    """The most rounds any one of `nodes` SuperNodes trains in a run of `rounds`: all of them, or for `cyclic` its
+    turns. A site's DP-SGD sizes its noise for a target epsilon by these rounds' steps, so it never plans (and
+    over-noises for) the rounds of the other sites."""
+    return -(-rounds // max(nodes, 1)) if strategy in ONE_SITE_PER_ROUND else rounds
+
+
 def schedule_trainer(strategy: str) -> str:
     """Whose steps `rounds x local_steps` counts, for notices: each site's, continued over the rounds, or with
     `cyclic` the model's as it passes from site to site (round r starts at step (r - 1) * local_steps)."""
@@ -29,16 +36,20 @@ def hybridmed_stage(cfg: DictConfig, start_step: int) -> int:
     return 2 if start_step >= int(OmegaConf.select(cfg, "objective.schedule.stage2_step", default=0)) else 1
 
 
-def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict[str, str]) -> dict:
+def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict[str, str],
+                 nodes: int | None = None) -> dict:
     """The config record of round `round_` (1-based). Sites continue one lr and objective schedule over
     all rounds' local steps (round r starts at step (r - 1) * local_steps), so it stays in step on resume.
-    What travels is not here: every site derives it from `model.sharing`, which the fingerprints cover."""
+    `site_rounds` is how many rounds a site trains in all (`site_rounds` for the run's `nodes` SuperNodes;
+    every round when unknown). What travels is not here: every site derives it from `model.sharing`, which the
+    fingerprints cover."""
     fed = cfg.federation
     start_step = (round_ - 1) * int(fed.local_steps)
     config = {
         "run": run_name,
         "round": round_,
         "rounds": int(fed.rounds),
+        "site_rounds": site_rounds(str(fed.strategy), nodes, int(fed.rounds)) if nodes else int(fed.rounds),
         "local_steps": int(fed.local_steps),
         "start_step": start_step,
         "batch_size": int(fed.batch_size),

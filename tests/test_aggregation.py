@@ -17,7 +17,7 @@ from server.aggregation import (Aggregator, ServerOptimizer, coordinate_median, 
 from server.central_dp import dp_fedavg
 from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
-from server.rounds import hybridmed_stage, round_config, sites_of_round, total_local_steps
+from server.rounds import hybridmed_stage, round_config, site_rounds, sites_of_round, total_local_steps
 from server.runs import main as runs_main
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
@@ -417,3 +417,41 @@ def test_a_cyclic_round_whose_site_fails_is_skipped_and_the_model_unchanged(tmp_
     assert "site crashed" in shown["rejections"][0]["problems"][0]
     assert load_latest_valid(tmp_path / "cyc") is None, "a skipped round writes no checkpoint"
 
+
+
+@pytest.mark.parametrize("strategy, expected", [("cyclic", 3), ("fedavg", 5)])
+def test_each_round_tells_the_site_how_many_rounds_it_trains_in_all(tmp_path, monkeypatch, strategy, expected):
+    import server.app
+    from server.app import Federation
+
+    sent = []
+    monkeypatch.setattr(server.app, "Message", lambda content, dst_node_id, **_: sent.append(content) or SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=dst_node_id)))
+    cfg = compose([f"federation.strategy={strategy}", "federation.rounds=5", f"federation.output_dir={tmp_path}",
+                   "federation.run_name=r", "federation.poll_s=0.01", "federation.wait_for_sites_s=1"])
+    federation = Federation(_FailingGrid(), cfg)
+    federation.registry.start_run("r", None, 5, {}, "hash")
+    try:
+        federation.round(1, {"w": np.ones(3, np.float32)})
+    except RuntimeError:   # FedAvg: no accepted update is too few sites
+        pass
+    # 2 nodes: cyclic gives each at most 3 of the 5 rounds (its DP noise is sized for those), FedAvg all 5
+    assert {int(c["config"]["site_rounds"]) for c in sent} == {expected}
+    assert site_rounds("cyclic", 3, 14) == 5 and site_rounds("cyclic", 4, 12) == 3 and site_rounds("median", 3, 14) == 14
+
+
+def test_a_dp_site_sizes_its_noise_for_its_own_rounds(sites, tmp_path):
+    cfg = compose(["privacy=dpsgd", "privacy.dpsgd.target_epsilon=4.0", "federation.rounds=4",
+                   "federation.local_steps=1", "federation.batch_size=2"])
+    model = build_model(cfg)
+    prints = checkpoint_fingerprints(cfg, model.tokenizer)
+    noise = {}
+    for turns in (4, 1):   # every round (FedAvg), or one turn in four (cyclic over 4 sites)
+        site = dict(_site(sites, "B", tmp_path), name=f"dp-turns{turns}-{tmp_path.name}",
+                    state_dir=str(tmp_path / f"turns{turns}"))
+        config = dict(round_config(cfg, 1, f"dp{turns}", prints), site_rounds=turns)
+        _, _, metrics = train_round(shared_arrays(model, cfg), config, site, f"dp{turns}", cfg)
+        noise[turns] = metrics["noise_multiplier"]
+        if turns == 1:   # its one turn spends the whole target
+            assert 3.6 <= metrics["epsilon_total"] <= 4.0
+    assert noise[1] < noise[4]
