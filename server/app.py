@@ -122,7 +122,7 @@ class Federation:
         self.aggregator = Aggregator.from_config(self.fed)
         self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
-        self.connected: int | None = None   # SuperNodes at the current round's start (each site's share of rounds)
+        self.connected_nodes: int | None = None   # at the current round's start: each site's share of the rounds
         self.model = initial_model(cfg)
         self.fingerprints = checkpoint_fingerprints(cfg, self.model.tokenizer)
         self.config = OmegaConf.to_container(cfg, resolve=True)
@@ -171,12 +171,12 @@ class Federation:
                  self.run_dir / "checkpoint", self.run_dir / "export")
 
     def _round_config(self, round_: int) -> dict:
-        return round_config(self.cfg, round_, self.name, self.fingerprints, self.connected)
+        return round_config(self.cfg, round_, self.name, self.fingerprints, self.connected_nodes)
 
     def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic()
         connected = wait_for_sites(self.grid, self.fed)
-        self.connected = len(connected)
+        self.connected_nodes = len(connected)
         nodes = sites_of_round(self.fed.strategy, connected, round_)
         exchange_round = self._secure_exchange if self.secagg else self._exchange
         nodes, accepted, bytes_sent, bytes_received = exchange_round(round_, params, nodes)

@@ -40,8 +40,8 @@ def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict
                  nodes: int | None = None) -> dict:
     """The config record of round `round_` (1-based). Sites continue one lr and objective schedule over
     all rounds' local steps (round r starts at step (r - 1) * local_steps), so it stays in step on resume.
-    `site_rounds` is how many rounds a site trains in all (`site_rounds` for the run's `nodes` SuperNodes;
-    every round when unknown). What travels is not here: every site derives it from `model.sharing`, which the
+    `site_rounds` is the most rounds one site trains in the run, for `nodes` connected SuperNodes (all rounds
+    when `nodes` is not given). What travels is not here: every site derives it from `model.sharing`, which the
     fingerprints cover."""
     fed = cfg.federation
     start_step = (round_ - 1) * int(fed.local_steps)
