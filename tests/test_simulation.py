@@ -162,20 +162,24 @@ def test_sigterm_mid_federation_stops_every_flower_process(tmp_path):
     assert not survivors, f"{len(survivors)} of {len(below)} processes outlived the SIGTERM"
 
 
+class _ScriptedSimulation:
+    """Stands in for simulations.flower.LocalSimulation; a subclass scripts what Flower's `run` does."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_path, monkeypatch):
     import simulations.run as run
     from shared_models.config import compose
 
-    class TimedOut:
-        def __init__(self, folder):
-            self.folder = folder
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class TimedOut(_ScriptedSimulation):
         def run(self, app, overrides, sites, resources, timeout_s, on_poll):
             assert timeout_s == float("inf")  # timeout_s=null: no limit is passed on as one
             raise TimeoutError("Flower run 7 did not finish within 60 s; stopped it")
@@ -236,16 +240,7 @@ def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowe
     import simulations.run as run
     from shared_models.config import compose
 
-    class FailsAtStart:   # what Flower does when the ServerApp raises before it records the run
-        def __init__(self, folder):
-            self.folder = folder
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class FailsAtStart(_ScriptedSimulation):   # what Flower does when the ServerApp raises before it records the run
         def run(self, app, overrides, sites, resources, timeout_s, on_poll):
             (self.folder / "flower_run.log").write_text(
                 "Traceback (most recent call last):\n  File \"server/app.py\", line 1, in main\n"
