@@ -38,6 +38,13 @@ TERM_MODULE = {
     "seg": "seg",                                # G2D pseudo segmentation
 }
 
+# The rows of a study that each batch-coupled term reads (`StackedInputs`' properties).
+COUPLED_ROWS = {
+    "global": ("image_emb", "report_emb"),
+    "global_impression": ("image_emb", "impression_emb"),
+    "soft_label": ("image_emb", "report_emb"),
+}
+
 # Builders of each objective module from its config section and the model holding the encoders.
 OBJECTIVE_BUILDERS: dict[str, Callable[[dict, "PretrainModel"], nn.Module]] = {
     "global": lambda c, m: GlobalContrastive(c["temperature"]),
@@ -164,9 +171,13 @@ class PretrainModel(nn.Module):
         """The batch's encoder outputs, computed on first use; pass them to `forward` to keep them."""
         return StepInputs(self, batch)
 
-    def stacked_inputs(self, studies: list[StepInputs]) -> StackedInputs:
+    def coupled_rows(self, terms) -> list[str]:
+        """The encoder outputs of a study that the coupled `terms` read: a per-study pass can compute them."""
+        return list(dict.fromkeys(row for term in terms for row in COUPLED_ROWS.get(term, ())))
+
+    def stacked_inputs(self, studies: list[StepInputs], cut: bool = False) -> StackedInputs:
         """The coupled terms' inputs for the batch of `studies`, each encoded on its own (`StackedInputs`)."""
-        return StackedInputs(studies)
+        return StackedInputs(studies, cut)
 
     def forward(self, batch: dict[str, Tensor], step: int, inputs: StepInputs | None = None) -> dict[str, Tensor]:
         """`inputs`: the batch's encoder outputs to use (and keep), e.g. `StackedInputs` of studies already
@@ -243,23 +254,36 @@ class StackedInputs:
     """The coupled terms' inputs for a batch whose studies were encoded one at a time (`StepInputs` each, graph
     kept): row i is study i's own embedding, as one forward of the batch computes it when the encoders treat
     every study on its own (no BatchNorm). DP-SGD's per-patient loop reuses those forwards for the coupled terms
-    instead of encoding the batch again."""
+    instead of encoding the batch again.
 
-    def __init__(self, studies: list[StepInputs]):
-        self.studies = studies
+    `cut`: build the rows from leaf copies of the studies' embeddings and list each (study index, embedding, leaf)
+    in `cuts`, so that a backward stops at the leaves and each study's encoder graph can be taken on its own
+    (on its own thread) with its leaves' gradients."""
+
+    def __init__(self, studies: list[StepInputs], cut: bool = False):
+        self.studies, self.cut = studies, cut
+        self.cuts: list[tuple[int, Tensor, Tensor]] = []
         self.batch = {key: torch.cat([s.batch[key] for s in studies]) for key in ("images", "tags")}
+
+    def _rows(self, name: str) -> Tensor:
+        rows = [getattr(study, name) for study in self.studies]
+        if self.cut:
+            leaves = [row.detach().requires_grad_() for row in rows]
+            self.cuts += [(i, row, leaf) for i, (row, leaf) in enumerate(zip(rows, leaves))]
+            rows = leaves
+        return torch.cat(rows)
 
     @cached_property
     def image_emb(self) -> Tensor:
-        return torch.cat([s.image_emb for s in self.studies])
+        return self._rows("image_emb")
 
     @cached_property
     def report_emb(self) -> Tensor:
-        return torch.cat([s.report_emb for s in self.studies])
+        return self._rows("report_emb")
 
     @cached_property
     def impression_emb(self) -> Tensor:
-        return torch.cat([s.impression_emb for s in self.studies])
+        return self._rows("impression_emb")
 
 
 def _global(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:

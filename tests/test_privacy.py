@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 
 import pytest
@@ -26,7 +27,8 @@ from client.privacy import (
     require_group_norm,
     validate_privacy_config,
 )
-from client.privacy.clipping import only_terms, per_study_gradients, per_study_method, trainable_parameters
+from client.privacy.clipping import (loop_workers, only_terms, per_study_gradients, per_study_method,
+                                     trainable_parameters)
 from client.privacy.sampling import secret_generator
 from client.privacy.training import noisy_gradient
 from client.trainer import TrainSettings
@@ -195,6 +197,43 @@ def test_loop_reuses_each_studys_encoding_for_the_coupled_terms(hybrid):
     finally:
         hook.remove()
         hybrid.train()
+
+
+def test_loop_on_several_threads_sums_the_same_gradient_with_one_intra_op_thread_each(hybrid):
+    """The loop's studies split over 3 worker threads (fixed shares, one intra-op thread each, the coupled terms'
+    backward also split by study) give the S(B), clip count and terms of the one-thread loop; the process's
+    thread setting is restored."""
+    samples = [make_sample(0), make_sample(1, findings=False), make_sample(2, impression=False), make_sample(3),
+               make_sample(4)]
+    collate_fn = lambda s: collate(s, hybrid.tokenizer, max_length=48)  # noqa: E731
+    seen = []
+    hook = hybrid.image_encoder.register_forward_hook(
+        lambda module, args, out: seen.append((threading.get_ident(), torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    hybrid.eval()   # no dropout: the two runs draw different masks
+    try:
+        for clip in (ClipNorms(patient=1e9, coupled=1e9), ClipNorms(patient=0.05, coupled=0.05)):
+            seen.clear()
+            one = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 5, per_study="loop", workers=1)
+            assert {ident for ident, _ in seen} == {threading.get_ident()} and len(seen) == 5
+            seen.clear()
+            three = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 5, per_study="loop", workers=3)
+            assert len({ident for ident, _ in seen}) == 3 and len(seen) == 5
+            assert {used for _, used in seen} == {1}
+            assert torch.get_num_threads() == threads
+            torch.testing.assert_close(flat(three.gradient), flat(one.gradient), atol=2e-5, rtol=1e-5)
+            assert three.clipped_patients == one.clipped_patients
+            assert three.terms == pytest.approx(one.terms, rel=1e-6)
+        assert one.clipped_patients == 5
+    finally:
+        hook.remove()
+        hybrid.train()
+    params = trainable_parameters(hybrid)
+    assert loop_workers(params, None, 8) == min(8, threads) and loop_workers(params, 4, 3) == 3
+    assert loop_workers(params, 4, 0) == 1
+    with pytest.raises(PrivacyError, match="workers"):
+        loop_workers(params, 0, 8)
+    assert loop_workers([torch.zeros(1, device="meta")], 4, 8) == 1   # not a CPU: one study at a time
 
 
 def test_dp_round_on_the_hybrid_model_trains_local_heads_under_dp(hybrid, tmp_path):

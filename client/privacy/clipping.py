@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +125,8 @@ def loss_gradient(model: TrainableModel, batch: dict, step: int, params: Sequenc
 def add_scaled_(total: list[Tensor], grads: list[Tensor | None], factor: float) -> None:
     """total += factor * grads, skipping parameters the loss did not use."""
     used = [i for i, g in enumerate(grads) if g is not None]
-    torch._foreach_add_([total[i] for i in used], [grads[i] for i in used], alpha=factor)
+    if used:
+        torch._foreach_add_([total[i] for i in used], [grads[i] for i in used], alpha=factor)
 
 
 def clip_factor(grads: list[Tensor | None], max_norm: float, scale: float = 1.0) -> tuple[float, float]:
@@ -182,6 +184,78 @@ def clipped_row_sum(grads: list[Tensor], max_norm: float) -> tuple[list[Tensor],
     return [torch.tensordot(factors, g, dims=1) for g in grads], norms
 
 
+Item = TypeVar("Item")
+Share = TypeVar("Share")
+
+
+def loop_workers(params: Sequence[Tensor], requested: int | None, studies: int) -> int:
+    """How many studies the loop takes at once: on CPU one per intra-op thread (`requested`, default all of
+    them), each pass then on one thread; on a GPU one, whose kernels a pass already fills."""
+    if params and params[0].device.type != "cpu":
+        return 1
+    workers = torch.get_num_threads() if requested is None else requested
+    if workers < 1:
+        raise PrivacyError(f"loop workers must be >= 1, got {workers}")
+    return max(1, min(workers, studies))
+
+
+@contextmanager
+def one_thread_per_op() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def map_shares(fn: Callable[[int, list[Item]], Share], items: list[Item], workers: int) -> list[Share]:
+    """fn(k, items[k::workers]) for each share k < workers, the shares at once on their own
+    threads with one intra-op thread each; results in share order.
+
+    Why: one study's forward/backward keeps two CPU threads busy for only part of its ops (measured for
+    resnet50_bert at 2 threads: the loop's per-patient passes 1.4x one batched pass, at 1 thread 1.1x), while
+    two studies on a thread each do. The shares are fixed, not first come first served, so that S(B) is summed
+    in the same order whatever the timing."""
+    shares = [items[k::workers] for k in range(workers)]
+    if workers == 1:
+        return [fn(0, shares[0])]
+    with one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, range(workers), shares))
+
+
+def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
+                              autocast: Callable[[], object], workers: int) -> tuple[list[Tensor], dict[str, float]]:
+    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs, cut) w.r.t. params, and its terms.
+
+    Two backward passes that make one by the chain rule: through the coupled terms to each study's cut embeddings,
+    then through each study's encoder graph kept from its per-patient pass, with those embeddings' gradients; the
+    studies on `workers` threads (`map_shares`), each study's rows in one pass since its graphs share nodes."""
+    with autocast():
+        out = model(stacked.batch, step=step, inputs=stacked)
+    if not torch.isfinite(out["loss"]):
+        raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }")
+    leaves = [leaf for _, _, leaf in stacked.cuts]
+    grads = torch.autograd.grad(out["loss"], [*params, *leaves], allow_unused=True)
+    gradient = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    add_scaled_(gradient, [None if g is None else g.float() for g in grads[:len(params)]], 1.0)
+    by_study: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    for (index, row, _), leaf_grad in zip(stacked.cuts, grads[len(params):]):
+        if leaf_grad is not None:
+            by_study.setdefault(index, []).append((row, leaf_grad))
+
+    def through_encoders(k: int, share: list[list[tuple[Tensor, Tensor]]]) -> list[Tensor]:
+        summed = gradient if k == 0 else [torch.zeros_like(g) for g in gradient]
+        for rows in share:
+            study_grads = torch.autograd.grad([row for row, _ in rows], params, [g for _, g in rows], allow_unused=True)
+            add_scaled_(summed, [None if g is None else g.float() for g in study_grads], 1.0)
+        return summed
+
+    for summed in map_shares(through_encoders, [by_study[i] for i in sorted(by_study)], workers)[1:]:
+        torch._foreach_add_(gradient, summed)
+    return gradient, {name: float(value.detach()) for name, value in out.items()}
+
+
 @dataclass
 class ClippedSum:
     gradient: list[Tensor]              # S(B), one tensor per trainable parameter
@@ -200,6 +274,7 @@ def clipped_gradient_sum(
     move: Callable[[dict], dict] = lambda batch: batch,
     autocast: Callable[[], object] = nullcontext,
     per_study: str = "auto",
+    workers: int | None = None,
 ) -> ClippedSum:
     """S(B) = sum over patients of clip_C(grad of its per-patient terms on a batch of that study alone)
              + clip_{C_b}(coupled_scale * grad of the coupled terms on the whole batch).
@@ -214,7 +289,7 @@ def clipped_gradient_sum(
     "auto" picks the faster for the model (`per_study_method`). The loop also keeps each study's encoder outputs
     (a model with `step_inputs`) and takes the coupled terms' batch gradient through them: the same gradient as
     a second forward of the whole batch (the encoders see every study on its own: no BatchNorm), without that
-    forward.
+    forward. `workers`: how many studies the loop takes at once on CPU (`loop_workers`; default: one per thread).
     """
     check_per_study(per_study)
     per_study = per_study_method(model, per_study)
@@ -230,6 +305,7 @@ def clipped_gradient_sum(
     # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
     step_inputs = getattr(model, "step_inputs", None)
     reuse_encoded = bool(per_study == "loop" and coupled_terms and per_patient_terms and step_inputs)
+    workers = loop_workers(params, workers, len(samples))
     encoded = []
     needs_batch = (per_study == "vmap" and per_patient_terms) or (coupled_terms and not reuse_encoded)
     batch = move(collate_fn(samples)) if samples and needs_batch else None
@@ -244,24 +320,49 @@ def clipped_gradient_sum(
             torch._foreach_add_(total, row_sums)
             terms.update({name: float(value.mean()) for name, value in values.items()})
         elif per_patient:
+            # Collated here, not on the workers: a fast tokenizer is not safe to share between threads.
+            studies = [move(collate_fn([sample])) for sample in samples]
+            embed_once = getattr(model, "embed_tag_queries_once", None)
+            if embed_once is not None:   # the model's one write to itself: not on two threads at once
+                embed_once()
+
+            def per_patient_share(k: int, share: list[tuple[int, dict]]):
+                summed = total if k == 0 else [torch.zeros_like(t) for t in total]
+                sums: dict[str, float] = {}
+                clipped_here, kept = 0, []
+                for index, study in share:
+                    inputs = step_inputs(study) if reuse_encoded else None
+                    grads, values = loss_gradient(model, study, step, params, autocast, inputs, keep_graph=reuse_encoded)
+                    if reuse_encoded:   # what the coupled terms read but these terms did not, here on this thread
+                        for row in model.coupled_rows(coupled_terms):
+                            getattr(inputs, row)
+                        kept.append((index, inputs))
+                    factor, norm = clip_factor(grads, clip.patient)
+                    clipped_here += norm > clip.patient
+                    add_scaled_(summed, grads, factor)
+                    for name, value in values.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                return summed, sums, clipped_here, kept
+
             sums: dict[str, float] = {}
-            for sample in samples:
-                study = move(collate_fn([sample]))
-                inputs = step_inputs(study) if reuse_encoded else None
-                grads, values = loss_gradient(model, study, step, params, autocast, inputs, keep_graph=reuse_encoded)
-                if reuse_encoded:
-                    encoded.append(inputs)
-                factor, norm = clip_factor(grads, clip.patient)
-                clipped += norm > clip.patient
-                add_scaled_(total, grads, factor)
-                for name, value in values.items():
+            for k, (summed, share_sums, clipped_here, kept) in enumerate(
+                    map_shares(per_patient_share, list(enumerate(studies)), workers)):
+                if k > 0:
+                    torch._foreach_add_(total, summed)
+                clipped += clipped_here
+                encoded += kept
+                for name, value in share_sums.items():
                     sums[name] = sums.get(name, 0.0) + value
+            encoded = [inputs for _, inputs in sorted(encoded, key=lambda kept: kept[0])]
             terms.update({name: value / max(1, len(samples)) for name, value in sums.items()})
 
     with only_terms(model, coupled_terms) as coupled:
         if coupled:
-            inputs = model.stacked_inputs(encoded) if encoded else None
-            grads, values = loss_gradient(model, batch if inputs is None else inputs.batch, step, params, autocast, inputs)
+            if encoded:
+                grads, values = coupled_gradient_by_study(model, model.stacked_inputs(encoded, cut=True), step, params,
+                                                          autocast, workers)
+            else:
+                grads, values = loss_gradient(model, batch, step, params, autocast)
             factor, _ = clip_factor(grads, clip.coupled, scale=coupled_scale)
             add_scaled_(total, grads, factor)
             terms.update({name: value for name, value in values.items() if name != "loss"})
