@@ -11,7 +11,8 @@ from client.privacy.clipping import ClipNorms, clipped_gradient_sum, per_study_m
 from client.privacy.training import noisy_gradient
 from shared_models.batch import collate
 
-MODELS = {"tiny": 8, "resnet50_bert": 8}  # model -> batch size (patients per step), as in `objectives`
+# model -> batch size (patients per step), as in `objectives`; tiny_cnn: what `make simulate` and the sweep train
+MODELS = {"tiny": 8, "resnet50_bert": 8, "tiny_cnn": 8}
 METHODS = ("vmap", "loop")
 
 
@@ -63,7 +64,8 @@ def run(quick: bool = False) -> dict:
                                **{k: v for k, v in measured.items() if k.endswith(("_ratio", "_ratio_range"))}}
         del model
     results["method"] = ("the per-patient terms' per-study gradients in one torch.func.vmap pass (vmap_ratio) or one "
-                         "pass per patient (loop_ratio, whose coupled terms reuse those passes' encodings), + the "
+                         "pass per patient (loop_ratio: as many patients at once as CPU threads, one thread each; its coupled "
+                         "terms reuse those passes' encodings), + the "
                          "coupled terms' batch gradient clipped as one; ratio: the method privacy.dpsgd.per_study=auto "
                          "picks for the model (docs/privacy.md); AdamW after the noise in both; the non-DP and DP "
                          "steps timed in turn within each repeat, ratio = median over repeats of the ratio within one, "
