@@ -42,10 +42,10 @@ def check_per_study(requested: str) -> None:
 
 
 def per_study_method(model: nn.Module, requested: str) -> str:
-    """`requested`, with "auto" resolved by measurement (docs/privacy.md, 2 CPU threads, three interleaved runs):
-    vmap for transformer image encoders (tiny: DP step 1.88-2.06x the non-DP step, the loop 3.25-3.48x), the loop
-    for CNNs, whose per-study convolution weight gradients vmap computes as grouped convolutions, slower on CPU
-    than one pass per patient (resnet50_bert: the loop 2.04-2.11x, vmap 2.53-2.75x)."""
+    """`requested`, with "auto" resolved by measurement (docs/privacy.md, 2 CPU threads, interleaved runs): vmap
+    for transformer image encoders (tiny: DP step 1.74-2.01x the non-DP step, the loop 2.21-2.55x), the loop for
+    CNNs, whose per-study convolution weight gradients vmap computes as grouped convolutions, slower on CPU than
+    a pass per patient (resnet50_bert: the loop 1.66-1.79x, vmap 1.86-3.01x)."""
     if requested != "auto":
         return requested
     encoder = getattr(model, "image_encoder", None)
