@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SITE_DIR = PROJECT_ROOT / "configs" / "site"
 REQUIRED = ("name", "data", "superlink", "root_certificates", "node_private_key", "state_dir", "privacy")
-PATH_KEYS = ("root_certificates", "node_private_key", "state_dir", "trusted_entities", "catalog", "cache")
+PATH_KEYS = ("root_certificates", "node_private_key", "state_dir", "trusted_entities", "catalog", "cache", "ledger")
 CAP_KEYS = ("max_epsilon", "max_delta")
 CACHE_DIR = "fedcxr-image-cache"  # a site's default image cache, inside its data root (as `python -m client.data index`)
 

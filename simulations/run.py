@@ -49,6 +49,9 @@ def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: Pre
             "studies": site.studies,
             "scanner": None if site.scanner is None else {"site_index": site.scanner, "seed": int(cfg.seed)},
             "state_dir": str((folder / site.name).resolve()),
+            # A virtual site exists for this run only, and so does its privacy ledger: the catalog above is shared
+            # by every run on this machine, whose virtual sites of the same name hold other patients.
+            "ledger": str((folder / site.name / "ledger.sqlite").resolve()),
             "device": device,
             "threads": resources.num_cpus,
             # a virtual site's own caps: the run's caps where set, else no epsilon limit of its own and the

@@ -398,6 +398,17 @@ def test_ledger_survives_a_restart_and_composes_across_runs(tmp_path):
     ledger.close()
 
 
+def test_ledger_lives_in_the_site_files_ledger_else_its_catalog_else_its_state_dir(tmp_path):
+    from client.privacy.training import ledger_location
+    site = {"name": "A", "state_dir": str(tmp_path / "state"), "catalog": str(tmp_path / "catalog.sqlite"),
+            "ledger": str(tmp_path / "run" / "sites" / "A" / "ledger.sqlite")}
+    assert ledger_location(site) == site["ledger"] and (tmp_path / "run" / "sites" / "A").is_dir()
+    assert ledger_location({**site, "ledger": None}) == site["catalog"]
+    assert ledger_location({**site, "ledger": None, "catalog": None}) == str(tmp_path / "state" / "ledger.sqlite")
+    with pytest.raises(PrivacyError, match="nowhere to keep its ledger"):
+        ledger_location({"name": "A"})
+
+
 def test_over_budget_charge_is_refused_and_not_recorded(tmp_path):
     ledger = PrivacyLedger(tmp_path / "catalog.sqlite", "A")
     spend = (1.0, 0.1, 50)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from client.privacy import PrivacyLedger
 from server.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,12 @@ def test_dpsgd_simulation_completes_and_sites_send_only_shared_arrays_and_public
     assert all(r["sites_accepted"] == 2 for r in rounds)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["epsilon"]) == {"site_0", "site_1"} and all(e > 0 for e in summary["epsilon"].values())
+    for site, epsilon in summary["epsilon"].items():
+        # each virtual site's ledger is its own, in this run's folder: not the phantom catalog every run shares
+        ledger = PrivacyLedger(run_dir / "sites" / site / "ledger.sqlite", site)
+        assert [row.round for row in ledger.rows()] == [1, 2] and {row.run_id for row in ledger.rows()} == {"run"}
+        assert ledger.rows()[-1].epsilon_run == pytest.approx(epsilon)
+        ledger.close()
     sent = replies(run_dir)
     assert set(sent) == {"site_0", "site_1"}
     for site, entries in sent.items():

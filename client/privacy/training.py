@@ -173,13 +173,19 @@ class DpRoundResult:
 
 
 def ledger_location(site: dict) -> str:
-    """The site's catalog, or (a site without one, e.g. a simulated site) `<state_dir>/ledger.sqlite`."""
+    """The site file's `ledger`, else the site's catalog, else `<state_dir>/ledger.sqlite`.
+
+    A simulation's virtual sites set `ledger`: they exist for one run, while the catalog they read is shared by
+    every run (and every virtual site of the same name) on the machine."""
+    if site.get("ledger"):
+        Path(site["ledger"]).parent.mkdir(parents=True, exist_ok=True)
+        return str(site["ledger"])
     if site.get("catalog"):
         return str(site["catalog"])
     if site.get("state_dir"):
         Path(site["state_dir"]).mkdir(parents=True, exist_ok=True)
         return str(Path(site["state_dir"]) / "ledger.sqlite")
-    raise PrivacyError(f"site {site.get('name')!r} has neither `catalog` nor `state_dir`: nowhere to keep its ledger")
+    raise PrivacyError(f"site {site.get('name')!r} has no `ledger`, `catalog` or `state_dir`: nowhere to keep its ledger")
 
 
 def dp_train_round(
