@@ -175,9 +175,9 @@ class PretrainModel(nn.Module):
         """The encoder outputs of a study that the coupled `terms` read: a per-study pass can compute them."""
         return list(dict.fromkeys(row for term in terms for row in COUPLED_ROWS.get(term, ())))
 
-    def stacked_inputs(self, studies: list[StepInputs], cut: bool = False) -> StackedInputs:
+    def stacked_inputs(self, studies: list[StepInputs]) -> StackedInputs:
         """The coupled terms' inputs for the batch of `studies`, each encoded on its own (`StackedInputs`)."""
-        return StackedInputs(studies, cut)
+        return StackedInputs(studies)
 
     def forward(self, batch: dict[str, Tensor], step: int, inputs: StepInputs | None = None) -> dict[str, Tensor]:
         """`inputs`: the batch's encoder outputs to use (and keep), e.g. `StackedInputs` of studies already
@@ -256,22 +256,20 @@ class StackedInputs:
     every study on its own (no BatchNorm). DP-SGD's per-patient loop reuses those forwards for the coupled terms
     instead of encoding the batch again.
 
-    `cut`: build the rows from leaf copies of the studies' embeddings and list each (study index, embedding, leaf)
-    in `cuts`, so that a backward stops at the leaves and each study's encoder graph can be taken on its own
-    (on its own thread) with its leaves' gradients."""
+    The rows are leaf copies of the studies' embeddings, each listed as (study index, embedding, leaf) in `cuts`:
+    a backward stops at the leaves, and each study's encoder graph is then taken on its own (on its own thread)
+    with its leaves' gradients."""
 
-    def __init__(self, studies: list[StepInputs], cut: bool = False):
-        self.studies, self.cut = studies, cut
+    def __init__(self, studies: list[StepInputs]):
+        self.studies = studies
         self.cuts: list[tuple[int, Tensor, Tensor]] = []
         self.batch = {key: torch.cat([s.batch[key] for s in studies]) for key in ("images", "tags")}
 
     def _rows(self, name: str) -> Tensor:
         rows = [getattr(study, name) for study in self.studies]
-        if self.cut:
-            leaves = [row.detach().requires_grad_() for row in rows]
-            self.cuts += [(i, row, leaf) for i, (row, leaf) in enumerate(zip(rows, leaves))]
-            rows = leaves
-        return torch.cat(rows)
+        leaves = [row.detach().requires_grad_() for row in rows]
+        self.cuts += [(i, row, leaf) for i, (row, leaf) in enumerate(zip(rows, leaves))]
+        return torch.cat(leaves)
 
     @cached_property
     def image_emb(self) -> Tensor:

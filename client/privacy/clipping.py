@@ -209,28 +209,35 @@ def one_thread_per_op() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def map_shares(fn: Callable[[int, list[Item]], Share], items: list[Item], workers: int) -> list[Share]:
-    """fn(k, items[k::workers]) for each share k < workers, the shares at once on their own
-    threads with one intra-op thread each; results in share order.
+def sum_over_shares(fn: Callable[[list[Item], list[Tensor]], Share], items: list[Item], workers: int,
+                    total: list[Tensor]) -> list[Share]:
+    """fn(share, into) for each of `workers` fixed shares of items (items[k::workers]), the shares at once on their
+    own threads with one intra-op thread each; `fn` adds its share's gradient into `into`, which is `total` for the
+    first share and fresh zeros, added to `total` in share order, for the others. Returns fn's results.
 
     Why: one study's forward/backward keeps two CPU threads busy for only part of its ops (measured for
     resnet50_bert at 2 threads: the loop's per-patient passes 1.4x one batched pass, at 1 thread 1.1x), while
     two studies on a thread each do. The shares are fixed, not first come first served, so that S(B) is summed
     in the same order whatever the timing."""
     shares = [items[k::workers] for k in range(workers)]
+    intos = [total] + [[torch.zeros_like(t) for t in total] for _ in range(workers - 1)]
     if workers == 1:
-        return [fn(0, shares[0])]
-    with one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, range(workers), shares))
+        results = [fn(shares[0], total)]
+    else:
+        with one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(fn, shares, intos))
+    for into in intos[1:]:
+        torch._foreach_add_(total, into)
+    return results
 
 
 def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
                               autocast: Callable[[], object], workers: int) -> tuple[list[Tensor], dict[str, float]]:
-    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs, cut) w.r.t. params, and its terms.
+    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs) w.r.t. params, and its terms.
 
     Two backward passes that make one by the chain rule: through the coupled terms to each study's cut embeddings,
     then through each study's encoder graph kept from its per-patient pass, with those embeddings' gradients; the
-    studies on `workers` threads (`map_shares`), each study's rows in one pass since its graphs share nodes."""
+    studies on `workers` threads (`sum_over_shares`), each study's rows in one pass since its graphs share nodes."""
     with autocast():
         out = model(stacked.batch, step=step, inputs=stacked)
     if not torch.isfinite(out["loss"]):
@@ -244,15 +251,12 @@ def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params:
         if leaf_grad is not None:
             by_study.setdefault(index, []).append((row, leaf_grad))
 
-    def through_encoders(k: int, share: list[list[tuple[Tensor, Tensor]]]) -> list[Tensor]:
-        summed = gradient if k == 0 else [torch.zeros_like(g) for g in gradient]
+    def through_encoders(share: list[list[tuple[Tensor, Tensor]]], into: list[Tensor]) -> None:
         for rows in share:
             study_grads = torch.autograd.grad([row for row, _ in rows], params, [g for _, g in rows], allow_unused=True)
-            add_scaled_(summed, [None if g is None else g.float() for g in study_grads], 1.0)
-        return summed
+            add_scaled_(into, [None if g is None else g.float() for g in study_grads], 1.0)
 
-    for summed in map_shares(through_encoders, [by_study[i] for i in sorted(by_study)], workers)[1:]:
-        torch._foreach_add_(gradient, summed)
+    sum_over_shares(through_encoders, [by_study[i] for i in sorted(by_study)], workers, gradient)
     return gradient, {name: float(value.detach()) for name, value in out.items()}
 
 
@@ -326,8 +330,7 @@ def clipped_gradient_sum(
             if embed_once is not None:   # the model's one write to itself: not on two threads at once
                 embed_once()
 
-            def per_patient_share(k: int, share: list[tuple[int, dict]]):
-                summed = total if k == 0 else [torch.zeros_like(t) for t in total]
+            def per_patient_share(share: list[tuple[int, dict]], into: list[Tensor]):
                 sums: dict[str, float] = {}
                 clipped_here, kept = 0, []
                 for index, study in share:
@@ -339,16 +342,14 @@ def clipped_gradient_sum(
                         kept.append((index, inputs))
                     factor, norm = clip_factor(grads, clip.patient)
                     clipped_here += norm > clip.patient
-                    add_scaled_(summed, grads, factor)
+                    add_scaled_(into, grads, factor)
                     for name, value in values.items():
                         sums[name] = sums.get(name, 0.0) + value
-                return summed, sums, clipped_here, kept
+                return sums, clipped_here, kept
 
             sums: dict[str, float] = {}
-            for k, (summed, share_sums, clipped_here, kept) in enumerate(
-                    map_shares(per_patient_share, list(enumerate(studies)), workers)):
-                if k > 0:
-                    torch._foreach_add_(total, summed)
+            for share_sums, clipped_here, kept in sum_over_shares(per_patient_share, list(enumerate(studies)),
+                                                                  workers, total):
                 clipped += clipped_here
                 encoded += kept
                 for name, value in share_sums.items():
@@ -359,7 +360,7 @@ def clipped_gradient_sum(
     with only_terms(model, coupled_terms) as coupled:
         if coupled:
             if encoded:
-                grads, values = coupled_gradient_by_study(model, model.stacked_inputs(encoded, cut=True), step, params,
+                grads, values = coupled_gradient_by_study(model, model.stacked_inputs(encoded), step, params,
                                                           autocast, workers)
             else:
                 grads, values = loss_gradient(model, batch, step, params, autocast)
