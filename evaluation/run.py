@@ -36,17 +36,37 @@ class Pyramid(nn.Module):
         return self.image_encoder(images).pyramid
 
 
-def load_model(cfg: DictConfig):
-    """(model, name, model config): the checkpoint's model and the `model` config it was built from, or for
-    `random` the configured model untrained (seeded)."""
+def load_model(cfg: DictConfig, model_given: bool = True):
+    """(model, name, model config): the checkpoint's model and the `model` config it was built from (meta.json), or
+    for `random` the configured model untrained (seeded).
+
+    `model_given` says whether cfg.model is a choice someone made (`model=` on the command line, or the run a
+    random encoder is compared with) rather than config.yaml's default: `random` needs one, and a checkpoint
+    refuses one that names another model."""
     from shared_models.checkpoint import load_checkpoint
     from shared_models.factory import create_model
 
     if str(cfg.checkpoint) == "random":
+        if not model_given:
+            raise ValueError("checkpoint=random needs model=NAME: the untrained floor must be the architecture of the "
+                             "checkpoint it is compared with (e.g. model=tiny_cnn for make simulate's runs; a "
+                             "checkpoint's is in its meta.json under config.model.name)")
         torch.manual_seed(cfg.seed)
         return create_model(cfg).eval(), "random", cfg.model
     model, meta = load_checkpoint(cfg.checkpoint)   # raises CheckpointError naming what is wrong
-    return model.eval(), str(cfg.checkpoint), OmegaConf.create(meta["config"]["model"])
+    stored = OmegaConf.create(meta["config"]["model"])
+    if model_given and str(cfg.model.get("name")) != str(stored.get("name")):
+        raise ValueError(f"checkpoint {cfg.checkpoint} holds model {stored.get('name')!r} (its meta.json), not "
+                         f"model={cfg.model.get('name')}; leave model= out (the checkpoint's own config is used) or "
+                         "name the checkpoint that was trained with it")
+    return model.eval(), str(cfg.checkpoint), stored
+
+
+def model_given_on_command_line() -> bool:
+    """Whether `model=NAME` was given to this Hydra app (a `model.key=value` alone names no architecture)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return any(o.lstrip("+").split("=", 1)[0] == "model" for o in HydraConfig.get().overrides.task)
 
 
 @torch.no_grad()
@@ -149,10 +169,11 @@ def catalog_splits(cfg: DictConfig, size: int, masks: bool) -> tuple[EvalSet, Ev
     return train, test
 
 
-def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> dict:
+def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None, model_given: bool = True) -> dict:
     """Run the configured task(s) and write results.json, results.md and the plots into run_dir.
 
-    `data_name` is what results.json calls the data (the Hydra `data=` choice); default the layout."""
+    `data_name` is what results.json calls the data (the Hydra `data=` choice); default the layout.
+    `model_given`: cfg.model was chosen (see load_model), as a caller such as simulations.run chooses its run's."""
     tasks = list(TASKS) if cfg.task == "all" else [cfg.task]
     unknown = [t for t in tasks if t not in TASK_RUNNERS]
     if unknown:
@@ -162,14 +183,14 @@ def evaluate(cfg: DictConfig, run_dir: Path, data_name: str | None = None) -> di
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     try:
-        return _evaluate(cfg, tasks, run_dir, data_name)
+        return _evaluate(cfg, tasks, run_dir, data_name, model_given)
     finally:
         # A caller that trains next (simulations.run's centralized baseline) must get its cores back.
         torch.set_num_threads(threads)
 
 
-def _evaluate(cfg: DictConfig, tasks: list[str], run_dir: Path, data_name: str | None) -> dict:
-    model, name, model_cfg = load_model(cfg)
+def _evaluate(cfg: DictConfig, tasks: list[str], run_dir: Path, data_name: str | None, model_given: bool) -> dict:
+    model, name, model_cfg = load_model(cfg, model_given)
     cfg = cfg.copy()
     cfg.model = model_cfg   # a checkpoint's own model config (text length, image size) wins over the command line's
     size = model.image_encoder.img_size
@@ -201,7 +222,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    evaluate(cfg, run_dir, data_name=hydra_cfg.runtime.choices.get("data"))
+    evaluate(cfg, run_dir, data_name=hydra_cfg.runtime.choices.get("data"), model_given=model_given_on_command_line())
     print((run_dir / "results.md").read_text())
     print(f"results: {run_dir / 'results.json'}")
 

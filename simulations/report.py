@@ -15,7 +15,7 @@ ENCODERS = ("federated", "centralized", "random")
 
 
 def mean_auc(result: dict | None) -> tuple[str, float] | None:
-    """(label fraction, mean AUC) of a results.json's first linear-probe fraction."""
+    """(label fraction, mean AUC) of a results.json's first linear-probe fraction (the privacy sweep's one)."""
     probe = (result or {}).get("linear_probe") or {}
     for fraction, entry in probe.items():
         return fraction, float(entry["mean_auc"]["mean"])
@@ -65,43 +65,85 @@ def plot_global(path: Path, rounds: list[dict]) -> None:
     plt.close(fig)
 
 
-def plot_final(path: Path, final: dict) -> None:
-    names, values = [], []
+# (task in results.json, the per-fraction metric, how the table names it)
+FRACTION_METRICS = (("linear_probe", "mean_auc", "linear probe mean AUC"),
+                    ("segmentation", "dice_empty_as_one", "segmentation Dice (empty = 1)"))
+
+
+def fractions_of(final: dict, task: str) -> list[str]:
+    """Every label fraction any encoder was evaluated at for `task`, in the order asked for."""
+    seen: dict[str, None] = {}
     for name in ENCODERS:
-        found = mean_auc(final.get(name))
-        if found:
-            names.append(name)
-            values.append(found[1])
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:gray"][:len(names)])
-    for bar, value in zip(bars, values):
-        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
+        seen.update(dict.fromkeys((final.get(name) or {}).get(task) or {}))
+    return list(seen)
+
+
+def plot_final(path: Path, final: dict) -> None:
+    """Probe mean AUC per encoder, one group of bars per label fraction (error bars: std over seeds)."""
+    fractions = fractions_of(final, "linear_probe")
+    names = [n for n in ENCODERS if (final.get(n) or {}).get("linear_probe")]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(fractions) * max(1, len(names)) / 2), 3.2))
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        probe = final[name]["linear_probe"]
+        xs = [i + (k - (len(names) - 1) / 2) * width for i, f in enumerate(fractions) if f in probe]
+        means = [probe[f]["mean_auc"]["mean"] for f in fractions if f in probe]
+        stds = [probe[f]["mean_auc"].get("std", 0.0) for f in fractions if f in probe]
+        bars = ax.bar(xs, means, width, yerr=stds, label=name,
+                      color={"federated": "tab:blue", "centralized": "tab:orange"}.get(name, "tab:gray"))
+        for bar, value in zip(bars, means):
+            ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(fractions)), [f"{f} of labels" for f in fractions])
     ax.axhline(0.5, color="k", lw=0.6, ls="--")
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("linear probe mean AUC")
+    if names:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def final_table(summary: dict) -> str:
-    """The short table printed at the end: each encoder's probe AUC and its share of the centralized one."""
-    central = mean_auc(summary["final"].get("centralized"))
-    lines = ["| encoder | linear probe mean AUC | vs centralized |", "|---|---:|---:|"]
-    fraction = None
+def _cell(entry: dict) -> str:
+    seeds = len(entry.get("per_seed") or [entry["mean"]])
+    return f"{entry['mean']:.3f}" + (f" ± {entry['std']:.3f}" if seeds > 1 else "")
+
+
+def fraction_table(final: dict, task: str, metric: str, title: str) -> str | None:
+    """One row per encoder, one column per label fraction (mean ± std over seeds) and its share of centralized."""
+    fractions = fractions_of(final, task)
+    if not fractions:
+        return None
+    central = (final.get("centralized") or {}).get(task) or {}
+    lines = ["| encoder | " + " | ".join(f"{title} @ {f} | vs centralized" for f in fractions) + " |",
+             "|---|" + "---:|---:|" * len(fractions)]
     for name in ENCODERS:
-        found = mean_auc(summary["final"].get(name))
-        if found is None:
+        result = (final.get(name) or {}).get(task)
+        if not result:
             continue
-        fraction, value = found
-        ratio = f"{value / central[1]:.1%}" if central and central[1] > 0 else "-"
-        lines.append(f"| {name} | {value:.3f} | {ratio} |")
+        cells = []
+        for fraction in fractions:
+            entry = (result.get(fraction) or {}).get(metric)
+            base = (central.get(fraction) or {}).get(metric)
+            cells.append(_cell(entry) if entry else "-")
+            cells.append(f"{entry['mean'] / base['mean']:.1%}" if entry and base and base["mean"] > 0 else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def final_table(summary: dict) -> str:
+    """The tables printed at the end: each encoder's probe AUC (and Dice) at every label fraction asked for, mean
+    ± std over the seeds, and its share of the centralized encoder's."""
     cfg = summary["config"]
+    seeds = cfg.get("seeds", 1)
+    fractions = fractions_of(summary["final"], "linear_probe") or fractions_of(summary["final"], "segmentation")
     head = (f"{len(summary['sites'])} sites ({cfg['partition']['strategy']}), {cfg['model']['name']} / "
             f"{cfg['objective']['name']}, {cfg['federation']['rounds']} rounds x {cfg['federation']['local_steps']} "
-            f"local steps; probe at {fraction} of the labels; wall {summary['wall_s']:.0f} s, "
+            f"local steps; evaluated at {', '.join(fractions) or '-'} of the labels, {seeds} seed"
+            f"{'s' if seeds != 1 else ''} (mean ± std over seeds); wall {summary['wall_s']:.0f} s, "
             f"{summary['bytes_sent'] / 1e6:.1f} MB sent")
-    return head + "\n" + "\n".join(lines)
+    tables = [fraction_table(summary["final"], *spec) for spec in FRACTION_METRICS]
+    return head + "\n\n" + "\n\n".join(t for t in tables if t)
 
 
 def write_report(run_dir: Path, summary: dict, sites_markdown: str) -> Path:

@@ -23,7 +23,9 @@ from simulations.partition import Site, composition, composition_markdown, parti
 from simulations.report import final_table, write_report
 
 log = logging.getLogger("simulations.run")
-APP_SECTIONS = ("seed", "data", "train", "model", "objective", "federation", "privacy", "partition")
+# What the ServerApp and ClientApps compose from the run config's overrides. Not `data`: a site's data is its own
+# site file's business (a virtual site's file is written below), never the coordinator's (docs/security.md).
+APP_SECTIONS = ("seed", "train", "model", "objective", "federation", "privacy", "partition")
 
 
 # ------------------------------------------------------------------------------------------ sites
@@ -42,11 +44,13 @@ def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: Pre
     for index, site in enumerate(sites):
         body = {
             "name": site.name,
-            "data": {"root": str(Path(data.root).resolve()), "layout": str(cfg.data.layout),
-                     "split": str(cfg.partition.split), "index": False},
+            "data": site_data(cfg, data),
             "catalog": str(Path(data.catalog).resolve()),
             "cache": str(Path(data.cache).resolve()),
             "studies": site.studies,
+            # DP-SGD's sample rate uses a count the site declares public (docs/privacy.md); a virtual site's is its
+            # partition's patient count, which the simulation already knows
+            "public_patient_count": len(site.patients),
             "scanner": None if site.scanner is None else {"site_index": site.scanner, "seed": int(cfg.seed)},
             "state_dir": str((folder / site.name).resolve()),
             # A virtual site exists for this run only, and so does its privacy ledger: the catalog above is shared
@@ -61,6 +65,16 @@ def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: Pre
         }
         (folder / f"{index}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     return folder
+
+
+def site_data(cfg: DictConfig, data: PreparedData) -> dict:
+    """A virtual site's `data` section: the run's data settings, resolved (the run has indexed them already)."""
+    section = {"root": str(Path(data.root).resolve()), "layout": str(cfg.data.layout),
+               "split": str(cfg.partition.split), "index": False}
+    for key in ("reports", "manifest"):
+        if cfg.data.get(key):
+            section[key] = str(cfg.data[key]) if key == "manifest" else str(Path(cfg.data[key]).resolve())
+    return section
 
 
 # ------------------------------------------------------------------------------- app overrides
@@ -237,8 +251,7 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     resources = ClientResources.from_machine(cfg.client_resources.num_cpus, cfg.client_resources.num_gpus)
     site_dir = write_site_files(run_dir / "sites", sites, cfg, data, resources)
     run_name = run_dir.name   # the server's run folder <output_dir>/<run_name>/ is this run directory
-    forced = {"data.root": str(Path(data.root).resolve()), "data.catalog": str(Path(data.catalog).resolve()),
-              "data.cache": str(Path(data.cache).resolve()), "federation.site_dir": str(site_dir),
+    forced = {"federation.site_dir": str(site_dir),
               "federation.output_dir": str(run_dir.parent), "federation.run_name": run_name,
               "federation.registry": str(run_dir / "registry.sqlite"), "federation.sites": len(sites),
               "federation.min_sites": len(sites), "federation.resume": False}
