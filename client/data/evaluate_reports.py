@@ -58,11 +58,17 @@ def mesh_observations(major_tags: list[str]) -> set[str]:
 
 def predicted_observations(text: str) -> set[str]:
     """The evaluated observations the extractor finds present or uncertain in report text."""
+    return extracted(text)[0]
+
+
+def extracted(text: str) -> tuple[set[str], bool]:
+    """(evaluated observations present or uncertain, whether the `no_finding` tag is set)."""
     try:
         tags = parse_report(text).tags
     except Rejected:
-        return set()
-    return {obs for obs, names in PREDICTED_BY.items() if any(tags[OBSERVATION_INDEX[n]] != 0 for n in names)}
+        return set(), False
+    found = {obs for obs, names in PREDICTED_BY.items() if any(tags[OBSERVATION_INDEX[n]] != 0 for n in names)}
+    return found, bool(tags[OBSERVATION_INDEX["no_finding"]] == 1)
 
 
 def iu_reports(tgz_path: str | Path):
@@ -89,14 +95,19 @@ def evaluate_iu(tgz_path: str | Path) -> dict:
     """Micro F1 and per-observation scores over the ten mapped observations, and normal precision."""
     counts = {obs: {"tp": 0, "fp": 0, "fn": 0} for obs in MESH_MAP}
     reports = normal_reports = normal_clean = 0
+    no_finding = {"tp": 0, "fp": 0, "fn": 0}   # the no_finding tag against "the only major tag is normal"
     for _, text, major in iu_reports(tgz_path):
         reports += 1
-        truth, predicted = mesh_observations(major), predicted_observations(text)
+        truth, (predicted, tagged_normal) = mesh_observations(major), extracted(text)
+        is_normal = [t.casefold() for t in major] == ["normal"]
+        no_finding["tp"] += is_normal and tagged_normal
+        no_finding["fp"] += tagged_normal and not is_normal
+        no_finding["fn"] += is_normal and not tagged_normal
         for obs, c in counts.items():
             c["tp"] += obs in truth and obs in predicted
             c["fp"] += obs not in truth and obs in predicted
             c["fn"] += obs in truth and obs not in predicted
-        if [t.casefold() for t in major] == ["normal"]:
+        if is_normal:
             normal_reports += 1
             normal_clean += not predicted
     if reports == 0:
@@ -111,6 +122,7 @@ def evaluate_iu(tgz_path: str | Path) -> dict:
         "finding_micro_f1": _f1(total["tp"], total["fp"], total["fn"])[2],
         "per_observation": per_observation,
         "normal_precision": normal_clean / normal_reports if normal_reports else 0.0,
+        "no_finding_tag": dict(zip(("precision", "recall", "f1"), _f1(**no_finding))),
     }
 
 
@@ -126,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (tarfile.TarError, ET.ParseError, ValueError) as error:
         parser.error(f"--iu-tgz {args.iu_tgz}: cannot read the reports ({error})")
     print(f"{results['reports']} reports  finding_micro_f1 {results['finding_micro_f1']:.3f}  "
-          f"normal_precision {results['normal_precision']:.3f}")
+          f"normal_precision {results['normal_precision']:.3f}  no_finding tag P "
+          f"{results['no_finding_tag']['precision']:.3f} R {results['no_finding_tag']['recall']:.3f}")
     for obs, s in results["per_observation"].items():
         print(f"  {obs:<17} P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}  n={s['support']}")
     if args.json:

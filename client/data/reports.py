@@ -603,8 +603,26 @@ def extract_triplets(sentences: list[str]) -> list[Triplet]:
     return [t for i, sentence in enumerate(sentences) for t in _sentence_triplets(sentence, i)]
 
 
-def tag_vector(triplets: list[Triplet]) -> np.ndarray:
-    """Per observation: 1 present, -1 uncertain, 0 absent or unmentioned; `no_finding` from the rest."""
+# A sentence that says the study (or a part of it) is normal, beyond the lexicon's normal
+# statements: "The cardiomediastinal contours, lungs, pleura ... are normal", "Negative chest".
+_NORMAL_STATEMENT = re.compile(
+    r"(?<!\bnot )\b(?:normal|unremarkable|within (?:the )?normal limits|clear)\b"
+    r"|\bnegative (?:chest|study|exam\w*|radiograph\w*|x ray)\b")
+
+
+def states_normal(sentences: list[str], triplets: list[Triplet]) -> bool:
+    """Whether the report says something is normal or absent (a negated finding, a normal statement).
+
+    A note that names no finding at all ("At the entrance: pO2 = 61.3%") states nothing about the
+    image, so it is not a normal study."""
+    return any(t.existence == "absent" for t in triplets) or any(
+        _NORMAL_STATEMENT.search(s.lower().replace("-", " ")) for s in sentences)
+
+
+def tag_vector(triplets: list[Triplet], normal_stated: bool | None = None) -> np.ndarray:
+    """Per observation: 1 present, -1 uncertain, 0 absent or unmentioned; `no_finding` 1 only when the
+    report states something normal or absent (`normal_stated`, default: an absent triplet) and names
+    no finding present or uncertain."""
     tags = np.zeros(len(OBSERVATIONS), dtype=np.float32)
     for t in triplets:
         i = OBSERVATION_INDEX[t.finding]
@@ -612,8 +630,10 @@ def tag_vector(triplets: list[Triplet]) -> np.ndarray:
             tags[i] = 1.0
         elif t.existence == "uncertain" and tags[i] == 0.0:
             tags[i] = -1.0
+    if normal_stated is None:
+        normal_stated = any(t.existence == "absent" for t in triplets)
     counted = [i for name, i in OBSERVATION_INDEX.items() if name not in ("no_finding", "support_device")]
-    tags[OBSERVATION_INDEX["no_finding"]] = float(not np.any(tags[counted]))
+    tags[OBSERVATION_INDEX["no_finding"]] = float(normal_stated and not np.any(tags[counted]))
     return tags
 
 
@@ -652,5 +672,5 @@ def parse_report(text: str) -> ParsedReport:
         sentence_section=sentence_section,
         triplets=triplets,
         sentence_regions=[_sentence_region(ts) for ts in by_sentence],
-        tags=tag_vector(triplets),
+        tags=tag_vector(triplets, states_normal(sentences, triplets)),
     )
