@@ -7,27 +7,17 @@ from typing import Callable
 import numpy as np
 
 Params = dict[str, np.ndarray]
-Update = tuple[Params, int]  # (shared parameters, number of examples)
+Update = tuple[Params, float]  # (shared parameters, example weight)
+
+# Robust rules need a majority around the middle: fewer sites than this and they would trim nothing (the median of
+# two is their mean). The config is refused below it (server.validation) and so is a round that has fewer.
+ROBUST_QUORUM = {"median": 3, "trimmed_mean": 3}
 
 
-def validate_update(update: Params, reference: Params) -> list[str]:
-    """Everything wrong with a site's update compared with the global shared parameters (empty: fine)."""
-    problems = []
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing:
-        problems.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} parameter(s): {', '.join(extra[:5])}")
-    for name in sorted(set(update) & set(reference)):
-        value, ref = np.asarray(update[name]), reference[name]
-        if value.shape != ref.shape:
-            problems.append(f"{name}: shape {value.shape}, expected {ref.shape}")
-        elif value.dtype != ref.dtype:
-            problems.append(f"{name}: dtype {value.dtype}, expected {ref.dtype}")
-        elif np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            problems.append(f"{name}: {int((~np.isfinite(value)).sum())} NaN/Inf value(s)")
-    return problems
+def _check_quorum(rule: str, updates: list) -> None:
+    if len(updates) < ROBUST_QUORUM[rule]:
+        raise ValueError(f"{rule} needs at least {ROBUST_QUORUM[rule]} updates, got {len(updates)}: with fewer it "
+                         "trims nothing and is a plain mean")
 
 
 def _stack(updates: list[Update], name: str) -> np.ndarray:
@@ -51,14 +41,22 @@ def weighted_mean(updates: list[Update]) -> Params:
 
 def coordinate_median(updates: list[Update]) -> Params:
     """Coordinate-wise median: robust to a minority of arbitrary updates; ignores example counts."""
+    _check_quorum("median", updates)
     return _cast_like({name: np.median(_stack(updates, name), axis=0) for name in updates[0][0]}, updates)
 
 
+def trimmed_per_side(sites: int, trim_fraction: float) -> int:
+    """How many values trimmed_mean drops at each end of each coordinate: at least one, leaving at least one."""
+    return min(max(1, int(sites * trim_fraction)), (sites - 1) // 2)
+
+
 def trimmed_mean(updates: list[Update], trim_fraction: float = 0.2) -> Params:
-    """Coordinate-wise mean after dropping the `trim_fraction` largest and smallest values of each coordinate."""
-    if not 0 <= trim_fraction < 0.5:
-        raise ValueError(f"federation.trim_fraction must be in [0, 0.5), got {trim_fraction}")
-    cut = int(len(updates) * trim_fraction)
+    """Coordinate-wise mean after dropping the `trim_fraction` largest and smallest values of each coordinate, at
+    least one at each end (with 3 or 4 sites 20 % would round down to none)."""
+    if not 0 < trim_fraction < 0.5:
+        raise ValueError(f"federation.trim_fraction must be in (0, 0.5), got {trim_fraction}")
+    _check_quorum("trimmed_mean", updates)
+    cut = trimmed_per_side(len(updates), trim_fraction)
     combined = {}
     for name in updates[0][0]:
         values = np.sort(_stack(updates, name), axis=0)

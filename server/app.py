@@ -14,9 +14,10 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from shared_models.privacy_config import ONE_SITE_PER_ROUND, validate_federation_privacy
-from server.aggregation import Aggregator, validate_update
+from server.aggregation import ROBUST_QUORUM, Aggregator
 from server.central_dp import dp_fedavg
 from server.checkpoints import discard_after, load_latest_valid, save_round
+from server.influence import HISTORY_ROUNDS, Bounds, bound_influence, reference_norm
 from server.registry import Registry
 from server.secagg import secure_round
 from server.rounds import round_config, schedule_trainer, sites_of_round
@@ -26,7 +27,9 @@ from shared_models.export import export
 from shared_models.factory import create_model
 from shared_models.model import schedule_notice
 from shared_models.sharing import split_state
-from shared_models.transfer import check_transfer_dtype, contiguous, decode_arrays, encode_arrays
+from shared_models.transfer import contiguous, encode_arrays
+from server.validation import (RunConfigError, SiteNames, SiteReply, read_metrics, read_reply, run_config_problems,
+                               site_name_problem)
 
 log = logging.getLogger("fedcxr.server")
 app = ServerApp()
@@ -91,9 +94,15 @@ def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
 
 
 def check_supported(cfg: DictConfig) -> None:
-    """Refuse, before any site is asked, a run this ServerApp cannot carry out as configured."""
-    validate_federation_privacy(cfg)
-    check_transfer_dtype(cfg.federation.transfer_dtype)
+    """Refuse, before any site is asked, a run this ServerApp cannot carry out as configured: one RunConfigError
+    naming every problem."""
+    problems = run_config_problems(cfg)
+    try:
+        validate_federation_privacy(cfg)
+    except (ValueError, TypeError) as err:
+        problems.append(str(err))
+    if problems:
+        raise RunConfigError("the run's configuration is refused before round 1:\n  - " + "\n  - ".join(problems))
 
 
 def initial_model(cfg: DictConfig):
@@ -103,10 +112,10 @@ def initial_model(cfg: DictConfig):
     return create_model(cfg)
 
 
-def _weighted_metrics(accepted: list[tuple[str, dict, int]]) -> dict[str, float]:
-    total = sum(n for _, _, n in accepted)
-    names = set.intersection(*(set(m) for _, m, _ in accepted))
-    return {k: sum(m[k] * n for _, m, n in accepted) / total for k in sorted(names)} | {"examples": total}
+def _weighted_metrics(accepted: list[SiteReply]) -> dict[str, float]:
+    total = sum(r.weight for r in accepted)
+    names = set.intersection(*(set(r.metrics) for r in accepted))
+    return {k: sum(r.metrics[k] * r.weight for r in accepted) / total for k in sorted(names)} | {"examples": total}
 
 
 class Federation:
@@ -120,6 +129,9 @@ class Federation:
         self.run_dir = Path(self.fed.output_dir) / self.name
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
         self.aggregator = Aggregator.from_config(self.fed)
+        self.bounds = Bounds.from_config(self.fed)
+        self.norm_history: list[float] = []   # each round's reference update norm (server.influence)
+        self._site_names: SiteNames | None = None
         self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
         self.connected_nodes: int | None = None   # at the current round's start: each site's share of the rounds
@@ -151,6 +163,7 @@ class Federation:
         discard_after(self.run_dir, latest.round)
         if self.aggregator.optimizer is not None:
             self.aggregator.optimizer.load_state_dict(latest.server_state)
+        self.norm_history = [float(n) for n in latest.meta.get("update_norms", [])]
         log.info("resuming run %s after its last complete round %d", self.name, latest.round)
         return latest.round + 1, latest.params
 
@@ -169,6 +182,13 @@ class Federation:
         self.registry.finish_run(self.name)
         log.info("run %s finished: %d rounds, checkpoint at %s, encoders exported to %s", self.name, self.fed.rounds,
                  self.run_dir / "checkpoint", self.run_dir / "export")
+
+    @property
+    def site_names(self) -> SiteNames:
+        """Who is who in this run, read from the registry once the run is recorded there."""
+        if self._site_names is None:
+            self._site_names = SiteNames(self.registry, self.name)
+        return self._site_names
 
     def _round_config(self, round_: int) -> dict:
         return round_config(self.cfg, round_, self.name, self.fingerprints, self.connected_nodes)
@@ -191,24 +211,30 @@ class Federation:
             log.warning("round %d/%d: node %s sent no valid update; the global model is unchanged and the next "
                         "round asks the next site", round_, self.fed.rounds, nodes[0])
             return params
-        if len(accepted) < int(self.fed.min_sites) and self.fed.strategy not in ONE_SITE_PER_ROUND:
+        # median and trimmed_mean need 3 updates to trim anything, whatever min_sites says
+        needed = max(int(self.fed.min_sites), ROBUST_QUORUM.get(self.fed.strategy, 0))
+        if len(accepted) < needed and self.fed.strategy not in ONE_SITE_PER_ROUND:
             self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
                                     seconds=time.monotonic() - started, **round_fields)
-            raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), federation.min_sites="
-                               f"{self.fed.min_sites}; the run can resume from round {round_ - 1} with federation.resume=true")
+            raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), {needed} needed (federation."
+                               f"min_sites={self.fed.min_sites}, strategy {self.fed.strategy}); the run can resume "
+                               f"from round {round_ - 1} with federation.resume=true")
 
         if self.central_dp:
-            params = dp_fedavg(params, [update for _, _, update, _, _ in accepted],
+            params = dp_fedavg(params, [r.update for r in accepted],
                                float(self.central_dp.clipping_norm), float(self.central_dp.noise_multiplier))
         elif self.secagg:   # one update: the sites' example-weighted mean, all the server ever sees
-            params = self.aggregator(params, [(accepted[0][2], sum(n for _, _, _, n, _ in accepted))])
+            params = self.aggregator(params, [(accepted[0].update, sum(r.weight for r in accepted))])
         else:
-            params = self.aggregator(params, [(update, n) for _, _, update, n, _ in accepted])
-        metrics = _weighted_metrics([(site, m, n) for site, _, _, n, m in accepted])
+            params = self.aggregator(params, [(r.update, r.weight) for r in accepted])
+        metrics = _weighted_metrics(accepted)
         seconds = time.monotonic() - started
         meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
                 "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
-                "sites": {site: n for site, _, _, n, _ in accepted}, "shared": sorted(params), "config": self.config}
+                "sites": {r.site: r.examples for r in accepted}, "shared": sorted(params), "config": self.config,
+                "influence": {r.site: {"weight": r.weight, "update_norm": r.norm, "scale": r.scale, "notes": r.notes}
+                              for r in accepted},
+                "update_norms": self.norm_history[-HISTORY_ROUNDS:]}
         folder, written = save_round(self.run_dir, round_, params, meta,
                                      self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None,
                                      tokenizer=self.model.tokenizer)
@@ -219,8 +245,8 @@ class Federation:
         return params
 
     def _exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]):
-        """Send the round to `nodes`, check each reply; (nodes asked, accepted, bytes sent, bytes received), where
-        accepted holds (site, node, update, examples, metrics) per site whose update passed the checks."""
+        """Send the round to `nodes`, check each reply; (nodes asked, accepted `SiteReply`s, bytes sent, bytes
+        received)."""
         wire = encode_arrays(params, self.fed.transfer_dtype)
         content = RecordDict({"arrays": to_record(wire), "config": ConfigRecord(self._round_config(round_))})
 
@@ -232,49 +258,82 @@ class Federation:
         nodes, replies = exchange(self.grid, message_to, nodes, float(self.fed.round_timeout_s), float(self.fed.poll_s),
                                   admit_late=self.fed.strategy not in ONE_SITE_PER_ROUND)
         bytes_sent = len(nodes) * content["arrays"].count_bytes()
-
-        accepted, bytes_received = [], 0
         for node in sorted(set(nodes) - {node for node, _ in replies}):
             self._reject(round_, f"node {node}", node, [f"no reply within {self.fed.round_timeout_s} s"])
+        bytes_received = sum(reply.content["arrays"].count_bytes() for _, reply in replies if not reply.has_error()
+                             and isinstance(reply.content.get("arrays"), ArrayRecord))
+        return nodes, self.accept(round_, params, replies), bytes_sent, bytes_received
+
+    def accept(self, round_: int, params: dict[str, np.ndarray], replies: list[tuple[int, Message]]) -> list[SiteReply]:
+        """The round's trust boundary: each (node asked, reply) is validated, its site name bound to its node, its
+        influence bounded (server.influence); every reply refused is recorded with its reasons, the rest go on."""
+        checked = []
         for node, reply in replies:
             if reply.has_error():
-                self._reject(round_, f"node {node}", node, [f"site refused or failed: {reply.error.reason}"])
+                self._reject(round_, f"node {node}", node, [f"site refused or failed: {str(reply.error.reason)[:500]}"])
                 continue
-            site = str(reply.content["site"]["name"])
-            update = decode_arrays(from_record(reply.content["arrays"]))
-            metrics = dict(reply.content["metrics"])
-            bytes_received += reply.content["arrays"].count_bytes()
-            examples = int(metrics.pop("examples", 0))
-            problems = validate_update(update, params) + ([] if examples > 0 else [f"examples = {examples}"])
+            site_reply, label, problems = read_reply(reply, node, params)
+            if not problems and (conflict := self.site_names.claim(round_, label, node, site_reply.examples)):
+                problems = [conflict]
             if problems:
-                self._reject(round_, site, node, problems)
+                self._reject(round_, label, node, problems)
                 continue
-            accepted.append((site, node, update, examples, metrics))
-            self.registry.add_site_metrics(self.name, round_, site, node, examples, metrics)
-        return nodes, accepted, bytes_sent, bytes_received
+            checked.append(site_reply)
+        accepted, rejected = bound_influence(params, checked, self.norm_history, self.bounds,
+                                             self.site_names.first_examples)
+        for reply, problems in rejected:
+            self._reject(round_, reply.site, reply.node, problems)
+        self._record_accepted(round_, accepted)
+        return accepted
+
+    def _record_accepted(self, round_: int, accepted: list[SiteReply]) -> None:
+        for reply in accepted:
+            if reply.notes:
+                log.warning("round %d: site %s: %s", round_, reply.site, "; ".join(reply.notes))
+            self.registry.add_site_metrics(self.name, round_, reply.site, reply.node, reply.examples, reply.metrics)
+        if (norm := reference_norm(accepted)) is not None:
+            self.norm_history = (self.norm_history + [norm])[-HISTORY_ROUNDS:]
 
     def _secure_exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]):
         """As `_exchange`, under SecAgg+: every accepted entry carries the same update, the sites' weighted mean
         (integer arrays keep their value); the bytes are those of the global parameters sent, masked replies are
-        not counted."""
+        not counted. Each site's name and metrics are checked, but its masked share is already in the mean: only
+        the mean's norm can be bounded (against max_update_norm and the last rounds')."""
         result = secure_round(self.grid, nodes, params, round_, self._round_config(round_), dict(self.secagg),
                               float(self.fed.round_timeout_s))
         answered = {node for node, _, _ in result.sites}
         for node in sorted(set(nodes) - answered):
             self._reject(round_, f"node {node}", node, ["dropped out of the SecAgg+ round (refused, failed or no reply "
                                                         f"within {self.fed.round_timeout_s} s per stage)"])
+        sent = len(nodes) * sum(np.asarray(v).nbytes for v in params.values())
         if result.mean_delta is None:
-            return nodes, [], 0, 0
+            return nodes, [], sent, 0
         mean = dict(params)
         for name, delta in result.mean_delta.items():
             mean[name] = (params[name].astype(np.float64) + delta).astype(params[name].dtype)
-        accepted = []
+        checked = []
         for node, examples, metrics in result.sites:
-            site = str(metrics.pop("site", f"node {node}"))
-            metrics = {k: float(v) for k, v in metrics.items()}
-            accepted.append((site, node, mean, examples, metrics))
-            self.registry.add_site_metrics(self.name, round_, site, node, examples, metrics)
-        return nodes, accepted, len(nodes) * sum(np.asarray(v).nbytes for v in params.values()), 0
+            site = metrics.pop("site", f"node {node}")
+            _, metrics, problems = read_metrics({**metrics, "examples": examples})
+            problems = ([problem] if (problem := site_name_problem(site)) else []) + problems
+            if not problems and (conflict := self.site_names.claim(round_, site, node, examples)):
+                problems = [conflict]
+            if problems:
+                self._reject(round_, str(site)[:64], node, problems + ["(its masked share is in the mean already)"])
+                continue
+            checked.append(SiteReply(site, node, mean, examples, metrics, weight=float(examples)))
+        if not checked:
+            return nodes, [], sent, 0
+        bounded, rejected = bound_influence(params, [SiteReply("mean", 0, mean, 1, {})], self.norm_history,
+                                            self.bounds, {})
+        if rejected:
+            self._reject(round_, "mean of the SecAgg+ round", 0, rejected[0][1])
+            return nodes, [], sent, 0
+        for reply in checked:
+            reply.update, reply.norm, reply.scale, reply.notes = (bounded[0].update, bounded[0].norm, bounded[0].scale,
+                                                                  bounded[0].notes)
+        self._record_accepted(round_, checked)
+        return nodes, checked, sent, 0
 
     def _reject(self, round_: int, site: str, node: int, problems: list[str]) -> None:
         log.warning("round %d: update from site %s rejected: %s", round_, site, "; ".join(problems))
@@ -287,4 +346,9 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink request otherwise
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    Federation(grid, compose(overrides), flwr_run_id=context.run_id).run()
+    try:
+        federation = Federation(grid, compose(overrides), flwr_run_id=context.run_id)
+    except RunConfigError as err:
+        log.error("%s", err)
+        raise RunConfigError(str(err)) from None   # Flower marks the run failed with this message
+    federation.run()

@@ -77,6 +77,17 @@ class Rejection(Base):
     problems: Mapped[list] = mapped_column(JSON)
 
 
+class SiteNode(Base):
+    """Which node owns a site name in a run (its first claim), and the examples it declared then."""
+    __tablename__ = "site_nodes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run: Mapped[str] = mapped_column(ForeignKey("runs.name"))
+    round: Mapped[int]
+    site: Mapped[str]
+    node_id: Mapped[str]
+    examples: Mapped[int]
+
+
 def open_engine(url_or_path: str | Path) -> Engine:
     """An engine for an SQLAlchemy URL or a plain file path (SQLite in WAL mode, shared by several processes)."""
     text = str(url_or_path)
@@ -145,6 +156,13 @@ class Registry:
         with Session(self.engine) as session, session.begin():
             session.add(Rejection(run=run, round=round_, site=site, node_id=str(node_id), problems=problems))
 
+    def add_site_node(self, run: str, round_: int, site: str, node_id: int, examples: int) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(SiteNode(run=run, round=round_, site=site, node_id=str(node_id), examples=examples))
+
+    def site_nodes(self, run: str) -> list[dict]:
+        return self.describe(run)["site_nodes"]
+
     def runs(self) -> list[Run]:
         with Session(self.engine, expire_on_commit=False) as session:
             return list(session.scalars(select(Run).order_by(Run.started_at)))
@@ -168,6 +186,7 @@ class Registry:
                 "site_metrics": rows(SiteMetrics),
                 "checkpoints": rows(CheckpointRow),
                 "rejections": rows(Rejection),
+                "site_nodes": rows(SiteNode),
             }
 
 

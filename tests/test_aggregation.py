@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
                               train_round)
 from client.site import SiteConfigError, effective_caps, validate_caps
-from server.aggregation import (Aggregator, ServerOptimizer, coordinate_median, trimmed_mean, validate_update,
-                                weighted_mean)
+from server.aggregation import Aggregator, ServerOptimizer, coordinate_median, trimmed_mean, weighted_mean
 from server.central_dp import dp_fedavg
 from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
 from server.rounds import hybridmed_stage, round_config, site_rounds, sites_of_round, total_local_steps
 from server.runs import main as runs_main
+from server.validation import validate_update
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
 from shared_models.sharing import shared_parameter_names, sharing_settings
@@ -225,7 +225,7 @@ def cfg():
 
 def _site(sites, name, tmp_path):
     return dict(sites[name], name=name, state_dir=str(tmp_path / name), device="cpu",
-                privacy={"max_epsilon": 8.0, "max_delta": 1e-5})
+                privacy={"max_epsilon": 8.0, "max_delta": 1e-5}, public_patient_count=10)
 
 
 def test_one_sharing_rule_from_model_sharing(cfg):
@@ -312,7 +312,8 @@ def test_dp_round_sends_only_public_scalars_and_refuses_a_round_over_budget(site
     new_shared, examples, metrics = train_round(shared_arrays(model, cfg), config, site, "dp", cfg)
     assert set(metrics) == {"epsilon", "epsilon_total", "delta", "noise_multiplier", "sample_rate", "steps"}
     assert 0 < metrics["epsilon"] <= 8.0 and metrics["delta"] == 1e-5 and metrics["steps"] == 1
-    assert examples == pytest.approx(metrics["sample_rate"] * len({p for p in site_dataset(site, cfg).patient_ids}))
+    # the rate and the weight come from the site's declared public count, never its real one (docs/privacy.md)
+    assert metrics["sample_rate"] == pytest.approx(2 / 10) and examples == pytest.approx(2 * metrics["steps"])
     poor = dict(site, name=f"dp-poor-{tmp_path.name}", state_dir=str(tmp_path / "poor"),
                 privacy={"max_epsilon": 1e-3, "max_delta": 1e-5})
     with pytest.raises(BudgetExceeded, match="over the budget max_epsilon=0.001"):
