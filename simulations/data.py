@@ -23,6 +23,11 @@ class PreparedData:
 
 def prepare_data(data_cfg: DictConfig) -> PreparedData:
     """Generate (phantom only, when absent) and index `data_cfg.root`; indexing is incremental."""
+    if data_cfg.get("benchmark"):
+        raise ValueError(f"data.benchmark={data_cfg.benchmark} is a public benchmark without reports: it evaluates an "
+                         "encoder (python -m evaluation.run checkpoint=CKPT data=" f"{data_cfg.benchmark} "
+                         "data.root=DIR) and cannot pre-train one; pre-train on data=mimic_cxr, mimic_cxr_jpg, "
+                         "manifest or phantom")
     root = Path(data_cfg.root)
     if data_cfg.get("generate") and not (root / "ground_truth.json").is_file():
         from simulations.phantom import generate_phantom

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -90,6 +91,30 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (stat field 22): with the PID, it names one process, not a reused PID."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait while the processes are stopped: a second Ctrl-C must not orphan half of them."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
 def stage_app(target: Path) -> Path:
     """Copy only the app's files: `flwr run` bundles the folder it is given (a .venv inside would cost minutes)."""
     if target.exists():
@@ -102,9 +127,11 @@ def stage_app(target: Path) -> Path:
 
 
 class LocalSimulation:
-    """A SuperLink in simulation mode on 127.0.0.1 that this process started and stops (by its process group)."""
+    """A SuperLink in simulation mode on 127.0.0.1 that this process started and stops, with every process below
+    it, by PID."""
 
     linger_s = 120.0   # how long Flower may take to finish a run after the ServerApp has recorded its end
+    stop_s = 3.0       # how long the processes get to end on SIGTERM before SIGKILL (Ctrl-C must stop within 5 s)
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -114,41 +141,56 @@ class LocalSimulation:
                         FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.process: subprocess.Popen | None = None
+        self.seen: dict[int, int | None] = {}   # PID -> start time of every process seen below the SuperLink
+
+    def note_processes(self) -> list[int]:
+        """Remember the processes below the SuperLink now: one whose parent dies first (Ray's, when SuperExec goes)
+        is re-parented away from the tree but must still be stopped."""
+        if self.process is None:
+            return []
+        for pid in [*descendants(self.process.pid), self.process.pid]:
+            self.seen.setdefault(pid, start_time(pid))
+        return list(self.seen)
 
     def __enter__(self) -> "LocalSimulation":
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (self.home / "state.db").unlink(missing_ok=True)   # a run resumed in this folder starts a fresh SuperLink
         log_file = open(self.folder / "superlink.log", "w")
+        # its own session: a terminal's Ctrl-C reaches this process alone, which stops the tree in order (__exit__)
         self.process = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
              "--database", str(self.home / "state.db"), "--disable-runtime-dependency-installation"],
-            env=self.env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT)
+            env=self.env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
         wait_until_listening(self.process, self.port, self.folder / "superlink.log", timeout_s=60)
         return self
 
 
     def __exit__(self, *exc) -> None:
-        """Stop the SuperLink and every process under it (SuperExec, the simulation process, Ray), by PID:
-        SuperExec starts its own session, so a process-group signal would miss it."""
+        """Stop the SuperLink and every process seen under it (SuperExec, the simulation process, Ray) by PID:
+        SIGTERM, then SIGKILL after `stop_s`. SuperExec starts its own session, so a process-group signal would miss it."""
         if self.process is None:
             return
-        pids = [*descendants(self.process.pid), self.process.pid]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-                self.process.poll()
-                time.sleep(0.2)
-            if not any(_alive(pid) for pid in pids):
-                break
-        self.process.wait()
+        with signals_held():
+            self.note_processes()
+            pids = [pid for pid, started in self.seen.items() if start_time(pid) == started]
+            for sig, wait_s in ((signal.SIGTERM, self.stop_s), (signal.SIGKILL, 1.0)):
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+                    self.process.poll()
+                    time.sleep(0.05)
+                pids = [pid for pid in pids if _alive(pid)]
+                if not pids:
+                    break
+            self.process.wait()
 
     def flwr(self, *args: str, timeout_s: float = 120) -> str:
         done = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,
@@ -174,6 +216,7 @@ class LocalSimulation:
         deadline, next_ask = time.monotonic() + timeout_s, time.monotonic() + 20
         ended_at = None
         while True:
+            self.note_processes()
             ended = on_poll()
             if ended and ended_at is None:
                 ended_at = time.monotonic()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def held_out_patients(catalog, cfg: DictConfig) -> set[str]:
     """Patients of the evaluation splits: none of them may reach a site."""
     splits = [cfg.eval_split.train, cfg.eval_split.test]
     names = [s for split in splits for s in ([split] if isinstance(split, str) else list(split))]
-    return {study.patient_id for study in usable_studies(catalog, names)}
+    return {study.patient_id for study in usable_studies(catalog, names, require_report=False)}   # image-only tasks too
 
 
 def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: PreparedData,
@@ -236,7 +238,8 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     data = prepare_data(cfg.data)
     catalog = open_catalog(data.catalog, readonly=True)
     try:
-        studies = usable_studies(catalog, str(cfg.partition.split))
+        # with the studies that lack a report: the partition counts them per site and pre-trains on the others
+        studies = usable_studies(catalog, str(cfg.partition.split), require_report=False)
         held_out = held_out_patients(catalog, cfg)
     finally:
         catalog.close()
@@ -254,7 +257,7 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     forced = {"federation.site_dir": str(site_dir),
               "federation.output_dir": str(run_dir.parent), "federation.run_name": run_name,
               "federation.registry": str(run_dir / "registry.sqlite"), "federation.sites": len(sites),
-              "federation.min_sites": len(sites), "federation.resume": False}
+              "federation.min_sites": len(sites), "federation.resume": bool(cfg.federation.resume)}
     overrides = app_overrides(cfg, choices, forced)
     (run_dir / "app_overrides.txt").write_text("\n".join(overrides) + "\n")
 
@@ -344,19 +347,51 @@ def _mean_auc(result: dict) -> float | None:
     return None if first is None else first["mean_auc"]["mean"]
 
 
-def _exit_on_signal(signum, frame) -> None:
-    # SystemExit unwinds through LocalSimulation.__exit__, which stops the SuperLink, SuperExec and Ray by PID;
-    # the default SIGTERM action would end this process alone and orphan them.
-    raise SystemExit(128 + signum)
+class Stopped(BaseException):
+    """Ctrl-C, SIGTERM or SIGHUP: unwinds (not an Exception, so no handler swallows it) through
+    LocalSimulation.__exit__, which stops the SuperLink, SuperExec and Ray by PID."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def checkpointed_rounds(run_dir: Path) -> list[int]:
+    """Rounds whose checkpoint is complete (meta.json is written last)."""
+    return sorted(int(folder.name.split("_")[1]) for folder in (run_dir / "checkpoints").glob("round_[0-9]*")
+                  if (folder / "meta.json").is_file())
+
+
+def resume_command(run_dir: Path, overrides: list[str]) -> str:
+    """The command that continues this run in its folder from its last complete round."""
+    kept = [o for o in overrides if o.split("=", 1)[0] not in ("federation.resume", "hydra.run.dir")]
+    return shlex.join(["python", "-m", "simulations.run", *kept, f"hydra.run.dir={run_dir}", "federation.resume=true"])
+
+
+def stopped_notice(run_dir: Path, rounds: int, overrides: list[str], signum: int) -> str:
+    done = checkpointed_rounds(run_dir)
+    where = (f"rounds {', '.join(map(str, done))} of {rounds} are checkpointed in {run_dir / 'checkpoints'}"
+             if done else "no round was checkpointed yet")
+    return (f"stopped by {signal.Signals(signum).name}: {where}; the Flower processes this run started are stopped.\n"
+            f"resume with: {resume_command(run_dir, overrides)}")
 
 
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    summary = simulate(cfg, run_dir)
+    try:
+        summary = simulate(cfg, run_dir)
+    except Stopped as stop:
+        print("\n" + stopped_notice(run_dir, int(cfg.federation.rounds), list(HydraConfig.get().overrides.task),
+                                    stop.signum), file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
     print("\n" + final_table(summary))
     print(f"\nsummary: {run_dir / 'summary.json'}\nreport:  {run_dir / 'report.md'}")
 
