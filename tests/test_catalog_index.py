@@ -226,7 +226,9 @@ def test_cli_writes_contract_json_and_refuses_wrong_paths(tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert (summary["indexed"], summary["unchanged"], summary["rejected"], summary["studies"]) == (6, 0, {}, 3)
     assert isinstance(summary["seconds"], float)
-    assert "indexed 6 images" in capsys.readouterr().out
+    assert summary["images"] == {"indexed": 6, "ok": 6, "rejected": {}, "unchanged": 0, "duplicates": 0}
+    assert summary["reports"] == {"read": 3, "ok": 3, "rejected": {}, "unchanged": 0}
+    assert "images: 6 indexed this run (6 ok, 0 rejected)" in capsys.readouterr().out
     assert (root / "fedcxr-image-cache" / "shard_00000.u8").is_file()
     assert cli(["index", "--root", str(tmp_path / "nowhere"), "--layout", "mimic_cxr",
                 "--catalog", str(tmp_path / "c.sqlite")]) == 2

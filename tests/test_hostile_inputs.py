@@ -116,9 +116,9 @@ def build_hostile_tree(root: Path) -> tuple[dict[str, set[str | None]], dict[str
     os.symlink("loop_b.dcm", folder / "loop_a.dcm")
     os.symlink("loop_a.dcm", folder / "loop_b.dcm")
     images["loop_a"] = images["loop_b"] = {"unreadable_path"}
-    image("folder.dcm", "unreadable_path", lambda p: p.mkdir())
-    image("pipe.dcm", "unreadable_path", lambda p: os.mkfifo(p))            # hashing it would block forever
-    image("endless.dcm", "unreadable_path", lambda p: os.symlink("/dev/zero", p))  # ...or never end
+    image("folder.dcm", "not_a_regular_file", lambda p: p.mkdir())
+    image("pipe.dcm", "not_a_regular_file", lambda p: os.mkfifo(p))        # hashing it would block forever
+    image("endless.dcm", "outside_root", lambda p: os.symlink("/dev/zero", p))  # ...or never end
     bad_name = os.fsdecode(b"bad\xff\xfe name.dcm")                          # not UTF-8: the catalog cannot store it
     folder = study()
     (folder / bad_name).write_bytes(data)
@@ -129,7 +129,7 @@ def build_hostile_tree(root: Path) -> tuple[dict[str, set[str | None]], dict[str
     for report, expected in [(b"FINDINGS: caf\xe9 normal.\xff\xfe", "unreadable_text"),
                              (b"FINDINGS: No acute process. " * 40_000, "report_too_large"),   # 1.1 MB
                              (b"", "empty_report"), (b"   \n\t ", "empty_report"),
-                             (b"FINDINGS: clear\x00\x00 lungs.", "unreadable_text"),
+                             (b"FINDINGS: clear\x00\x00 lungs.", "nul_bytes"),
                              (None, "no_report"),
                              ("FINDINGS: Lungs clear — no effusion. IMPRESSION: Normal ✓.".encode(), None)]:
         folder = study(report, expected)
@@ -229,6 +229,9 @@ def test_manifest_with_unicode_paths_and_a_non_utf8_manifest(tmp_path):
         statuses = {row.path: row.status for row in session.scalars(select(Image))}
     assert statuses == {"dossier à espaces/图像 1.dcm": "ok", "dossier à espaces/missing file.dcm": "rejected"}
 
-    (tmp_path / "manifest.csv").write_bytes(b"image_path,report\nx\xff.dcm,FINDINGS: clear.\n")
-    with pytest.raises(LayoutError, match="manifest.csv"):
-        open_layout("manifest", tmp_path).studies()
+    # A row that is not UTF-8 is left out with its line number; the rows around it are listed.
+    (tmp_path / "manifest.csv").write_bytes(b"image_path,report\nx\xff.dcm,FINDINGS: clear.\ny.dcm,FINDINGS: clear.\n")
+    layout = open_layout("manifest", tmp_path)
+    assert [image.path for study in layout.studies() for image in study.images] == ["y.dcm"]
+    assert [(p.code, p.source, p.line) for p in layout.problems] == [("bad_manifest_row", "manifest.csv", 2)]
+    assert "UTF-8" in layout.problems[0].detail

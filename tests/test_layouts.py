@@ -112,11 +112,10 @@ def test_manifest_with_report_column_and_optional_ids(tmp_path):
     assert (first.patient_id, first.study_id, first.split) == ("P1", "S1", "train")
     assert [(i.image_id, i.view, i.site, i.mask_path) for i in first.images] == [
         ("img/a", "PA", "north", "masks/a.png"), ("img/b", "LATERAL", "north", None)]
-    cardiomegaly = CHEXPERT_LABELS.index("Cardiomegaly")
-    assert first.labels[cardiomegaly] == 1.0 and first.labels[0] is None
+    assert first.labels == {"Cardiomegaly": 1.0}   # a manifest's labels: its label columns by name
     # Derived ids: deterministic, distinct, and the study's patient derived from the study.
     assert second.study_id.startswith("s") and second.patient_id.startswith("p")
-    assert second.study_id != second.patient_id and second.labels[cardiomegaly] is None
+    assert second.study_id != second.patient_id and second.labels == {"Cardiomegaly": None}
     layout = open_layout("manifest", tmp_path)
     assert layout.read_report(second) == "IMPRESSION: Normal."
 
@@ -150,7 +149,7 @@ def test_view_filter():
 
 def test_report_decoding_rejects_with_reason():
     assert decode_report("é FINDINGS".encode("utf-8-sig"), "r.txt") == "é FINDINGS"
-    for data, code in [(b"x" * 2000, "report_too_large"), (b"FIND\x00INGS", "unreadable_text"),
+    for data, code in [(b"x" * 2000, "report_too_large"), (b"FIND\x00INGS", "nul_bytes"),
                        (b"\xff\xfe\xfa bad", "unreadable_text")]:
         with pytest.raises(Rejected) as caught:
             decode_report(data, "r.txt", max_bytes=1000)

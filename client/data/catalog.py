@@ -9,14 +9,17 @@ from pathlib import Path
 
 from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from client.data.errors import Rejected
+from client.data.files import open_regular
 from shared_models.vocab import CHEXPERT_LABELS
 
 SCHEMA_VERSION = "1"
 JSON_OR_NULL = JSON(none_as_null=True)   # Python None is SQL NULL, not the JSON text 'null'
 BUSY_TIMEOUT_MS = 30_000
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class CatalogError(RuntimeError):
@@ -48,7 +51,7 @@ class Study(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id"), index=True)
     split: Mapped[str | None] = mapped_column(String(16), index=True)
-    labels: Mapped[list | None] = mapped_column(JSON_OR_NULL)            # CHEXPERT_LABELS order, None = blank
+    labels: Mapped[list | dict | None] = mapped_column(JSON_OR_NULL)     # CHEXPERT_LABELS order or {column: value}; None = blank
     report: Mapped[str | None] = mapped_column(Text)
     report_sha256: Mapped[str | None] = mapped_column(String(64))
     findings: Mapped[str | None] = mapped_column(Text)
@@ -110,6 +113,23 @@ class IndexRun(Base):
     summary: Mapped[dict | None] = mapped_column(JSON_OR_NULL)
 
 
+class DataWarning(Base):
+    """What the last index run found wrong in the layout's lists (rows left out, duplicates, conflicts).
+
+    Replaced by each finished run, so it always describes the data as it is now; `first_run_id`
+    tells a warning that is new from one already shown by an earlier run.
+    """
+
+    __tablename__ = "data_warnings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(32), index=True)      # errors.REASON_CODES or WARNING_CODES
+    source: Mapped[str] = mapped_column(Text)                       # the file (relative to the root) or study
+    line: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str] = mapped_column(Text)
+    first_run_id: Mapped[int | None] = mapped_column(ForeignKey("index_runs.id"))
+    last_run_id: Mapped[int | None] = mapped_column(ForeignKey("index_runs.id"))
+
+
 @dataclass
 class Catalog:
     """An open catalog: its engine and a session factory (`with catalog.session() as s: ...`)."""
@@ -155,6 +175,7 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
         parsed = make_url(url)
     except ArgumentError as error:
         raise CatalogError(f"{url_or_path}: not a catalog path or SQLAlchemy URL ({error})") from None
+    shown = parsed.render_as_string(hide_password=True)     # messages never echo a database password
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         path = Path(parsed.database)
@@ -163,7 +184,16 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
         if not path.parent.is_dir():
             raise CatalogError(f"{path}: folder {path.parent} does not exist; create it or choose "
                                "another --catalog path")
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000} if sqlite else {})
+        check_sqlite_file(path)
+    try:
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000} if sqlite else {})
+    except ImportError as error:       # the URL's driver (psycopg2, pymysql, ...) is not installed
+        package = error.name or str(error)
+        raise CatalogError(f"{shown}: the database driver {package!r} is not installed; "
+                           f"pip install {package} into this environment, or use a SQLite file path") from None
+    except NoSuchModuleError as error:
+        raise CatalogError(f"{shown}: unknown database dialect or driver ({error}); use a SQLite file path or "
+                           "a URL such as postgresql+psycopg2://user@host/db") from None
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     if readonly:
@@ -174,11 +204,25 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
         with Session(engine) as session, session.begin():
             session.merge(CatalogInfo(key="schema_version", value=SCHEMA_VERSION))
             session.merge(CatalogInfo(key="opened_for_writing", value=utcnow().isoformat()))
-    except OperationalError as error:
+    except DatabaseError as error:     # read-only, not a database, unreachable server, wrong schema
         engine.dispose()
-        raise CatalogError(f"cannot write the catalog at {url_or_path}: {error.orig}; "
-                           "choose a writable location (--catalog PATH)") from None
+        raise CatalogError(f"cannot write the catalog at {shown}: {error.orig}; "
+                           "choose a writable catalog (--catalog PATH)") from None
     return Catalog(url, engine)
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse a path that is not an SQLite database (another file, a pipe, a folder) before SQLite touches it."""
+    if not path.exists():
+        return                            # a new catalog
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except Rejected as error:
+        raise CatalogError(f"{path}: not a catalog ({error.detail}); choose another --catalog path") from None
+    if head and head != SQLITE_MAGIC:     # an empty file is a new database to SQLite
+        raise CatalogError(f"{path}: not an SQLite database (it does not start with 'SQLite format 3'); "
+                           "move the file away or choose another --catalog path")
 
 
 # --- cheap listings ----------------------------------------------------------------------------
@@ -194,23 +238,35 @@ class StudyEntry:
     tags: list[float]          # OBSERVATIONS order
     site: str | None
     images: int
+    has_report: bool = True    # False: kept for image-only evaluation, left out of pre-training
 
 
-def usable_studies(catalog: Catalog, split: str | list[str] | None = None) -> list[StudyEntry]:
-    """Studies with a usable report and at least one `ok` image, ordered by study id."""
+def usable_studies(catalog: Catalog, split: str | list[str] | None = None,
+                   require_report: bool = True) -> list[StudyEntry]:
+    """Studies with at least one `ok` image (and a usable report unless `require_report=False`), by study id."""
     with catalog.session() as session:
         query = (select(Study.patient_id, Study.id, Study.split, Study.labels, Study.tags,
-                        func.min(Image.site), func.count(Image.id))
+                        func.min(Image.site), func.count(Image.id), Study.report_status)
                  .join(Image, Image.study_id == Study.id)
-                 .where(Study.report_status == "ok", Image.status == "ok")
+                 .where(Image.status == "ok")
                  .group_by(Study.id).order_by(Study.id))
+        if require_report:
+            query = query.where(Study.report_status == "ok")
         if split is not None:
             query = query.where(Study.split.in_([split] if isinstance(split, str) else list(split)))
-        return [StudyEntry(patient, study, study_split, labels_as_floats(labels), list(tags or []), site, n)
-                for patient, study, study_split, labels, tags, site, n in session.execute(query)]
+        return [StudyEntry(patient, study, study_split, labels_as_floats(labels), list(tags or []), site, n,
+                           report_status == "ok")
+                for patient, study, study_split, labels, tags, site, n, report_status in session.execute(query)]
 
 
-def labels_as_floats(labels: list | None) -> list[float]:
-    if labels is None:
-        return [math.nan] * len(CHEXPERT_LABELS)
-    return [math.nan if value is None else float(value) for value in labels]
+def label_values(labels: list | dict | None) -> dict[str, float | str | None]:
+    """A study's labels by name: a manifest's {column: value} as stored, a CHEXPERT_LABELS list by name."""
+    if isinstance(labels, dict):
+        return dict(labels)
+    return dict(zip(CHEXPERT_LABELS, labels)) if labels is not None else {}
+
+
+def labels_as_floats(labels: list | dict | None) -> list[float]:
+    """CHEXPERT_LABELS order, NaN where blank, absent or not a number."""
+    values = label_values(labels)
+    return [float(v) if isinstance(v, (int, float)) else math.nan for v in (values.get(n) for n in CHEXPERT_LABELS)]

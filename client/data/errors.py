@@ -22,7 +22,22 @@ REASON_CODES = {
     "no_sections": "the report has neither a FINDINGS nor an IMPRESSION section nor usable free text",
     "filtered_view": "the image's view position is outside the configured view filter",
     "unreadable_path": "the path cannot be opened (permissions, a symlink loop, an odd name)",
+    "not_a_regular_file": "the path is a folder, a named pipe, a device or a socket: only regular files are read",
+    "outside_root": "the path resolves outside the data root ('..', an absolute path, or a symlink leading out); "
+                    "allowed only with --allow-outside-root",
+    "nul_bytes": "a NUL byte in a CSV row, a path or a report: a binary or corrupted file, not text",
+    "bad_manifest_row": "a row of the manifest or of a layout's CSV table that cannot be used (a field over the "
+                        "size limit, a missing required value, unparseable boxes); the detail names file and line",
+    "conflicting_study": "rows for one study id disagree on the patient, the split or the labels: the study is "
+                         "left out rather than merged",
     "internal_error": "an unexpected error while reading the file or report (a bug: see the detail and report it)",
+}
+
+# Data warnings: not a file refused, but something in the layout's lists an operator should see.
+# Stored in the catalog (`data_warnings`) with the row rejections above, listed by `client.data summary`.
+WARNING_CODES = {
+    "duplicate_image": "an image id is listed more than once; the first entry is kept",
+    "study_without_images": "a study whose every image is listed under another study; it is left out",
 }
 
 

@@ -21,6 +21,7 @@ ignored with a warning, and the min-max stretch used instead.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from client.data.errors import Rejected
+from client.data.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,10 @@ def read_header(path, max_pixels: int = 40_000_000) -> ImageHeader:
 
 
 def _sniff(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except FileNotFoundError:
-        raise Rejected("file_not_found", f"{path}: no such file") from None
-    except OSError as error:
-        raise Rejected("unreadable_path", f"{path}: {error}") from None
+    # A regular file only: a pipe or device given here (or swapped in since the index checked) would block
+    # or never end inside pydicom or Pillow.
+    with open_regular(Path(os.path.realpath(path))) as handle:
+        head = handle.read(132)
     if not head:
         raise Rejected("empty_file", f"{path}: the file has zero bytes")
     if head.startswith(_PNG_SIGNATURE):

@@ -5,7 +5,6 @@ import hashlib
 import logging
 import multiprocessing
 import time
-from stat import S_ISREG
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -13,16 +12,25 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.engine import make_url
 
 from client.data.cache import ImageCache, to_cache_image
-from client.data.catalog import Catalog, CatalogInfo, Image, IndexRun, Patient, Study, open_catalog, utcnow
-from client.data.errors import Rejected
-from client.data.layouts import DEFAULT_VIEWS, ImageRecord, Layout, StudyRecord, view_allowed
+from client.data.catalog import (Catalog, CatalogInfo, DataWarning, Image, IndexRun, Patient, Study, open_catalog,
+                                 utcnow)
+from client.data.errors import REASON_CODES, Rejected
+from client.data.files import check_regular, open_regular, resolve_inside
+from client.data.layouts import DEFAULT_VIEWS, ImageRecord, Layout, Problem, StudyRecord, view_allowed
 
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 32   # images per transaction: what a killed run loses and redoes
+EXAMPLES_PER_WARNING = 3   # a data warning's log line names this many of its rows; the catalog keeps all
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file read: 4 bytes a pixel (uncompressed 16-bit with room) plus 64 MiB of header."""
+    return 4 * max_pixels + (64 << 20)
 
 
 @dataclass
@@ -37,9 +45,10 @@ class KnownImage:
     cached: bool        # its pixels are still in the cache (False: the cache was deleted or moved)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, max_bytes: int | None = None, inside: Path | None = None) -> str:
+    """The file's hash, read through the data layer's checks (regular file, size, still inside the root)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path, max_bytes, inside=inside) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -76,14 +85,16 @@ class FileResult:
 
 
 def inspect_file(path: Path, view: str | None, views, max_pixels: int, short_side: int | None,
-                 known_sha256: str | None) -> FileResult:
+                 known_sha256: str | None, inside: Path | None = None) -> FileResult:
     """Hash, then (unless the content is what the catalog already has) decode, crop and resize one file.
 
     Top-level and free of the catalog, so worker processes can run it.
     """
     fields = {"view": view}
     try:
-        fields["sha256"] = sha256_file(path)
+        fields["sha256"] = sha256_file(path, max_file_bytes(max_pixels), inside)
+    except Rejected as error:
+        return FileResult(fields, failure=(error.code, error.detail))
     except OSError as error:
         return FileResult(fields, failure=("unreadable_path", f"{path}: {error}"))
     if known_sha256 is not None and fields["sha256"] == known_sha256:
@@ -138,8 +149,11 @@ class Indexer:
         self.views = list(views) if views is not None else None
         self.max_pixels, self.short_side, self.commit_every = max_pixels, short_side, commit_every
         self.counts = Counter()
-        self.rejected = Counter()
-        self.seen: set[str] = set()
+        self.rejected = Counter()                   # images and reports, as the contract's "rejected"
+        self.image_rejected, self.report_rejected = Counter(), Counter()
+        self.reports = Counter()                    # read (ok or rejected) / unchanged
+        self.problems: list[Problem] = list(getattr(layout, "problems", []))
+        self.inside = None if getattr(layout, "allow_outside_root", False) else layout.root
 
     def load_known(self, session) -> None:
         shard_sizes = self.cache.shard_sizes() if self.cache.directory.is_dir() else {}
@@ -163,6 +177,7 @@ class Indexer:
 
     def run(self, studies: Iterable[StudyRecord], progress: Callable[[int], None] | None = None,
             workers: int = 0) -> None:
+        studies = self.without_duplicates(studies)
         pool = None
         if workers > 1:
             # spawn, not fork: the parent holds a database connection, a file lock and tqdm's thread.
@@ -180,10 +195,71 @@ class Indexer:
                         progress(sum(len(study.images) for study in batch))
                 # Only a finished run vouches that every stored parse is this parser's.
                 session.merge(CatalogInfo(key="report_parser", value=self.parser))
+                self.drop_empty_studies(session)
+                self.record_warnings(session)
                 session.commit()
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+
+    def without_duplicates(self, studies: Iterable[StudyRecord]) -> list[StudyRecord]:
+        """The studies with each image id listed once (the first entry kept); a study left with no image goes."""
+        seen: dict[str, str] = {}
+        kept = []
+        for study in studies:
+            images = []
+            for record in study.images:
+                first = seen.setdefault(printable(record.image_id), study.study_id)
+                if first == study.study_id and all(r.image_id != record.image_id for r in images):
+                    images.append(record)
+                else:
+                    self.counts["duplicates"] += 1
+                    self.problems.append(Problem("duplicate_image", record.path, None,
+                                                 f"image id {record.image_id} is listed again in study "
+                                                 f"{study.study_id}; the entry in study {first} is kept"))
+            if study.images and not images:
+                self.problems.append(Problem("study_without_images", study.study_id, None,
+                                             f"study {study.study_id}: each of its images is listed under "
+                                             "another study; the study is left out"))
+                continue
+            study.images = images
+            kept.append(study)
+        return kept
+
+    def drop_empty_studies(self, session) -> None:
+        """Studies (and then patients) no image row points at any more: left behind by edited lists."""
+        empty = ~exists().where(Image.study_id == Study.id)
+        dropped = session.execute(delete(Study).where(empty)).rowcount
+        session.execute(delete(Patient).where(~exists().where(Study.patient_id == Patient.id)))
+        if dropped:
+            log.info("removed %d studies that no listed image belongs to any more", dropped)
+
+    def record_warnings(self, session) -> None:
+        """Replace the catalog's data warnings with this run's; log only the new ones, once per code."""
+        known = {(w.code, w.source, w.line, w.detail): w for w in session.scalars(select(DataWarning))}
+        current = {(p.code, p.source, p.line, p.detail) for p in self.problems}
+        new = Counter()
+        examples: dict[str, list[str]] = {}
+        for key in sorted(current, key=lambda k: (k[0], k[1], k[2] or 0)):
+            row = known.pop(key, None)
+            if row is None:
+                code, source, line, detail = key
+                session.add(DataWarning(code=code, source=source, line=line, detail=detail,
+                                        first_run_id=self.run_row.id, last_run_id=self.run_row.id))
+                new[code] += 1
+                examples.setdefault(code, []).append(f"{source}{f' line {line}' if line else ''}: {detail}")
+            else:
+                row.last_run_id = self.run_row.id
+        for gone in known.values():                 # fixed in the data since the last run
+            session.delete(gone)
+        self.counts["warnings"], self.counts["new_warnings"] = len(current), sum(new.values())
+        for code, count in sorted(new.items()):
+            shown = "; ".join(examples[code][:EXAMPLES_PER_WARNING])
+            more = f" (and {count - EXAMPLES_PER_WARNING} more)" if count > EXAMPLES_PER_WARNING else ""
+            log.warning("%d new data warning(s) %s: %s%s; all of them: python -m client.data summary --catalog %s",
+                        count, code, shown, more, make_url(self.catalog.url).render_as_string(hide_password=True))
+        if len(current) > sum(new.values()):
+            log.info("%d data warnings unchanged since an earlier run", len(current) - sum(new.values()))
 
     def run_batch(self, session, batch: list[StudyRecord], pool) -> None:
         plans = []
@@ -217,6 +293,8 @@ class Indexer:
         report_unchanged = known is not None and not self.parser_changed and (
             (sha is not None and known.report_sha256 == sha)
             or (failure is not None and known.report_reason == failure.code))
+        if report_unchanged:
+            self.reports["unchanged"] += 1
         if known is not None and report_unchanged and (known.patient_id, known.split, known.labels) == (
                 study.patient_id, study.split, study.labels):
             return
@@ -251,9 +329,11 @@ class Indexer:
                 row.tags = [float(v) for v in parsed.tags]
         if failure is None:
             row.report_status, row.report_reason, row.report_detail = "ok", None, None
+            self.reports["ok"] += 1
         else:
             row.report_status, row.report_reason, row.report_detail = "rejected", failure.code, failure.detail
             self.rejected[failure.code] += 1
+            self.report_rejected[failure.code] += 1
             log.warning("study %s report: %s (%s)", study.study_id, failure.code, failure.detail)
 
     # --- images --------------------------------------------------------------------------------
@@ -262,36 +342,40 @@ class Indexer:
         """Settle what needs no reading (duplicates, missing or unchanged files); else the file's work."""
         odd_name = printable(record.path) != record.path
         record.image_id, record.path = printable(record.image_id), printable(record.path)
-        if record.image_id in self.seen:
-            self.counts["duplicates"] += 1
-            log.warning("%s: image id %s is listed twice; the first entry is kept", record.path, record.image_id)
-            return None
-        self.seen.add(record.image_id)
         known = self.known_images.get(record.image_id)
-        path = self.layout.root / record.path
-        fields = dict(study_id=study.study_id, path=record.path, site=record.site, mask_path=record.mask_path,
-                      boxes=record.boxes, view=record.view or (known.view if known else None))
+        fields = dict(study_id=study.study_id, path=record.path, site=record.site,
+                      mask_path=self.contained_mask(record), boxes=record.boxes,
+                      view=record.view or (known.view if known else None))
+        if study.conflict:
+            return self.finish(session, record, known, fields, Rejected("conflicting_study", study.conflict))
         if odd_name:
             return self.finish(session, record, known, fields, Rejected(
-                "unreadable_path", f"{path}: the file name is not valid UTF-8 (shown as \\xNN); rename the file"))
+                "unreadable_path", f"{record.path}: the file name is not valid UTF-8 (shown as \\xNN); rename the file"))
         try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return self.finish(session, record, known, fields, Rejected("file_not_found", f"{path} does not exist"))
-        except OSError as error:
-            return self.finish(session, record, known, fields, Rejected("unreadable_path", f"{path}: {error}"))
-        if not S_ISREG(stat.st_mode):
-            # A pipe or a device (/dev/zero behind a symlink) would block or never end when hashed.
-            return self.finish(session, record, known, fields, Rejected(
-                "unreadable_path", f"{path}: not a regular file (a folder, pipe or device); replace it with the image file"))
+            # Inside the root, a regular file (a pipe would block, a device never end), of a size worth reading.
+            path = resolve_inside(self.layout.root, record.path, self.inside is None)
+            stat = check_regular(path, max_file_bytes(self.max_pixels))
+        except Rejected as failure:
+            return self.finish(session, record, known, fields, failure)
         fields |= dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         reusable = known is not None and known.path == record.path and self.still_valid(known, fields["view"])
         if reusable and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             self.counts["unchanged"] += 1
             return None
         work = (path, record.view, self.views, self.max_pixels, self.short_side,
-                known.sha256 if reusable else None)
+                known.sha256 if reusable else None, self.inside)
         return Pending(record, known, fields, work)
+
+    def contained_mask(self, record: ImageRecord) -> str | None:
+        """The listed mask path when it stays inside the root; else none, with a warning (the image is still used)."""
+        if record.mask_path is None:
+            return None
+        try:
+            resolve_inside(self.layout.root, record.mask_path, self.inside is None)
+        except Rejected as failure:
+            self.problems.append(Problem(failure.code, record.path, None, f"mask_path left out: {failure.detail}"))
+            return None
+        return record.mask_path
 
     def apply(self, session, plan: Pending, result: FileResult) -> None:
         record, known, fields = plan.record, plan.known, plan.fields
@@ -325,6 +409,7 @@ class Indexer:
             fields |= dict(status="rejected", reason=failure.code, detail=failure.detail, cache_shard=None,
                            cache_offset=None, cache_height=None, cache_width=None)
             self.rejected[failure.code] += 1
+            self.image_rejected[failure.code] += 1
             # A view outside the filter is policy, not a bad file: counted, not shouted about.
             level = logging.DEBUG if failure.code == "filtered_view" else logging.WARNING
             log.log(level, "%s: %s (%s)", record.path, failure.code, failure.detail)
@@ -342,6 +427,30 @@ class Indexer:
             setattr(row, name, value)
         if "status" in fields:      # a new outcome, not a refreshed mtime
             row.indexed_at, row.index_run_id = utcnow(), self.run_row.id
+
+
+def separate_counts(indexer: Indexer, session) -> dict:
+    """Images, reports and list rows counted apart (the contract's "rejected" adds images and reports up).
+
+    "images" and "reports" count this run's work; "catalog" what the catalog holds after it.
+    """
+    rejected_images = sum(indexer.image_rejected.values())
+    row_problems = Counter(p.code for p in indexer.problems if p.code in REASON_CODES and p.line)
+    return {
+        "images": {"indexed": indexer.counts["indexed"], "ok": indexer.counts["indexed"] - rejected_images,
+                   "rejected": dict(sorted(indexer.image_rejected.items())), "unchanged": indexer.counts["unchanged"],
+                   "duplicates": indexer.counts["duplicates"]},
+        "reports": {"read": indexer.reports["ok"] + sum(indexer.report_rejected.values()),
+                    "ok": indexer.reports["ok"], "rejected": dict(sorted(indexer.report_rejected.items())),
+                    "unchanged": indexer.reports["unchanged"]},
+        "rows": {"rejected": dict(sorted(row_problems.items()))},
+        "warnings": {"total": indexer.counts["warnings"], "new": indexer.counts["new_warnings"]},
+        "catalog": {
+            "images": dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all()),
+            "reports": dict(session.execute(select(Study.report_status, func.count())
+                                            .group_by(Study.report_status)).all()),
+        },
+    }
 
 
 def batches(studies: Iterable[StudyRecord], images: int) -> Iterable[list[StudyRecord]]:
@@ -379,7 +488,8 @@ def index_data(layout: Layout, catalog, cache_dir, views=DEFAULT_VIEWS, max_pixe
                        "rejected": dict(sorted(indexer.rejected.items())),
                        "studies": session.scalar(select(func.count(Study.id))),
                        "duplicates": indexer.counts["duplicates"],
-                       "seconds": round(time.perf_counter() - start, 3)}
+                       "seconds": round(time.perf_counter() - start, 3),
+                       **separate_counts(indexer, session)}
             run = session.get(IndexRun, indexer.run_row.id)
             run.status, run.finished_at, run.summary = "done", utcnow(), summary
             session.commit()
