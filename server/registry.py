@@ -167,6 +167,47 @@ class Registry:
         with Session(self.engine, expire_on_commit=False) as session:
             return list(session.scalars(select(Run).order_by(Run.started_at)))
 
+    def sites(self, run: str | None = None) -> list[dict]:
+        """Per node id and site name (over all runs, or one): the runs, the rounds whose update was accepted, the
+        rejected or missed replies of the node, and when it was last seen (the end of the latest round it
+        answered). Names come from the sites' replies and the run's bindings (`site_nodes`); a node that never
+        answered shows as site "-"."""
+        def of_run(model):
+            query = select(model)
+            return session.scalars(query if run is None else query.where(model.run == run))
+
+        with Session(self.engine) as session:
+            ended = {(r.run, r.round): r.finished_at for r in of_run(Round)}
+            table: dict[tuple[str, str], dict] = {}
+
+            def row(node_id: str, site: str) -> dict:
+                return table.setdefault((node_id, site), {"node_id": node_id, "site": site, "runs": set(),
+                                                          "rounds_joined": 0, "rejected": 0, "last_seen": None})
+
+            def seen(entry: dict, run_name: str, round_: int) -> None:
+                entry["runs"].add(run_name)
+                when = ended.get((run_name, round_))
+                if when is not None and (entry["last_seen"] is None or when > entry["last_seen"]):
+                    entry["last_seen"] = when
+
+            for binding in of_run(SiteNode):
+                row(binding.node_id, binding.site)["runs"].add(binding.run)
+            for metrics in of_run(SiteMetrics):
+                entry = row(metrics.node_id, metrics.site)
+                entry["rounds_joined"] += 1
+                seen(entry, metrics.run, metrics.round)
+            rejected: dict[str, int] = {}
+            for rejection in of_run(Rejection):
+                rejected[rejection.node_id] = rejected.get(rejection.node_id, 0) + 1
+                if rejection.site != f"node {rejection.node_id}":   # it answered, with a name
+                    seen(row(rejection.node_id, rejection.site), rejection.run, rejection.round)
+            for node_id in set(rejected) - {node for node, _ in table}:
+                row(node_id, "-")
+        for (node_id, _), entry in table.items():
+            entry["rejected"] = rejected.get(node_id, 0)
+            entry["runs"] = sorted(entry["runs"])
+        return sorted(table.values(), key=lambda e: (e["site"], e["node_id"]))
+
     def describe(self, name: str) -> dict:
         """Everything recorded about one run, as plain data."""
         with Session(self.engine) as session:
