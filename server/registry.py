@@ -197,16 +197,19 @@ class Registry:
                 entry["rounds_joined"] += 1
                 seen(entry, metrics.run, metrics.round)
             rejected: dict[str, int] = {}
+            unnamed: dict[str, set[str]] = {}   # runs in which a node was asked but never answered with a name
             for rejection in of_run(Rejection):
                 rejected[rejection.node_id] = rejected.get(rejection.node_id, 0) + 1
                 if rejection.site != f"node {rejection.node_id}":   # it answered, with a name
                     seen(row(rejection.node_id, rejection.site), rejection.run, rejection.round)
-            for node_id in set(rejected) - {node for node, _ in table}:
-                row(node_id, "-")
+                else:
+                    unnamed.setdefault(rejection.node_id, set()).add(rejection.run)
+            for node_id in set(unnamed) - {node for node, _ in table}:
+                row(node_id, "-")["runs"] |= unnamed[node_id]
         for (node_id, _), entry in table.items():
             entry["rejected"] = rejected.get(node_id, 0)
             entry["runs"] = sorted(entry["runs"])
-        return sorted(table.values(), key=lambda e: (e["site"], e["node_id"]))
+        return sorted(table.values(), key=lambda e: (e["site"] == "-", e["site"], e["node_id"]))
 
     def describe(self, name: str) -> dict:
         """Everything recorded about one run, as plain data."""

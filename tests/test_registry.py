@@ -50,7 +50,7 @@ def test_sites_lists_node_site_rounds_and_last_seen(tmp_path, capsys):
     rows = {(r["node_id"], r["site"]): r for r in json.loads((tmp_path / "sites.json").read_text())}
     assert rows[("101", "site_a")]["last_seen"] == str(ended[2])   # site_a answered round 2
     assert rows[("202", "site_b")]["last_seen"] == str(ended[2])   # rejected, but it did answer
-    assert rows[("303", "-")]["last_seen"] is None
+    assert rows[("303", "-")]["last_seen"] is None and rows[("303", "-")]["runs"] == ["cxr-1"]
     assert rows[("111", "site_a")]["runs"] == ["cxr-2"] and rows[("101", "site_a")]["runs"] == ["cxr-1"]
 
     assert runs_main(["--registry", str(path), "sites", "--run", "cxr-2"]) == 0
