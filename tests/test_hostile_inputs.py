@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -235,3 +237,181 @@ def test_manifest_with_unicode_paths_and_a_non_utf8_manifest(tmp_path):
     assert [image.path for study in layout.studies() for image in study.images] == ["y.dcm"]
     assert [(p.code, p.source, p.line) for p in layout.problems] == [("bad_manifest_row", "manifest.csv", 2)]
     assert "UTF-8" in layout.problems[0].detail
+
+
+# --- hostile lists and files through the index CLI (client.data.__main__.main) ---------------------------------
+
+from client.data.__main__ import main as data_cli                      # noqa: E402
+from client.data.catalog import DataWarning, usable_studies            # noqa: E402
+
+REAL_DICOM = "cr-chest-mono1-10bit-nometa.dcm"    # 388 KB, decodes in ~20 ms
+
+
+def index_cli(root: Path, catalog: Path, *options: str, layout: str = "manifest") -> tuple[int, dict]:
+    out = catalog.with_suffix(".json")
+    code = data_cli(["index", "--root", str(root), "--layout", layout, "--catalog", str(catalog),
+                     "--cache", str(catalog.parent / f"{catalog.stem}-cache"), "--views", "all", "--json", str(out),
+                     *options])
+    return code, (json.loads(out.read_text()) if code == 0 else {})
+
+
+def catalog_state(catalog: Path) -> tuple[dict, dict, list]:
+    """(image id -> (status, reason, detail, mask_path), study id -> row, warnings as (code, source, line, detail))."""
+    with open_catalog(catalog, readonly=True).session() as session:
+        images = {r.id: (r.status, r.reason, r.detail, r.mask_path) for r in session.scalars(select(Image))}
+        studies = {r.id: r for r in session.scalars(select(Study))}
+        warnings = [(w.code, w.source, w.line, w.detail) for w in session.scalars(select(DataWarning))]
+    return images, studies, warnings
+
+
+def manifest(root: Path, rows: list[str], header: str = "image_path,report,study_id,patient_id,split") -> None:
+    (root / "manifest.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+
+
+@pytest.mark.timeout(120)
+def test_listed_paths_must_stay_inside_the_root_unless_allowed(tmp_path, shared_dicom_dir):
+    root, outside = tmp_path / "site", tmp_path / "outside"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    for folder, name in ((root / "img", "a.dcm"), (outside, "x.dcm")):
+        shutil.copyfile(shared_dicom_dir / REAL_DICOM, folder / name)
+    os.symlink(outside / "x.dcm", root / "img" / "link_out.dcm")      # a symlink leading out
+    os.symlink("a.dcm", root / "img" / "link_in.dcm")                 # one staying inside: fine
+    os.symlink("/dev/zero", root / "img" / "zero.dcm")
+    os.mkfifo(root / "img" / "pipe.dcm")
+    report = "FINDINGS: Clear lungs."
+    manifest(root, [f"img/a.dcm,{report},S1,P1,train", f"../outside/x.dcm,{report},S2,P2,train",
+                    f"{outside / 'x.dcm'},{report},S3,P3,train", f"img/link_out.dcm,{report},S4,P4,train",
+                    f"img/link_in.dcm,{report},S5,P5,train", f"img/zero.dcm,{report},S6,P6,train",
+                    f"img/pipe.dcm,{report},S7,P7,train"])
+    code, summary = index_cli(root, tmp_path / "c.sqlite")
+    assert code == 0
+    images, _, _ = catalog_state(tmp_path / "c.sqlite")
+    reasons = {image_id: reason for image_id, (_, reason, _, _) in images.items()}
+    assert reasons == {"img/a": None, "../outside/x": "outside_root", str(outside / "x"): "outside_root",
+                       "img/link_out": "outside_root", "img/link_in": None, "img/zero": "outside_root",
+                       "img/pipe": "not_a_regular_file"}
+    assert summary["images"]["rejected"] == {"not_a_regular_file": 1, "outside_root": 4}
+    assert summary["rejected"] == summary["images"]["rejected"] and summary["images"]["ok"] == 2
+    assert "--allow-outside-root" in images["../outside/x"][2]
+
+    # Shared storage, opted into: the files outside are read; a device is still refused, without being read.
+    code, summary = index_cli(root, tmp_path / "shared.sqlite", "--allow-outside-root")
+    images, _, _ = catalog_state(tmp_path / "shared.sqlite")
+    assert {i: r for i, (_, r, _, _) in images.items() if r} == {"img/zero": "not_a_regular_file",
+                                                                 "img/pipe": "not_a_regular_file"}
+    assert summary["images"]["ok"] == 5
+
+
+@pytest.mark.timeout(60)
+def test_hostile_reports_and_record_list_paths_in_the_mimic_layout(tmp_path, shared_dicom_dir):
+    """A FIFO report (indexing used to hang), a report linked to /dev/zero (read until MemoryError), NUL bytes,
+    a zip entry over the limit, and a record-list path climbing out with '..'."""
+    root = tmp_path / "mimic"
+    patient = root / "files" / "p10" / "p10000001"
+    records = []
+    for n in range(6):
+        study = patient / f"s5000000{n}"
+        study.mkdir(parents=True)
+        shutil.copyfile(shared_dicom_dir / REAL_DICOM, study / f"d{n}.dcm")
+        records.append(f"10000001,5000000{n},d{n},files/p10/p10000001/s5000000{n}/d{n}.dcm")
+    (tmp_path / "outside.dcm").write_bytes((shared_dicom_dir / REAL_DICOM).read_bytes())
+    records.append("10000001,50000006,d6,files/p10/../../../outside.dcm")
+    (root / "cxr-record-list.csv").write_text("subject_id,study_id,dicom_id,path\n" + "\n".join(records) + "\n")
+    (patient / "s50000000.txt").write_text("FINDINGS: Clear lungs. IMPRESSION: Normal.")
+    os.mkfifo(patient / "s50000001.txt")
+    os.symlink("/dev/zero", patient / "s50000002.txt")
+    (patient / "s50000003.txt").write_bytes(b"FINDINGS: clear\x00 lungs.")
+    (patient / "s50000004.txt").mkdir()
+    with zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w", zipfile.ZIP_DEFLATED) as archive:   # ~2 KB on disk
+        archive.writestr("mimic-cxr-reports/files/p10/p10000001/s50000005.txt", "A" * 2_000_000)
+    code, summary = index_cli(root, tmp_path / "c.sqlite", layout="mimic_cxr")
+    assert code == 0
+    images, studies, _ = catalog_state(tmp_path / "c.sqlite")
+    assert {s: (row.report_status, row.report_reason) for s, row in studies.items()} == {
+        "50000000": ("ok", None), "50000001": ("rejected", "not_a_regular_file"),
+        "50000002": ("rejected", "outside_root"), "50000003": ("rejected", "nul_bytes"),
+        "50000004": ("rejected", "not_a_regular_file"), "50000005": ("rejected", "report_too_large"),
+        "50000006": ("rejected", "no_report")}
+    assert images["d6"][:2] == ("rejected", "outside_root")
+    assert all(images[f"d{n}"][0] == "ok" for n in range(6))
+    assert summary["reports"]["rejected"] == {"no_report": 1, "not_a_regular_file": 2, "nul_bytes": 1,
+                                              "outside_root": 1, "report_too_large": 1}
+    assert summary["images"]["rejected"] == {"outside_root": 1} and summary["images"]["ok"] == 6
+    assert sum(summary["rejected"].values()) == 7      # the contract's key: images and reports together
+
+
+def test_conflicting_studies_and_bad_rows_are_left_out_with_their_line(tmp_path, shared_dicom_dir, caplog):
+    root = tmp_path / "site"
+    root.mkdir()
+    for name in "abcdefghi":
+        shutil.copyfile(shared_dicom_dir / REAL_DICOM, root / f"{name}.dcm")
+    report = "FINDINGS: Clear lungs."
+    manifest(root, [
+        f"a.dcm,{report},S1,P1,train,,,",   # line 2: S1 on two patients
+        f"b.dcm,{report},S1,P2,train,,,",
+        f"c.dcm,{report},S2,P3,train,,,",   # line 4: S2 in two splits (a test image inside a training study)
+        f"d.dcm,{report},S2,P3,test,,,",
+        f"e.dcm,{report},S3,P4,train,1,,",  # line 6: S3 labelled twice, differently
+        f"f.dcm,{report},S3,P4,train,0,,",
+        f'x.dcm,"{"A" * 1_100_000}",S9,P9,train,,,',   # line 8: a field over the CSV limit
+        f"y.dcm,FINDINGS: clear\x00,S9,P9,train,,,",   # line 9: a NUL byte
+        f",{report},S9,P9,train,,,",                   # line 10: no image_path
+        f"g.dcm,{report},S4,P5,train,,,",
+        f'z.dcm,{report},S9,P9,train,,"{{""heart"": 3}}",',  # line 12: boxes that are not boxes
+        f"h.dcm,{report},S5,P6,train,,,dup",
+        f"i.dcm,{report},S6,P7,train,,,dup",          # line 14: an image id listed again, in another study
+    ], header="image_path,report,study_id,patient_id,split,Cardiomegaly,boxes,image_id")
+    code, summary = index_cli(root, tmp_path / "c.sqlite")
+    assert code == 0
+    images, studies, warnings = catalog_state(tmp_path / "c.sqlite")
+    assert {i: r for i, (_, r, _, _) in images.items()} == {
+        "a": "conflicting_study", "b": "conflicting_study", "c": "conflicting_study", "d": "conflicting_study",
+        "e": "conflicting_study", "f": "conflicting_study", "g": None, "dup": None}
+    assert "patient 'P2'" in images["b"][2] and "split 'test'" in images["d"][2] and "Cardiomegaly" in images["f"][2]
+    assert {s.study_id for s in usable_studies(open_catalog(tmp_path / "c.sqlite", readonly=True))} == {"S4", "S5"}
+    assert "S6" not in studies                                   # no study without images left behind
+    rows = sorted((code, line) for code, source, line, _ in warnings if line)
+    assert rows == [("bad_manifest_row", 8), ("bad_manifest_row", 10), ("bad_manifest_row", 12), ("nul_bytes", 9)]
+    assert all(source == "manifest.csv" for code, source, line, _ in warnings if line)
+    assert {code for code, *_ in warnings} == {"bad_manifest_row", "nul_bytes", "conflicting_study",
+                                               "duplicate_image", "study_without_images"}
+    assert summary["rows"]["rejected"] == {"bad_manifest_row": 3, "nul_bytes": 1}
+    assert summary["images"]["rejected"] == {"conflicting_study": 6} and summary["images"]["ok"] == 2
+    assert summary["warnings"] == {"total": 9, "new": 9}
+
+    # The same data again: the warnings stay in the catalog but are not shouted a second time.
+    caplog.clear()
+    code, again = index_cli(root, tmp_path / "c.sqlite")
+    assert again["warnings"] == {"total": 9, "new": 0} and again["images"]["unchanged"] == 8
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert catalog_state(tmp_path / "c.sqlite")[2] == warnings
+
+    # What a site checks before joining.
+    assert data_cli(["summary", "--catalog", str(tmp_path / "c.sqlite"), "--json", str(tmp_path / "s.json")]) == 0
+    site = json.loads((tmp_path / "s.json").read_text())["sites"]["(no site)"]
+    assert site["images"] == {"ok": 2, "rejected": 6, "rejected_by_reason": {"conflicting_study": 6}}
+    assert (site["usable_studies"], site["patients"], site["report_coverage"]) == (2, 2, 1.0)
+    assert json.loads((tmp_path / "s.json").read_text())["warnings"]["total"] == 9
+
+
+def test_catalog_and_flags_are_refused_in_words(tmp_path, capsys):
+    root = tmp_path / "site"
+    root.mkdir()
+    manifest(root, ["a.dcm,FINDINGS: clear.,S1,P1,train"])
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert index_cli(root, junk)[0] == 2
+    assert f"{junk}: not an SQLite database" in capsys.readouterr().err
+    assert data_cli(["summary", "--catalog", str(junk)]) == 2
+    assert "not an SQLite database" in capsys.readouterr().err
+    code = data_cli(["index", "--root", str(root), "--layout", "manifest",
+                     "--catalog", "postgresql+psycopg2://fed:s3cret@127.0.0.1/catalog"])
+    error = capsys.readouterr().err
+    assert code == 2 and "'psycopg2' is not installed" in error and "pip install psycopg2" in error
+    assert "s3cret" not in error and "Traceback" not in error
+    for flag, value in (("--max-pixels", "-1"), ("--workers", "-2"), ("--short-side", "abc")):
+        with pytest.raises(SystemExit) as stopped:
+            data_cli(["index", "--root", str(root), "--layout", "manifest", "--catalog", str(tmp_path / "c.sqlite"),
+                      flag, value])
+        assert stopped.value.code == 2 and flag in capsys.readouterr().err
