@@ -1,7 +1,10 @@
 """Image encoder: any timm backbone -> global embedding, patch tokens, feature pyramid and attention maps."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -66,13 +69,19 @@ def _without_inplace_activations(model: nn.Module) -> None:
 
 
 class ImageEncoder(nn.Module):
-    """Wraps `timm.create_model(timm_name, **timm_kwargs)`; input is [B, 1, H, W] in [0, 1]."""
+    """Wraps `timm.create_model(timm_name, **timm_kwargs)`; input is [B, 1, H, W] in [0, 1].
+
+    `pretrained`: False (random init), True (timm's default weights, from the local hub or torch cache
+    only) or the path of a weights file (.safetensors, or a timm / torch checkpoint .pth / .bin / .pt):
+    timm adapts an RGB stem to one channel and drops the classifier; a parameter whose shape differs
+    is refused by name. Nothing is ever downloaded.
+    """
 
     def __init__(
         self,
         timm_name: str,
         img_size: int = 224,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         norm: str = "batch",
         pool_heads: int = 8,
         pyramid_levels: int = 4,
@@ -90,6 +99,7 @@ class ImageEncoder(nn.Module):
         self.timm_name = timm_name
         self.img_size = img_size
         timm_kwargs = {"num_classes": 0, "in_chans": 1, **(kwargs or {})}
+        pretrained = local_weights(timm_name, pretrained)
         self.model, self.timm_kwargs = _create_timm(timm_name, pretrained, img_size, timm_kwargs)
         if norm == "group" and _has_batch_norm(self.model):
             # Rebuilt through timm's own kwarg rather than swapped module by module, so that export's
@@ -167,12 +177,109 @@ def _has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _create_timm(name: str, pretrained: bool, img_size: int, kwargs: dict) -> tuple[nn.Module, dict]:
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
+
+
+def local_weights(name: str, pretrained: bool | str | os.PathLike | None) -> Path | None:
+    """The weights file `pretrained` names: None for random init, the file for a path, and for True
+    timm's default weights for `name` where the hub or torch cache already holds them."""
+    if not pretrained:
+        return None
+    if pretrained is True:
+        return _cached_default_weights(name)
+    path = Path(os.fspath(pretrained)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.image.pretrained={os.fspath(pretrained)!r}: no such file; give the path "
+                                f"of a weights file ({', '.join(WEIGHT_SUFFIXES)}), true or false")
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        raise ValueError(f"model.image.pretrained={str(path)!r}: not a weights file name; expected one ending in "
+                         f"{', '.join(WEIGHT_SUFFIXES)}")
+    return path.resolve()
+
+
+def _cached_default_weights(name: str) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    candidates = []
+    if cfg is not None and cfg.hf_hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin", cfg.hf_hub_filename):
+            if filename:
+                found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+                candidates.append(Path(found) if isinstance(found, str) else None)
+    if cfg is not None and cfg.url:
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url))
+    for path in candidates:
+        if path is not None and path.is_file():
+            return path
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    raise FileNotFoundError(
+        f"model.image.pretrained=true: timm's weights for {name!r} are not in this machine's cache, and nothing is "
+        f"downloaded here. Stage them on a connected machine ("
+        + (f"huggingface-cli download {hub_id} model.safetensors" if hub_id else "save the model's state_dict")
+        + ") and set model.image.pretrained to the file's path (docs/simulation.md, 'Pretrained weights offline')")
+
+
+def _create_timm(name: str, weights: Path | None, img_size: int, kwargs: dict) -> tuple[nn.Module, dict]:
     """Create the timm model, passing img_size only to families that take it; returns the kwargs used."""
     try:
         kwargs_with_size = {**kwargs, "img_size": img_size}
-        return timm.create_model(name, pretrained=pretrained, **kwargs_with_size), kwargs_with_size
+        return _timm_model(name, weights, kwargs_with_size), kwargs_with_size
     except TypeError as error:
         if "img_size" not in str(error):
             raise
-    return timm.create_model(name, pretrained=pretrained, **kwargs), dict(kwargs)
+    return _timm_model(name, weights, kwargs), dict(kwargs)
+
+
+def _timm_model(name: str, weights: Path | None, kwargs: dict) -> nn.Module:
+    if weights is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    # timm's own file loading: its checkpoint filter (position embeddings resampled to img_size), the
+    # RGB stem summed to one channel, the classifier dropped for num_classes=0; `file` keeps it off any hub.
+    overlay = {"file": str(weights), "source": "", "hf_hub_id": None, "url": ""}
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as error:
+        why = _shape_mismatch(name, weights, kwargs) or _first_mismatch(str(error))
+        raise ValueError(f"model.image.pretrained={str(weights)!r} does not fit {name} ({kwargs}): {why}") from None
+    # Some families load non-strictly: a parameter the file lacks would stay at random init, silently.
+    in_file = set(timm.models.load_state_dict(str(weights)))
+    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    missing = sorted(expected - in_file)
+    if missing and len(in_file & expected) >= len(in_file) / 2:   # (a file in another key format is remapped by timm)
+        raise ValueError(f"model.image.pretrained={str(weights)!r} does not fit {name} ({kwargs}): "
+                         f"{_first_mismatch('Missing key(s) in state_dict: ' + ', '.join(missing))}")
+    return model
+
+
+def _shape_mismatch(name: str, weights: Path, kwargs: dict) -> str | None:
+    """The first parameter whose shape differs between the file and the model (the stem's input channels,
+    which timm adapts, aside)."""
+    model = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    stem = f"{model_first_conv(name)}.weight"
+    for key, value in timm.models.load_state_dict(str(weights)).items():
+        if key in model and tuple(value.shape) != tuple(model[key].shape):
+            if key == stem and value.shape[:1] + value.shape[2:] == model[key].shape[:1] + model[key].shape[2:]:
+                continue
+            return f"parameter {key} has shape {list(value.shape)} in the file, {list(model[key].shape)} in the model"
+    return None
+
+
+def model_first_conv(name: str) -> str | None:
+    cfg = timm.models.get_pretrained_cfg(name)
+    first = cfg.first_conv if cfg is not None else None
+    return first if isinstance(first, str) else None
+
+
+def _first_mismatch(message: str) -> str:
+    """The first offending parameter in torch's load_state_dict error, in words."""
+    size = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
+                     r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", message)
+    if size:
+        return f"parameter {size.group(1)} has shape {size.group(2)[11:-1]} in the file, {size.group(3)[11:-1]} in the model"
+    keys = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: ([^\n]*)", message)
+    if keys:
+        names = [k.strip(' "') for k in keys.group(2).split(",")]
+        what = "missing from the file" if keys.group(1) == "Missing" else "in the file but not in the model"
+        return f"{len(names)} parameter(s) {what}, e.g. {', '.join(names[:3])}"
+    return message.splitlines()[0][:300]

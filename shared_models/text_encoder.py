@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,24 +23,59 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def local_model_folder(name: str) -> str | None:
+    """`name` as a local folder (a `save_pretrained` copy), or None for a hub name. A name written as a path
+    (absolute, ./, ../, ~) that is not a folder is an error, never a hub lookup."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.text.name={name!r}: the folder has no config.json; give a folder "
+                                    "written by save_pretrained (config.json, model.safetensors, tokenizer files)")
+        return str(path.resolve())
+    if path.is_absolute() or name.startswith(("./", "../", "~", ".\\")):
+        raise FileNotFoundError(f"model.text.name={name!r}: no such folder; stage the encoder there with "
+                                "save_pretrained (docs/simulation.md, 'Pretrained weights offline')")
+    return None
+
+
+def refuse_partial_load(name: str, info: dict) -> None:
+    """A pretrained encoder loads whole or not at all: a parameter of another shape, or one the weights
+    lack (transformers would leave it at random init with a log line), is refused by name."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, in_file, in_model = mismatched[0]
+        raise ValueError(f"model.text.name={name!r}: parameter {key} has shape {tuple(in_file)} in the weights, "
+                         f"{tuple(in_model)} in the model its config.json builds ({len(mismatched)} such); "
+                         "the weights belong to another model")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"model.text.name={name!r}: the weights lack {len(missing)} parameter(s) of the model, "
+                         f"e.g. {', '.join(missing[:3])}")
+
+
 def _load_hf(name: str, config: dict | None, pretrained: bool) -> nn.Module:
     if config is not None:
         config = dict(config)
         model_type = config.pop("model_type", "bert")
         hf_config = AutoConfig.for_model(model_type, attn_implementation="eager", **config)
         return AutoModel.from_config(hf_config, add_pooling_layer=False)
+    local = local_model_folder(name)
+    # Never a download: a local folder, or the Hugging Face cache of a machine that fetched it before.
+    source = local or name
     try:
         if pretrained:
-            return AutoModel.from_pretrained(
-                name, attn_implementation="eager", add_pooling_layer=False, local_files_only=hub_offline()
-            )
-        hf_config = AutoConfig.from_pretrained(name, local_files_only=hub_offline(), attn_implementation="eager")
+            model, info = AutoModel.from_pretrained(source, attn_implementation="eager", add_pooling_layer=False,
+                                                    local_files_only=True, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True)
+            refuse_partial_load(name, info)
+            return model
+        hf_config = AutoConfig.from_pretrained(source, local_files_only=True, attn_implementation="eager")
         return AutoModel.from_config(hf_config, add_pooling_layer=False)
     except OSError as error:
         raise OSError(
-            f"text encoder {name!r} is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE is "
-            f"{'on' if hub_offline() else 'off'}); download it once with `huggingface-cli download {name}` "
-            f"or point model.text.name at a local copy"
+            f"text encoder {name!r} is neither a local folder nor in the Hugging Face cache, and nothing is downloaded "
+            f"here; stage it on a connected machine (`huggingface-cli download {name}`, or save_pretrained into a "
+            f"folder) and point model.text.name at the folder ({error})"
         ) from error
 
 

@@ -9,7 +9,6 @@ from tokenizers import normalizers, pre_tokenizers
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
 from shared_models.synthetic_corpus import synthetic_reports
-from shared_models.text_encoder import hub_offline
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -40,7 +39,7 @@ def build_tokenizer(text_cfg: dict) -> PreTrainedTokenizerBase:
     """The tokenizer for `model.text`: trained WordPiece for a `config` encoder, else the named model's."""
     if text_cfg.get("config") is not None:
         return train_wordpiece(**text_cfg.get("tokenizer", {}))
-    return AutoTokenizer.from_pretrained(text_cfg["name"], local_files_only=hub_offline())
+    return AutoTokenizer.from_pretrained(text_cfg["name"], local_files_only=True)   # a local folder or the cache: never a download
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
