@@ -89,21 +89,63 @@ class LoadedImage:
 
 def read_image(path, max_pixels: int = 40_000_000) -> LoadedImage:
     """Decode `path` to float32 [0, 1], air dark; raises Rejected with a reason code naming the file."""
-    path = Path(path)
-    return _READ_IMAGE[_sniff(path)](path, max_pixels)
+    with OpenImage(path) as image:
+        return _READ_IMAGE[_sniff(image)](image, max_pixels)
 
 
 def read_header(path, max_pixels: int = 40_000_000) -> ImageHeader:
     """The header checks of read_image (format, size, frames, photometric) without touching pixel data."""
-    path = Path(path)
-    return _READ_HEADER[_sniff(path)](path, max_pixels)
+    with OpenImage(path) as image:
+        return _READ_HEADER[_sniff(image)](image, max_pixels)
 
 
-def _sniff(path: Path) -> str:
-    # A regular file only: a pipe or device given here (or swapped in since the index checked) would block
-    # or never end inside pydicom or Pillow.
-    with open_regular(Path(os.path.realpath(path))) as handle:
-        head = handle.read(132)
+class OpenImage:
+    """An image file opened once, as a regular file, that pydicom and Pillow read through.
+
+    Opened by name again (pydicom does so for deferred values), the name could meanwhile point at a
+    pipe that blocks or a device that never ends; this handle stays on the file that was checked.
+    It prints as its path, so messages name the file.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.name = str(self.path)
+        # A regular file only: a pipe or device given here (or swapped in since the index checked) would
+        # block or never end inside pydicom or Pillow.
+        self._handle = open_regular(Path(os.path.realpath(self.path)))
+
+    def read(self, size: int = -1) -> bytes:
+        return self._handle.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def size(self) -> int:
+        return os.fstat(self._handle.fileno()).st_size
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "OpenImage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _sniff(path: OpenImage) -> str:
+    head = path.read(132)
+    path.seek(0)
     if not head:
         raise Rejected("empty_file", f"{path}: the file has zero bytes")
     if head.startswith(_PNG_SIGNATURE):
@@ -116,8 +158,9 @@ def _sniff(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- DICOM
 
 
-def _open_dicom(path: Path, stop_before_pixels: bool) -> Dataset:
+def _open_dicom(path: OpenImage, stop_before_pixels: bool) -> Dataset:
     try:
+        path.seek(0)
         ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_BYTES, stop_before_pixels=stop_before_pixels)
     except Exception as error:  # pydicom raises many types on garbage; all mean "not a dataset"
         raise Rejected("not_dicom", f"{path}: cannot be parsed as DICOM ({error})") from None
@@ -141,7 +184,7 @@ def _looks_headerless(ds: Dataset) -> bool:
     return first_group in _HEADERLESS_FIRST_GROUPS or ("Rows" in ds and "Columns" in ds)
 
 
-def _check_complete(ds: Dataset, path: Path, stopped_before_pixels: bool) -> None:
+def _check_complete(ds: Dataset, path: OpenImage, stopped_before_pixels: bool) -> None:
     """Raise truncated_file when the file ends inside an element.
 
     pydicom stops silently there: a short value is kept short, a deferred one is skipped past the end,
@@ -152,7 +195,7 @@ def _check_complete(ds: Dataset, path: Path, stopped_before_pixels: bool) -> Non
     last = max(elements, key=lambda element: getattr(element, "value_tell", None) or getattr(element, "file_tell", 0))
     if getattr(last, "value_tell", None) is None or last.length == _UNDEFINED_LENGTH:
         return  # a sequence or encapsulated data: pydicom found its delimiter, so it is complete
-    end, size = last.value_tell + last.length, path.stat().st_size
+    end, size = last.value_tell + last.length, path.size()
     if end == size or (stopped_before_pixels and end < size and _group_at(path, end, ds) == 0x7FE0):
         return
     if end > size:
@@ -162,10 +205,9 @@ def _check_complete(ds: Dataset, path: Path, stopped_before_pixels: bool) -> Non
     raise Rejected("truncated_file", f"{path}: {detail}")
 
 
-def _group_at(path: Path, offset: int, ds: Dataset) -> int:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        group = handle.read(2)
+def _group_at(path: OpenImage, offset: int, ds: Dataset) -> int:
+    path.seek(offset)
+    group = path.read(2)
     return int.from_bytes(group, "little" if ds.original_encoding[1] is not False else "big")
 
 
@@ -197,11 +239,11 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     return (row, col) if row > 0 and col > 0 else None
 
 
-def _dicom_header_only(path: Path, max_pixels: int) -> ImageHeader:
+def _dicom_header_only(path: OpenImage, max_pixels: int) -> ImageHeader:
     return _dicom_header(_open_dicom(path, stop_before_pixels=True), path, max_pixels)
 
 
-def _read_dicom(path: Path, max_pixels: int) -> LoadedImage:
+def _read_dicom(path: OpenImage, max_pixels: int) -> LoadedImage:
     ds = _open_dicom(path, stop_before_pixels=False)
     header = _dicom_header(ds, path, max_pixels)
     if "PixelData" not in ds:
@@ -379,8 +421,9 @@ def _number(value, default):
 # ------------------------------------------------------------------------------------------ PNG / JPEG
 
 
-def _open_pillow(path: Path) -> Image.Image:
+def _open_pillow(path: OpenImage) -> Image.Image:
     try:
+        path.seek(0)
         return Image.open(path)
     except Image.DecompressionBombError as error:
         raise Rejected("too_large", f"{path}: {error}") from None
@@ -401,12 +444,12 @@ def _pillow_header(image: Image.Image, path: Path, max_pixels: int, source: str)
     return ImageHeader(rows, columns, None, None, "GRAY", source, bits)
 
 
-def _pillow_header_only(path: Path, max_pixels: int, source: str) -> ImageHeader:
+def _pillow_header_only(path: OpenImage, max_pixels: int, source: str) -> ImageHeader:
     with _open_pillow(path) as image:
         return _pillow_header(image, path, max_pixels, source)
 
 
-def _read_pillow(path: Path, max_pixels: int, source: str) -> LoadedImage:
+def _read_pillow(path: OpenImage, max_pixels: int, source: str) -> LoadedImage:
     with _open_pillow(path) as image:
         header = _pillow_header(image, path, max_pixels, source)
         try:
