@@ -7,6 +7,7 @@ Every outgoing message is summarised in `<state_dir>/outgoing.jsonl` (what left 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import time
@@ -17,7 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.secagg import secure_aggregation
-from client.federated import FingerprintMismatch, build_model, shared_arrays, train_round
+from client.federated import (FingerprintMismatch, RoundConfigError, build_model, shared_arrays, train_round,
+                              validate_round_config)
+from client.policy import PolicyRefused, accepted_overrides, enforce_policy
 from client.site import load_site
 from shared_models.config import compose
 from shared_models.transfer import contiguous, decode_arrays, encode_arrays
@@ -25,10 +28,18 @@ from shared_models.transfer import contiguous, decode_arrays, encode_arrays
 # Error codes of a refusal: the coordinator records the reason and goes on with the other sites.
 FINGERPRINT_MISMATCH = 4001
 BUDGET_EXCEEDED = 4002
+POLICY_REFUSED = 4003          # the run asks for what the site's policy or override allow-list does not accept
+ROUND_CONFIG_REFUSED = 4004    # a number in the round's config is missing, not finite or out of range
+log = logging.getLogger("client.app")
+
+
+def is_simulation_node(context: Context) -> bool:
+    """A virtual site of the simulation runtime (no site file of its own, a partition id instead)."""
+    return "site-file" not in context.node_config and "partition-id" in context.node_config
 
 
 def site_of(context: Context) -> dict:
-    if "site-file" not in context.node_config and "partition-id" in context.node_config:
+    if is_simulation_node(context):
         return simulated_site(context)
     if "site-file" not in context.node_config:
         raise RuntimeError("this SuperNode has no node config `site-file`; start it with `python client/run.py --site NAME`")
@@ -90,20 +101,39 @@ def audit_outgoing(message: Message, context: Context, call_next) -> Message:
     return reply
 
 
-# audit_outgoing first, so it records what leaves after SecAgg+ has masked it
-app = ClientApp(mods=[audit_outgoing, secure_aggregation(lambda content, context: train_content(content, context))])
+# audit_outgoing first, so it records what leaves after SecAgg+ has masked it; only SecAgg+'s collect stage calls
+# the lambda, so `secure=True` tells train_content the round's update leaves masked
+app = ClientApp(mods=[audit_outgoing,
+                      secure_aggregation(lambda content, context: train_content(content, context, secure=True))])
 
 
 def run_config(context: Context):
-    """The composed config of this run: the same Hydra overrides the ServerApp composes."""
-    return compose(shlex.split(str(context.run_config.get("overrides", ""))))
+    """The composed config of this run: the ServerApp's Hydra overrides that pass this site's allow-list
+    (client/policy.py accepted_overrides; PolicyRefused names one that does not)."""
+    try:
+        overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    except ValueError as err:
+        raise PolicyRefused(f"the run config's overrides cannot be split into Hydra overrides ({err})") from None
+    return compose(accepted_overrides(overrides, simulated=is_simulation_node(context)))
+
+
+def refusal(code: int, site: dict | None, err: Exception) -> Error:
+    """The Error reply of a refused message, logged here too (outgoing.jsonl records it as it leaves)."""
+    name = (site or {}).get("name", "?")
+    log.warning("site %s refuses the round: %s", name, err)
+    return Error(code, f"site {name}: {err}")
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """The seeded initial shared parameters this site builds (no data involved); the coordinator builds its own,
     so this answers diagnostics only (e.g. checking that a site's install initialises like the coordinator's)."""
-    site, cfg = site_of(context), run_config(context)
+    site = site_of(context)
+    try:
+        cfg = run_config(context)
+        enforce_policy(site, cfg)
+    except PolicyRefused as err:
+        return Message(refusal(POLICY_REFUSED, site, err), reply_to=message)
     params = shared_arrays(build_model(cfg), cfg)
     return Message(RecordDict({"arrays": _arrays(params), "site": ConfigRecord({"name": site["name"]})}), reply_to=message)
 
@@ -114,14 +144,26 @@ def train(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
-def train_content(content: RecordDict, context: Context) -> RecordDict | Error:
-    """The round's reply content (shared arrays, metrics, site name), or an Error that refuses the round."""
+def train_content(content: RecordDict, context: Context, secure: bool = False) -> RecordDict | Error:
+    """The round's reply content (shared arrays, metrics, site name), or an Error that refuses the round.
+
+    Before anything is built or read: the round's numbers (validate_round_config), the coordinator's overrides
+    (allow-list) and the composed config against the site's policy; a refusal names the setting. secure: the
+    round came through SecAgg+ (its reply leaves masked)."""
     # Deployment starts a ClientApp process per message: its age is the start-up cost (interpreter, imports,
     # fetching this message). A simulation's ClientApp lives on in a worker process, so there it means nothing.
     startup_s = process_age_s() if "site-file" in context.node_config else None
     site = site_of(context)
-    round_config = dict(content["config"])
-    cfg = run_config(context)
+    try:
+        if "config" not in content.config_records or "arrays" not in content.array_records:
+            raise RoundConfigError("the round's message lacks its `config` or `arrays` record")
+        round_config = validate_round_config(dict(content["config"]))
+        cfg = run_config(context)
+        enforce_policy(site, cfg, round_config, secure)
+    except PolicyRefused as err:
+        return refusal(POLICY_REFUSED, site, err)
+    except RoundConfigError as err:
+        return refusal(ROUND_CONFIG_REFUSED, site, err)
     if site.get("threads"):
         import torch
 
@@ -131,12 +173,18 @@ def train_content(content: RecordDict, context: Context) -> RecordDict | Error:
         new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run"]), cfg)
     except FingerprintMismatch as err:
         return Error(FINGERPRINT_MISMATCH, str(err))
+    except RoundConfigError as err:
+        return refusal(ROUND_CONFIG_REFUSED, site, err)
     except Exception as err:
         # imported here: opacus (behind client.privacy) costs every non-DP ClientApp process seconds of start-up
         from client.privacy import BudgetExceeded
+        from client.privacy.disclosure import withheld_error
 
         if not isinstance(err, BudgetExceeded):
-            raise
+            withheld = withheld_error(err, cfg)   # under DP-SGD / SecAgg+: a code and a fixed text, details logged here
+            if withheld is None:
+                raise
+            return Error(*withheld)
         return Error(BUDGET_EXCEEDED, f"site {site['name']} privacy budget: {err}")
     if "seconds" in metrics and startup_s is not None:  # timings leave only where wall time already does (not DP)
         metrics["startup_s"] = startup_s

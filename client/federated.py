@@ -7,6 +7,7 @@ persists on the site's disk between rounds, keyed by run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from functools import partial
@@ -20,14 +21,15 @@ from safetensors.numpy import load_file, save
 from client.data.dataset import CxrDataset
 from client.data.scanner import apply_scanner, scanner_profile
 from client.data.transforms import augmentation_settings
-from client.site import data_paths
+from client.policy import check_run_name, inside, planned_dp_steps
+from client.site import data_paths, resolve_device
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.factory import create_model
 from shared_models.model import PretrainModel
 from shared_models.sharing import split_state
-from shared_models.transfer import contiguous
+from shared_models.transfer import TRANSFER_DTYPES, contiguous
 
 Params = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
 
 
 def _local_file(site: dict, run_id: str) -> Path:
-    return Path(site["state_dir"]) / "runs" / run_id / "local.safetensors"
+    """Where this run's local-only parameters live: under state_dir, whatever name the coordinator sent."""
+    return inside(site["state_dir"], Path(site["state_dir"]) / "runs" / check_run_name(run_id) / "local.safetensors")
 
 
 OPTIMIZER_FILE = "optimizer.pt"  # beside local.safetensors: the site's AdamW moments, never sent
@@ -110,13 +113,97 @@ def _save_atomic(path: Path, params: Params) -> None:
     os.replace(tmp, path)
 
 
+class RoundConfigError(ValueError):
+    """A number in the round's config from the coordinator is missing, of the wrong type or out of range."""
+
+
+def _integer(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
+
+
+def _finite(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# key: (integer?, low, high, required) — the round's numbers the site acts on, bounded to what one round can mean
+ROUND_NUMBERS = {
+    "round": (True, 1, 1_000_000, True),
+    "rounds": (True, 1, 1_000_000, True),
+    "site_rounds": (True, 1, 1_000_000, False),
+    "local_steps": (True, 1, 1_000_000, True),
+    "batch_size": (True, 1, 4096, True),
+    "seed": (True, 0, 2**32 - 1, True),
+    "lr": (False, 0.0, 10.0, True),
+    "proximal_mu": (False, 0.0, 1e6, False),
+    "privacy_max_epsilon": (False, 0.0, math.inf, False),
+    "privacy_max_delta": (False, 0.0, 1.0, False),
+}
+
+
+def validate_round_config(round_config: dict) -> dict:
+    """The round's config as this site will use it, or RoundConfigError naming every key that is wrong: finite,
+    integral where it counts something, in range (`lr` > 0: a round that cannot move the model is refused, as is
+    `local_steps=0`, so an unchanged model is never sent back at full weight)."""
+    problems = []
+    for key, (integral, low, high, required) in ROUND_NUMBERS.items():
+        if key not in round_config:
+            if required:
+                problems.append(f"{key} is missing")
+            continue
+        value = round_config[key]
+        number = _integer(value) if integral else _finite(value)
+        if number is None or not low <= number <= high or (key == "lr" and number == 0):
+            kind = "an integer" if integral else "a finite number"
+            span = f"in ({low}, {high}]" if key == "lr" else f"in [{low}, {high}]"
+            problems.append(f"{key}={value!r} must be {kind} {span}")
+    if not problems and int(round_config["round"]) > int(round_config["rounds"]):
+        problems.append(f"round={round_config['round']} is past rounds={round_config['rounds']}")
+    dtype = round_config.get("transfer_dtype", "float32")
+    if dtype not in TRANSFER_DTYPES:
+        problems.append(f"transfer_dtype={dtype!r} must be one of {list(TRANSFER_DTYPES)}")
+    try:
+        check_run_name(round_config.get("run"), "run")
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise RoundConfigError("the round's config is refused by this site: " + "; ".join(problems))
+    return round_config
+
+
+def _check_settings(settings: TrainSettings) -> TrainSettings:
+    """The composed `train` hyperparameters the round runs with (the coordinator's overrides may set them)."""
+    rules = {"weight_decay": (0.0, 10.0), "warmup_steps": (0, 10**9), "min_lr_ratio": (0.0, 1.0),
+             "grad_accum": (1, 4096), "log_every": (1, 10**9)}
+    wrong = [f"train.{key}={getattr(settings, key)!r} must be in [{low}, {high}]" for key, (low, high) in rules.items()
+             if _finite(getattr(settings, key)) is None or not low <= getattr(settings, key) <= high
+             or (isinstance(low, int) and _integer(getattr(settings, key)) is None)]
+    clip = settings.grad_clip
+    if clip is not None and (_finite(clip) is None or clip <= 0):
+        wrong.append(f"train.grad_clip={clip!r} must be a finite number > 0 or null")
+    if not isinstance(settings.amp, bool):
+        wrong.append(f"train.amp={settings.amp!r} must be true or false")
+    if wrong:
+        raise RoundConfigError("the run's training settings are refused by this site: " + "; ".join(wrong))
+    return settings
+
+
 def _settings(round_config: dict, cfg: DictConfig) -> TrainSettings:
     """The `train` group with the round's share of one schedule over all rounds' local steps."""
     steps = int(round_config["local_steps"])
-    return TrainSettings.from_config(
+    settings = TrainSettings.from_config(
         cfg.train, steps=steps, batch_size=int(round_config["batch_size"]), lr=float(round_config["lr"]),
         seed=int(round_config["seed"]), start_step=(int(round_config["round"]) - 1) * steps,
         total_steps=int(round_config["rounds"]) * steps, proximal_mu=float(round_config.get("proximal_mu", 0.0)))
+    seed = OmegaConf.select(cfg, "seed")
+    if _integer(seed) is None or not 0 <= seed <= 2**32 - 1:
+        raise RoundConfigError(f"the run's seed={seed!r} is refused by this site: it must be an integer in [0, 2**32 - 1]")
+    return _check_settings(settings)
 
 
 def _restore(model: PretrainModel, shared: Params, local_file: Path) -> None:
@@ -142,17 +229,17 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     round's expected examples as the weight: nothing computed from the data leaves.
     """
     started = time.perf_counter()
+    settings = _settings(round_config, cfg)   # refused before anything is built or read
+    local_file = _local_file(site, run_id)
     model = build_model(cfg)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
-    local_file = _local_file(site, run_id)
     _restore(model, shared, local_file)
     if "tag" in model.objectives:  # tag queries follow the text encoder the federation just averaged
         model.refresh_tag_queries()
     dataset = site_dataset(site, cfg)
     collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=int(cfg.model.text.max_length))
-    settings = _settings(round_config, cfg)
     anchor = {k: torch.from_numpy(np.array(v)) for k, v in shared.items()}
-    device = site.get("device") or "cpu"
+    device = resolve_device(site.get("device"))
 
     dpsgd = OmegaConf.select(cfg, "privacy.dpsgd")
     if dpsgd:
@@ -160,7 +247,7 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
 
         caps = {k.removeprefix("privacy_"): v for k, v in round_config.items() if k.startswith("privacy_")}
         # this site's own rounds (its turns under cyclic); a coordinator that does not say: every round
-        planned = int(round_config.get("site_rounds", round_config["rounds"])) * int(round_config["local_steps"])
+        planned = planned_dp_steps(round_config)
         result = dp_train_round(model, dataset, collate_fn, settings, dpsgd, site, run_id, int(round_config["round"]),
                                 planned, caps, device, anchor)
         metrics = result.public_metrics()

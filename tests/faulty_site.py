@@ -5,6 +5,9 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import audit_outgoing, query, site_of, train
+from client.site import SCHEMA
+
+SCHEMA.setdefault("faults", None)  # this app's own site-file key (load_site refuses keys it does not know)
 
 
 def _spoil(arrays: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
