@@ -253,3 +253,43 @@ def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowe
     with pytest.raises(RuntimeError, match=r"never started \(Flower: finished:failed\): ValueError: num_channels \(24\) "
                                            r"must be divisible by num_groups \(32\); see .*flower_run\.log"):
         run.simulate(cfg, tmp_path / "run", choices={})
+
+
+def test_report_shows_every_label_fraction_and_the_seed_count(tmp_path):
+    from simulations.report import final_table, write_report
+
+    def result(base: float) -> dict:
+        return {"linear_probe": {f: {"mean_auc": {"mean": base + k / 10, "std": 0.01 * (k + 1),
+                                                  "per_seed": [base + k / 10] * 3}, "per_label": {}}
+                                 for k, f in enumerate(["0.01", "0.1", "1.0"])}}
+
+    summary = {"config": {"seeds": 3, "partition": {"strategy": "iid"}, "model": {"name": "tiny_cnn"},
+                          "objective": {"name": "hybrid"}, "federation": {"rounds": 1, "local_steps": 1}},
+               "sites": {"site_0": {}}, "final": {"federated": result(0.6), "centralized": result(0.5),
+                                                   "random": result(0.4)},
+               "rounds": [{"round": 1, "sites": {"site_0": {"loss": 1.0}}, "global": {"loss": 1.0, "seconds": 1.0}}],
+               "wall_s": 1.0, "bytes_sent": 0, "bytes": {"to_sites": 0, "to_server": 0}, "epsilon": {}}
+    table = final_table(summary)
+    assert "evaluated at 0.01, 0.1, 1.0 of the labels, 3 seeds (mean ± std over seeds)" in table
+    assert "| federated | 0.600 ± 0.010 | 120.0% | 0.700 ± 0.020 | 116.7% | 0.800 ± 0.030 | 114.3% |" in table
+    assert "| random | 0.400 ± 0.010 | 80.0% |" in table
+    report = write_report(tmp_path, summary, "| site |").read_text()
+    assert table in report and (tmp_path / "final_auc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_command_keeps_the_runs_overrides_and_folder(tmp_path):
+    from simulations.run import checkpointed_rounds, resume_command, stopped_notice
+
+    for round_, complete in ((1, True), (2, True), (3, False)):   # round 3 was cut before its meta.json
+        folder = tmp_path / "checkpoints" / f"round_{round_:04d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "meta.json").write_text("{}")
+    assert checkpointed_rounds(tmp_path) == [1, 2]
+    command = resume_command(tmp_path, ["data=manifest", "federation.resume=false", "label_fraction=[0.1,1.0]"])
+    assert command == (f"python -m simulations.run data=manifest 'label_fraction=[0.1,1.0]' hydra.run.dir={tmp_path} "
+                       "federation.resume=true")
+    notice = stopped_notice(tmp_path, 5, ["data=manifest"], 2)
+    assert notice.startswith(f"stopped by SIGINT: rounds 1, 2 of 5 are checkpointed in {tmp_path / 'checkpoints'}")
+    assert notice.endswith(f"resume with: python -m simulations.run data=manifest hydra.run.dir={tmp_path} "
+                           "federation.resume=true")
