@@ -280,13 +280,16 @@ def test_listed_paths_must_stay_inside_the_root_unless_allowed(tmp_path, shared_
     os.symlink("/dev/zero", root / "img" / "zero.dcm")
     os.mkfifo(root / "img" / "pipe.dcm")
     report = "FINDINGS: Clear lungs."
-    manifest(root, [f"img/a.dcm,{report},S1,P1,train", f"../outside/x.dcm,{report},S2,P2,train",
-                    f"{outside / 'x.dcm'},{report},S3,P3,train", f"img/link_out.dcm,{report},S4,P4,train",
-                    f"img/link_in.dcm,{report},S5,P5,train", f"img/zero.dcm,{report},S6,P6,train",
-                    f"img/pipe.dcm,{report},S7,P7,train"])
+    manifest(root, [f"img/a.dcm,{report},S1,P1,train,../outside/m.png", f"../outside/x.dcm,{report},S2,P2,train,",
+                    f"{outside / 'x.dcm'},{report},S3,P3,train,", f"img/link_out.dcm,{report},S4,P4,train,",
+                    f"img/link_in.dcm,{report},S5,P5,train,img/m.png", f"img/zero.dcm,{report},S6,P6,train,",
+                    f"img/pipe.dcm,{report},S7,P7,train,"], header="image_path,report,study_id,patient_id,split,mask_path")
     code, summary = index_cli(root, tmp_path / "c.sqlite")
     assert code == 0
-    images, _, _ = catalog_state(tmp_path / "c.sqlite")
+    images, _, warnings = catalog_state(tmp_path / "c.sqlite")
+    # A mask listed outside the root is dropped with a warning; the image itself is still used.
+    assert (images["img/a"][3], images["img/link_in"][3]) == (None, "img/m.png")
+    assert [(code, source) for code, source, _, _ in warnings] == [("outside_root", "img/a.dcm")]
     reasons = {image_id: reason for image_id, (_, reason, _, _) in images.items()}
     assert reasons == {"img/a": None, "../outside/x": "outside_root", str(outside / "x"): "outside_root",
                        "img/link_out": "outside_root", "img/link_in": None, "img/zero": "outside_root",

@@ -58,7 +58,12 @@ def check_regular(path: Path, max_bytes: int | None = None, too_large: str = "to
 def open_regular(path: Path, max_bytes: int | None = None, too_large: str = "too_large",
                  inside: Path | None = None) -> BinaryIO:
     """An open binary handle on `path`, refused unless it is a regular file (checked on the open
-    descriptor) no larger than `max_bytes`, and, given `inside`, still inside that folder."""
+    descriptor) no larger than `max_bytes`, and, given `inside`, still inside that folder.
+
+    Symlinks are followed (resolve_inside has judged where they lead); the resolved name is opened
+    without following a link, so one swapped in after the check fails the open instead.
+    """
+    path = Path(os.path.realpath(path))
     check_regular(path, max_bytes, too_large)      # devices are refused before they are ever opened
     try:
         fd = os.open(path, _OPEN_FLAGS)

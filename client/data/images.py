@@ -112,7 +112,7 @@ class OpenImage:
         self.name = str(self.path)
         # A regular file only: a pipe or device given here (or swapped in since the index checked) would
         # block or never end inside pydicom or Pillow.
-        self._handle = open_regular(Path(os.path.realpath(self.path)))
+        self._handle = open_regular(self.path)
 
     def read(self, size: int = -1) -> bytes:
         return self._handle.read(size)

@@ -72,9 +72,15 @@ def site_summary(entry: dict, studies: dict) -> dict:
                                                    if s.report_status != "ok").most_common()),
         "views": dict(entry["views"].most_common()),
         "splits": dict(Counter(s.split or "none" for s in with_images).most_common()),
-        "labels": {name: dict(counts) for name, counts in labels.items()
+        "labels": {name: ordered(counts) for name, counts in sorted(labels.items())
                    if set(counts) != {"blank"}},      # a label nobody filled in says nothing
     }
+
+
+def ordered(counts: Counter) -> dict:
+    """positive, negative, uncertain, a manifest's class names, then blank."""
+    rank = {name: n for n, name in enumerate(LABEL_VALUES.values())} | {"blank": len(LABEL_VALUES) + 1}
+    return dict(sorted(counts.items(), key=lambda item: (rank.get(item[0], len(LABEL_VALUES)), item[0])))
 
 
 def format_summary(summary: dict) -> str:
