@@ -115,7 +115,8 @@ def initial_model(cfg: DictConfig):
 def _weighted_metrics(accepted: list[SiteReply]) -> dict[str, float]:
     total = sum(r.weight for r in accepted)
     names = set.intersection(*(set(r.metrics) for r in accepted))
-    return {k: sum(r.metrics[k] * r.weight for r in accepted) / total for k in sorted(names)} | {"examples": total}
+    means = {k: sum(r.metrics[k] * r.weight for r in accepted) / total for k in sorted(names)}
+    return means | {"examples": int(total) if float(total).is_integer() else total}   # the weights aggregation used
 
 
 class Federation:
