@@ -116,8 +116,6 @@ def _registry_sites(path: Path, run: str) -> dict[str, dict]:
     try:
         rows = connection.execute("SELECT site, round, examples, metrics FROM site_metrics WHERE run = ? "
                                   "ORDER BY round, id", (run,)).fetchall()
-    except sqlite3.Error:
-        return sites
     finally:
         connection.close()
     for site, round_, examples, metrics in rows:
@@ -134,10 +132,13 @@ def run_facts(checkpoint_dir: Path, meta: dict) -> dict:
     """What the run left beside the checkpoint: per-site rounds and epsilon (the run registry), the run's
     summary.json (simulation, centralized) and its evaluation results."""
     run_dir = _run_dir(checkpoint_dir)
-    facts: dict = {"sites": {}, "evaluation": {}, "summary": {}}
+    facts: dict = {"sites": {}, "evaluation": {}, "summary": {}, "unreadable": []}
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        facts["summary"] = json.loads(summary_path.read_text())
+        try:
+            facts["summary"] = json.loads(summary_path.read_text())
+        except (OSError, ValueError) as error:   # the card says so; the export itself goes on
+            facts["unreadable"].append(f"{summary_path}: {error}")
         final = facts["summary"].get("final") or {}
         if isinstance(final.get("federated"), dict):
             facts["evaluation"][str(summary_path)] = final["federated"]
@@ -145,7 +146,10 @@ def run_facts(checkpoint_dir: Path, meta: dict) -> dict:
     registries = [federation.get("registry"), run_dir / "registry.sqlite", run_dir.parent / "registry.sqlite"]
     for path in [Path(p) for p in registries if p and "://" not in str(p)]:
         if meta.get("run") and path.is_file():
-            facts["sites"] = _registry_sites(path, meta["run"])
+            try:
+                facts["sites"] = _registry_sites(path, meta["run"])
+            except (sqlite3.Error, ValueError) as error:
+                facts["unreadable"].append(f"{path}: {error}")
             if facts["sites"]:
                 break
     return facts
@@ -169,13 +173,25 @@ def _evaluation_lines(results: dict) -> list[str]:
     return lines
 
 
-def _data_line(config: dict) -> str:
-    data = config.get("data") or {}
+def _readable_evaluation(results) -> list[str]:
+    try:
+        return _evaluation_lines(results)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        return [f"not in the results.json shape of contracts.md ({type(error).__name__}: {error}); not quoted"]
+
+
+def _data_line(meta: dict, summary: dict) -> str:
+    """A simulation's summary.json and a centralized checkpoint name their data; a deployment's coordinator never
+    sees the sites' data (its config's `data` is only the default group)."""
+    if summary.get("config"):
+        data = summary["config"].get("data") or {}
+    elif meta.get("round") is None:
+        data = (meta.get("config") or {}).get("data") or {}
+    else:
+        return "each site's own data, which the coordinator does not see (sites and their examples below)"
     if data.get("generate"):
         return f"the synthetic phantom ({data.get('studies')} studies, MIMIC-CXR layout); not real patients"
-    if data:
-        return f"layout `{data.get('layout')}` at `{data.get('root')}`"
-    return "each site's own data (not described in the coordinator's config)"
+    return f"layout `{data.get('layout')}` at `{data.get('root')}`"
 
 
 def model_card(meta: dict, facts: dict, image_encoder) -> str:
@@ -205,7 +221,7 @@ def model_card(meta: dict, facts: dict, image_encoder) -> str:
         f"{_global_embedding_note(image_encoder)}. Report embedding: see `fedcxr_report_embedding` in "
         "`text/config.json`.", "",
         "## Training", "",
-        f"- data: {_data_line(config)}",
+        f"- data: {_data_line(meta, facts['summary'])}",
         f"- objective: `{objective.get('name', '?')}` ({terms or 'no terms recorded'})",
         f"- training: {training}",
         f"- privacy: `{privacy.get('name', 'none')}`"
@@ -217,7 +233,7 @@ def model_card(meta: dict, facts: dict, image_encoder) -> str:
             site_epsilon = f"{v['epsilon']:.2f}" if "epsilon" in v else "-"
             lines.append(f"| {site} | {v.get('rounds', '?')} | {v.get('examples', '?')} | {site_epsilon} |")
     lines += ["", "## Evaluation", ""]
-    evaluated = [(where, _evaluation_lines(results)) for where, results in facts["evaluation"].items()]
+    evaluated = [(where, _readable_evaluation(results)) for where, results in facts["evaluation"].items()]
     evaluated = [(where, found) for where, found in evaluated if found]
     if not evaluated:
         lines.append("None recorded with this checkpoint (`python -m evaluation.run checkpoint=... task=all`, then "
@@ -225,6 +241,7 @@ def model_card(meta: dict, facts: dict, image_encoder) -> str:
     for where, found in evaluated:
         lines += [f"From `{where}`:", ""] + [f"- {line}" for line in found] + [""]
     lines += ["", f"Fingerprints (model / objective / tokenizer): {meta.get('fingerprints')}", ""]
+    lines += [f"Not read (unreadable): {item}" for item in facts["unreadable"]]
     return "\n".join(lines)
 
 
@@ -236,9 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", action="append", default=[], metavar="RESULTS_JSON",
                         help="an evaluation results.json to quote in the model card (repeatable)")
     args = parser.parse_args(argv)
-    missing = [path for path in args.results if not Path(path).is_file()]
-    if missing:
-        raise SystemExit(f"error: no such results file: {', '.join(missing)}")
+    for path in args.results:
+        try:
+            json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"error: no such results file: {path}") from None
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: results file {path} is not readable JSON: {error}") from None
     try:
         paths = export(args.checkpoint_dir, args.out, args.results)
     except CheckpointError as error:

@@ -160,16 +160,32 @@ def test_model_card_reports_sites_rounds_epsilon_and_evaluation(tmp_path):
     assert "| site_a | 2 | 40 | 2.50 |" in card and "| site_b | 1 | 40 | 0.50 |" in card
     assert "epsilon per site: site_a 2.50, site_b 0.50" in card
     assert "10% labels: mean AUC 0.679" in card and "R@1/5/10 0.100/0.500/1.000" in card
-    assert "synthetic phantom" in card
+    assert "each site's own data" in card   # the coordinator's config names no site's data
     assert 'timm.create_model("local-dir:image", pretrained=True)' in card
 
     with pytest.raises(SystemExit, match="no such results file"):
         export_main([str(folder), "--out", str(tmp_path / "x"), "--results", str(tmp_path / "missing.json")])
+    (tmp_path / "half.json").write_text('{"linear_probe": ')
+    with pytest.raises(SystemExit, match="not readable JSON"):
+        export_main([str(folder), "--out", str(tmp_path / "x"), "--results", str(tmp_path / "half.json")])
+    # A simulation's summary.json names the data and each site's epsilon.
+    (output_dir / "cxr-1" / "summary.json").write_text(json.dumps({"config": config, "epsilon": {"site_a": 3.0}}))
+    export_main([str(folder), "--out", str(tmp_path / "sim")])
+    card = (tmp_path / "sim" / "README.md").read_text()
+    assert "synthetic phantom (300 studies" in card and "epsilon per site: site_a 3.00" in card
+    # A damaged summary.json or a results file of another shape leaves the card short, not the export failed.
+    (output_dir / "cxr-1" / "summary.json").write_text("{")
+    (tmp_path / "other.json").write_text(json.dumps({"linear_probe": {"0.1": {"auc": 0.5}}}))
+    export_main([str(folder), "--out", str(tmp_path / "again"), "--results", str(tmp_path / "other.json")])
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "not in the results.json shape" in card and "summary.json" in card and "| site_a | 2 | 40 | 2.50 |" in card
 
 
 def test_unavailable_text_encoder_names_the_fix(tmp_path):
-    with pytest.raises(OSError, match="huggingface-cli download"):
+    with pytest.raises(OSError, match="no such folder; stage the encoder there with save_pretrained"):
         TextEncoder(name=str(tmp_path / "no-such-model"), pretrained=True)
+    with pytest.raises(OSError, match="huggingface-cli download no-such-org/no-such-model"):
+        TextEncoder(name="no-such-org/no-such-model", pretrained=True)
 
 
 def test_checkpoint_round_trip(tmp_path):
