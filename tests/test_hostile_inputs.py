@@ -347,7 +347,7 @@ def test_hostile_reports_and_record_list_paths_in_the_mimic_layout(tmp_path, sha
 def test_conflicting_studies_and_bad_rows_are_left_out_with_their_line(tmp_path, shared_dicom_dir, caplog):
     root = tmp_path / "site"
     root.mkdir()
-    for name in "abcdefghi":
+    for name in "abcdefghij":
         shutil.copyfile(shared_dicom_dir / REAL_DICOM, root / f"{name}.dcm")
     report = "FINDINGS: Clear lungs."
     manifest(root, [
@@ -357,20 +357,23 @@ def test_conflicting_studies_and_bad_rows_are_left_out_with_their_line(tmp_path,
         f"d.dcm,{report},S2,P3,test,,,",
         f"e.dcm,{report},S3,P4,train,1,,",  # line 6: S3 labelled twice, differently
         f"f.dcm,{report},S3,P4,train,0,,",
-        f'x.dcm,"{"A" * 1_100_000}",S9,P9,train,,,',   # line 8: a field over the CSV limit
+        f'x.dcm,"{"A" * 5_000_000}",S9,P9,train,,,',   # line 8: a field over the CSV limit
         f"y.dcm,FINDINGS: clear\x00,S9,P9,train,,,",   # line 9: a NUL byte
         f",{report},S9,P9,train,,,",                   # line 10: no image_path
         f"g.dcm,{report},S4,P5,train,,,",
         f'z.dcm,{report},S9,P9,train,,"{{""heart"": 3}}",',  # line 12: boxes that are not boxes
         f"h.dcm,{report},S5,P6,train,,,dup",
         f"i.dcm,{report},S6,P7,train,,,dup",          # line 14: an image id listed again, in another study
+        f'j.dcm,"FINDINGS: {"B" * 300_000}",S7,P8,train,,,',  # line 15: a report over 256 KiB
     ], header="image_path,report,study_id,patient_id,split,Cardiomegaly,boxes,image_id")
     code, summary = index_cli(root, tmp_path / "c.sqlite")
     assert code == 0
     images, studies, warnings = catalog_state(tmp_path / "c.sqlite")
     assert {i: r for i, (_, r, _, _) in images.items()} == {
         "a": "conflicting_study", "b": "conflicting_study", "c": "conflicting_study", "d": "conflicting_study",
-        "e": "conflicting_study", "f": "conflicting_study", "g": None, "dup": None}
+        "e": "conflicting_study", "f": "conflicting_study", "g": None, "dup": None, "j": None}
+    assert (studies["S7"].report_reason, studies["S7"].report_status) == ("report_too_large", "rejected")
+    assert "manifest.csv line 15" in studies["S7"].report_detail
     assert "patient 'P2'" in images["b"][2] and "split 'test'" in images["d"][2] and "Cardiomegaly" in images["f"][2]
     assert {s.study_id for s in usable_studies(open_catalog(tmp_path / "c.sqlite", readonly=True))} == {"S4", "S5"}
     assert "S6" not in studies                                   # no study without images left behind
@@ -380,21 +383,23 @@ def test_conflicting_studies_and_bad_rows_are_left_out_with_their_line(tmp_path,
     assert {code for code, *_ in warnings} == {"bad_manifest_row", "nul_bytes", "conflicting_study",
                                                "duplicate_image", "study_without_images"}
     assert summary["rows"]["rejected"] == {"bad_manifest_row": 3, "nul_bytes": 1}
-    assert summary["images"]["rejected"] == {"conflicting_study": 6} and summary["images"]["ok"] == 2
+    assert summary["images"]["rejected"] == {"conflicting_study": 6} and summary["images"]["ok"] == 3
+    assert summary["reports"]["rejected"] == {"report_too_large": 1}
     assert summary["warnings"] == {"total": 9, "new": 9}
 
     # The same data again: the warnings stay in the catalog but are not shouted a second time.
     caplog.clear()
     code, again = index_cli(root, tmp_path / "c.sqlite")
-    assert again["warnings"] == {"total": 9, "new": 0} and again["images"]["unchanged"] == 8
+    assert again["warnings"] == {"total": 9, "new": 0} and again["images"]["unchanged"] == 9
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert catalog_state(tmp_path / "c.sqlite")[2] == warnings
 
     # What a site checks before joining.
     assert data_cli(["summary", "--catalog", str(tmp_path / "c.sqlite"), "--json", str(tmp_path / "s.json")]) == 0
     site = json.loads((tmp_path / "s.json").read_text())["sites"]["(no site)"]
-    assert site["images"] == {"ok": 2, "rejected": 6, "rejected_by_reason": {"conflicting_study": 6}}
-    assert (site["usable_studies"], site["patients"], site["report_coverage"]) == (2, 2, 1.0)
+    assert site["images"] == {"ok": 3, "rejected": 6, "rejected_by_reason": {"conflicting_study": 6}}
+    assert (site["usable_studies"], site["patients"], site["report_coverage"]) == (2, 3, 0.6667)
+    assert site["reports_rejected_by_reason"] == {"report_too_large": 1}
     assert json.loads((tmp_path / "s.json").read_text())["warnings"]["total"] == 9
 
 

@@ -20,12 +20,15 @@ from shared_models.vocab import CHEXPERT_LABELS, REGIONS
 
 DEFAULT_VIEWS = ("PA", "AP")
 MAX_REPORT_BYTES = 256 * 1024
-# csv's own limit while parsing one field (its default, 128 KiB, is below a long inline report):
-# a longer field rejects its row with the line number, and memory stays bounded.
-MAX_FIELD_CHARS = 4 * MAX_REPORT_BYTES
-# Longest value the catalog's columns hold; a longer one rejects its row instead of failing the insert.
+# csv's own limit while parsing one field, so memory stays bounded: a longer field rejects its row
+# with the line number. Far above any real value: an inline report over MAX_REPORT_BYTES is parsed
+# and then refused as report_too_large, naming its line. (A field past this limit that spans lines
+# can make csv resume inside it: the rows it then reads are refused or not found, none is trusted.)
+MAX_FIELD_CHARS = 4 << 20
+# Longest value the catalog's columns hold (paths: PATH_MAX); a longer one rejects its row.
 MAX_CHARS = {"patient_id": 64, "study_id": 64, "image_id": 255, "split": 16, "view": 32, "site": 64,
-             "subject_id": 64, "dicom_id": 255}
+             "subject_id": 64, "dicom_id": 255, "image_path": 4096, "mask_path": 4096, "path": 4096,
+             "boxes": 4096}
 
 
 class LayoutError(ValueError):
@@ -327,7 +330,7 @@ class Layout:
     def read_report(self, study: StudyRecord) -> str:
         if study.report_text is not None:
             return decode_report(study.report_text.encode("utf-8", "surrogateescape"),
-                                 f"the report of study {study.study_id}", self.max_report_bytes)
+                                 f"the report of study {study.study_id} ({study.origin})", self.max_report_bytes)
         if study.report_key is not None:
             for store in self.report_stores:
                 data = store.read(study.report_key, self.max_report_bytes)
