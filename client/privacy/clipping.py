@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from client.privacy.disclosure import NonFiniteStep
+
 # Terms whose value for one study depends on the other studies of the batch (in-batch negatives, soft
 # targets from the other studies' tags). Every other term of the hybrid objective is a function of one
 # study alone when the model runs on a batch of that study only.
@@ -117,7 +119,7 @@ def loss_gradient(model: TrainableModel, batch: dict, step: int, params: Sequenc
         out = model(batch, step=step) if inputs is None else model(batch, step=step, inputs=inputs)
     loss = out["loss"]
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }")
+        raise NonFiniteStep(step, "loss", {k: float(v) for k, v in out.items()})
     grads = torch.autograd.grad(loss, list(params), allow_unused=True, retain_graph=keep_graph)
     return [None if g is None else g.float() for g in grads], {name: float(value.detach()) for name, value in out.items()}
 
@@ -137,7 +139,7 @@ def clip_factor(grads: list[Tensor | None], max_norm: float, scale: float = 1.0)
     used = [g for g in grads if g is not None]
     norm = scale * float(torch.nn.utils.get_total_norm(used)) if used else 0.0
     if not math.isfinite(norm):  # a NaN would pass any clip and void the sensitivity bound
-        raise FloatingPointError(f"non-finite gradient norm {norm}; lower train.lr or check the data")
+        raise NonFiniteStep(None, "gradient norm", norm)
     return scale * min(1.0, max_norm / norm) if norm > 0 else scale, norm
 
 
@@ -179,7 +181,7 @@ def clipped_row_sum(grads: list[Tensor], max_norm: float) -> tuple[list[Tensor],
     One weighted sum (sum_i f_i g_i as a tensordot) per tensor: the scaled rows are never materialised."""
     norms = torch.linalg.vector_norm(torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1), dim=1)
     if not bool(torch.isfinite(norms).all()):   # a NaN would pass any clip and void the sensitivity bound
-        raise FloatingPointError(f"non-finite per-study gradient norms {norms.tolist()}; lower train.lr or check the data")
+        raise NonFiniteStep(None, "per-study gradient norm", norms.tolist())
     factors = (max_norm / norms).clamp(max=1.0)
     return [torch.tensordot(factors, g, dims=1) for g in grads], norms
 
@@ -241,7 +243,7 @@ def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params:
     with autocast():
         out = model(stacked.batch, step=step, inputs=stacked)
     if not torch.isfinite(out["loss"]):
-        raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }")
+        raise NonFiniteStep(step, "loss", {k: float(v) for k, v in out.items()})
     leaves = [leaf for _, _, leaf in stacked.cuts]
     grads = torch.autograd.grad(out["loss"], [*params, *leaves], allow_unused=True)
     gradient = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -318,7 +320,7 @@ def clipped_gradient_sum(
         if per_patient and samples and per_study == "vmap":
             grads, values = per_study_gradients(model, batch, step, params, autocast)
             if not all(bool(torch.isfinite(v).all()) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: { {k: v.tolist() for k, v in values.items()} }")
+                raise NonFiniteStep(step, "loss", {k: v.tolist() for k, v in values.items()})
             row_sums, norms = clipped_row_sum(grads, clip.patient)
             clipped += int((norms > clip.patient).sum())
             torch._foreach_add_(total, row_sums)

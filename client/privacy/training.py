@@ -22,7 +22,7 @@ from client.privacy.clipping import (
     trainable_parameters,
 )
 from client.privacy.ledger import Charge, PrivacyLedger
-from client.privacy.sampling import PatientSampler, secret_generator
+from client.privacy.sampling import PatientSampler, secret_generator, secret_global_rng
 from client.site import effective_caps
 from client.trainer import (
     TrainResult,
@@ -124,25 +124,27 @@ def dp_train_steps(
     history: list[dict[str, float]] = []
     examples = 0
     started = time.perf_counter()
-    for i in tqdm(range(settings.steps), desc=description, disable=not progress, leave=False):
-        step = settings.start_step + i
-        lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        samples = [dataset[j] for j in sampler.draw()]
-        examples += len(samples)
-        summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params,
-                                      move=lambda batch: move_to(batch, device), autocast=autocast,
-                                      per_study=per_study)
-        for param, grad in zip(params, noisy_gradient(summed.gradient, noise_std, scale, noise_generator)):
-            param.grad = grad.to(param.dtype)
-        if proximal_anchor is not None and settings.proximal_mu > 0:
-            proximal_penalty(model, proximal_anchor, settings.proximal_mu).backward()
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({**summed.terms, "lr": lr, "patients": float(len(samples))})
+    # Dropout, augmentation and the vmap's masks draw from torch's global generators: secret for the round
+    with secret_global_rng():
+        for i in tqdm(range(settings.steps), desc=description, disable=not progress, leave=False):
+            step = settings.start_step + i
+            lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            samples = [dataset[j] for j in sampler.draw()]
+            examples += len(samples)
+            summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params,
+                                          move=lambda batch: move_to(batch, device), autocast=autocast,
+                                          per_study=per_study)
+            for param, grad in zip(params, noisy_gradient(summed.gradient, noise_std, scale, noise_generator)):
+                param.grad = grad.to(param.dtype)
+            if proximal_anchor is not None and settings.proximal_mu > 0:
+                proximal_penalty(model, proximal_anchor, settings.proximal_mu).backward()
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({**summed.terms, "lr": lr, "patients": float(len(samples))})
     seconds = time.perf_counter() - started
     return TrainResult(
         steps=settings.steps, examples=examples, seconds=seconds,
@@ -188,6 +190,25 @@ def ledger_location(site: dict) -> str:
     raise PrivacyError(f"site {site.get('name')!r} has no `ledger`, `catalog` or `state_dir`: nowhere to keep its ledger")
 
 
+def public_patient_count(site: dict) -> int:
+    """The patient count the site declares public in its file (`public_patient_count`).
+
+    The sample rate (batch size / patients) and `examples` leave the site, and the noise for a target epsilon and
+    the delta check depend on the count: computed from the real count they would publish it, and adding or removing
+    a patient would change them. A declared count is a constant of the site, the same on every neighbouring data
+    set. No declared count, no DP round: a bucket of the real count would still move at the bucket's edges."""
+    value = site.get("public_patient_count")
+    if value is None:
+        raise PrivacyError(
+            f"site {site.get('name')!r} declares no public_patient_count: DP-SGD sends its sampling rate (batch size / "
+            "patients) and its examples to the coordinator, and computed from the real patient count they would "
+            "publish it. Add `public_patient_count: N` to the site file, a rounded figure near the real count that "
+            "the site is content to publish (e.g. 5000)")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PrivacyError(f"site {site.get('name')!r}: public_patient_count must be an integer >= 1, got {value!r}")
+    return value
+
+
 def dp_train_round(
     model: nn.Module,
     dataset: Dataset,
@@ -207,17 +228,18 @@ def dp_train_round(
     """One site's DP round: check the model, price the round, charge the ledger (or refuse), then train.
 
     dpsgd: the `privacy.dpsgd` config block (or DpSgdSettings); site: the loaded site file (its `catalog`
-    holds the ledger, its `privacy` the caps); run_caps: the run config's `federation.privacy` (tighten
+    holds the ledger, its `privacy` the caps, its `public_patient_count` the count the rate uses); run_caps: the run config's `federation.privacy` (tighten
     only); planned_steps: the run's total local steps at this site (sets the noise for a target epsilon).
     Raises BudgetExceeded before any training if the round would pass the site's budget.
     """
     require_group_norm(model)
     dp = dpsgd if isinstance(dpsgd, DpSgdSettings) else DpSgdSettings.from_config(dpsgd)
     caps = effective_caps(site["privacy"], run_caps)
-    sampler = PatientSampler.for_dataset(dataset, settings.batch_size)
-    if caps["max_delta"] >= 1.0 / sampler.num_patients:
-        raise PrivacyError(f"max_delta={caps['max_delta']:g} is not below 1/patients = 1/{sampler.num_patients}: "
-                           "such a delta allows leaking a whole patient; lower the site's privacy.max_delta")
+    sampler = PatientSampler.for_dataset(dataset, settings.batch_size, public_patients=public_patient_count(site))
+    if caps["max_delta"] >= 1.0 / sampler.public_patients:
+        raise PrivacyError(f"max_delta={caps['max_delta']:g} is not below 1/patients = 1/{sampler.public_patients} "
+                           "(the site's public_patient_count): such a delta allows leaking a whole patient; lower "
+                           "the site's privacy.max_delta")
     noise = dp.noise(caps["max_delta"], sampler.sample_rate, planned_steps)
     ledger = PrivacyLedger(ledger_location(site), site["name"])
     try:
