@@ -41,8 +41,10 @@ def masked_change(global_params: dict[str, np.ndarray], reply: RecordDict, names
         raise SecureRoundRefused(f"this site weighs its update with {examples} examples, above SecAgg+'s max_weight "
                                  f"{max_weight:g}: raise privacy.secagg.max_weight to at least the largest site's")
     change = [np.asarray(new[n], np.float64) - np.asarray(global_params[n], np.float64) for n in names]
+    from client.privacy.disclosure import clear_metrics   # here: opacus (behind client.privacy) is slow to import
+
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(change), examples,
-                  {**metrics, "site": str(reply["site"]["name"])})
+                  {**clear_metrics(metrics), "site": str(reply["site"]["name"])})
 
 
 def secure_aggregation(train_content: TrainContent):
