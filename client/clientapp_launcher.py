@@ -22,8 +22,7 @@ if __name__ == "__main__":  # run by path: this folder must not make the project
 
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: E402
 from flwr.supercore.constant import TaskType  # noqa: E402
-from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor  # noqa: E402
-from flwr.supercore.retry import make_simple_http_retry_invoker  # noqa: E402
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor  # noqa: E402
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
 from flwr.supernode.runtime.run_clientapp import run_clientapp  # noqa: E402
 
@@ -31,6 +30,9 @@ from flwr.supernode.runtime.run_clientapp import run_clientapp  # noqa: E402
 # in this process, so no thread pool exists yet that a child could inherit in a broken state.
 PRELOAD = ("torch", "torchvision", "timm", "transformers", "safetensors", "numpy", "omegaconf", "hydra", "PIL")
 PROJECT_PACKAGES = {"client", "server", "shared_models", "simulations", "evaluation", "benchmarks"}
+# The Runtime API calls a SuperNode started with --superexec-auth-secret-file checks for the shared secret's HMAC;
+# every other call needs the task token that only an authenticated AcquireTask hands out.
+AUTHENTICATED_METHODS = ("/flwr.proto.Runtime/AcquireTask",)
 
 
 def preload() -> float:
@@ -69,11 +71,18 @@ def reap(children: set[int]) -> None:
             children.discard(pid)
 
 
-def serve(runtime_api_address: str, poll_s: float, parent_pid: int | None) -> int:
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker())
+def runtime_client(runtime_api_address: str, secret: bytes | None) -> RuntimeHttpClient:
+    """A Runtime API client that signs its AcquireTask calls with the site's SuperExec secret (if given)."""
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=AUTHENTICATED_METHODS))
+    # No retry invoker: serve() retries itself, and Flower's would SIGINT this process on a 401 (a refused secret).
+    return RuntimeHttpClient.from_server_address(server_address=runtime_api_address, insecure=True,
+                                                 root_certificates=None, interceptors=interceptors)
+
+
+def serve(runtime_api_address: str, poll_s: float, parent_pid: int | None, secret: bytes | None = None) -> int:
+    client = runtime_client(runtime_api_address, secret)
     children: set[int] = set()
     stopping = []
 
@@ -93,7 +102,9 @@ def serve(runtime_api_address: str, poll_s: float, parent_pid: int | None) -> in
         except Exception as err:  # noqa: BLE001 — the SuperNode restarts (its supervisor retries); keep polling
             if not reported_unreachable:
                 reported_unreachable = True
-                print(f"clientapp_launcher: SuperNode at {runtime_api_address} not answering ({err}); retrying",
+                why = ("refused this launcher's SuperExec secret: client/run.py starts both with the site's "
+                       "superexec_secret file" if "401" in str(err) else "not answering")
+                print(f"clientapp_launcher: SuperNode at {runtime_api_address} {why} ({err}); retrying",
                       file=sys.stderr, flush=True)
             time.sleep(1.0)
             continue
@@ -121,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often to ask the SuperNode for a task")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
+    parser.add_argument("--superexec-secret-file", type=Path, default=None,
+                        help="the SuperNode's --superexec-auth-secret-file: signs the launcher's task requests")
     args = parser.parse_args(argv)
+    secret = args.superexec_secret_file.read_bytes() if args.superexec_secret_file else None
     seconds = preload()
     print(f"clientapp_launcher: ML stack imported in {seconds:.1f} s; serving ClientApp tasks from "
           f"{args.runtime_api_address}", flush=True)
-    return serve(args.runtime_api_address, args.poll_s, args.parent_pid)
+    return serve(args.runtime_api_address, args.poll_s, args.parent_pid, secret)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import stat
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script: make the `client` package importable
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from client.preflight import TransientError, check_superlink, permanent_failure  # noqa: E402
 from client.site import SITE_DIR, SiteConfigError, data_paths, load_site, site_file  # noqa: E402
 
 
@@ -41,6 +44,32 @@ def index_data(site: dict) -> None:
         raise SiteConfigError(f"indexing {data['root']} failed (exit {code})")
 
 
+SECRET_FILE = "superexec.secret"
+
+
+def superexec_secret(site: dict) -> Path:
+    """The site's SuperExec secret (`superexec_secret` in the site file, else `<state_dir>/superexec.secret`):
+    created once, mode 0600, and re-used. The SuperNode hands a round's task only to a launcher that signs its
+    request with it, so no other local process can take the site's training task from the runtime API."""
+    path = Path(site.get("superexec_secret") or Path(site["state_dir"]) / SECRET_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size == 0:
+        raise SiteConfigError(f"SuperExec secret {path} must be a non-empty regular file owned by this user; "
+                              "delete it and client/run.py makes a new one")
+    if info.st_mode & 0o077:
+        raise SiteConfigError(f"SuperExec secret {path} is readable by other users (mode "
+                              f"{stat.S_IMODE(info.st_mode):o}); run: chmod 600 {path}")
+    return path
+
+
 def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str, str]]:
     """The flower-supernode command line and environment for this site (TLS, node key, node config)."""
     bin_dir = Path(sys.executable).parent
@@ -53,14 +82,14 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
         "--root-certificates", site["root_certificates"],
         "--auth-supernode-private-key", site["node_private_key"],
         "--node-config", f'site-file="{site_path.resolve()}"',
-        "--port", str(site.get("supernode_port") or 9094),
+        "--host", "127.0.0.1", "--port", str(site.get("supernode_port") or 9094),
+        # Only a process holding the secret may take tasks from the runtime API: launcher_command's process.
+        "--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret(site)),
     ]
     if site.get("trusted_entities"):
         command += ["--trusted-entities", site["trusted_entities"]]
     if site.get("max_retries") is not None:
         command += ["--max-retries", str(site["max_retries"])]
-    if site["clientapp_launcher"] == "warm":  # load_site fills in the default
-        command += ["--isolation", "process"]  # the ClientApps come from launcher_command's process
     env = dict(os.environ)
     # The SuperNode starts `flwr-clientapp` by name: it must find this venv's, not another install's.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
@@ -69,12 +98,15 @@ def supernode_command(site: dict, site_path: Path) -> tuple[list[str], dict[str,
     return command, env
 
 
-def launcher_command(site: dict) -> list[str] | None:
-    """The warm ClientApp launcher beside the SuperNode (None: Flower's SuperExec starts the ClientApps)."""
-    if site["clientapp_launcher"] != "warm":
-        return None
-    return [sys.executable, str(Path(__file__).resolve().parent / "clientapp_launcher.py"),
-            "--runtime-api-address", f"127.0.0.1:{site.get('supernode_port') or 9094}", "--parent-pid", str(os.getpid())]
+def launcher_command(site: dict) -> list[str]:
+    """The process that takes ClientApp tasks from the SuperNode's runtime API, signed with the site's secret:
+    the warm launcher (client/clientapp_launcher.py), or Flower's SuperExec (a fresh interpreter per message)."""
+    address, secret = f"127.0.0.1:{site.get('supernode_port') or 9094}", str(superexec_secret(site))
+    if site["clientapp_launcher"] == "warm":  # load_site fills in the default
+        return [sys.executable, str(Path(__file__).resolve().parent / "clientapp_launcher.py"),
+                "--runtime-api-address", address, "--parent-pid", str(os.getpid()), "--superexec-secret-file", secret]
+    return [str(Path(sys.executable).parent / "flower-superexec"), "--insecure", "--runtime-api-address", address,
+            "--parent-pid", str(os.getpid()), "--superexec-auth-secret-file", secret]
 
 
 # Flower's SUPERNODE_CONNECTION_ERROR: the SuperLink could not be reached, or refused to activate this node. The
@@ -97,19 +129,23 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pass_on(stream, seen: list[bool]) -> None:
-    """Copy the child's output to ours line by line; note whether it named the restartable exit."""
+def _pass_on(stream, seen: list, classify) -> None:
+    """Copy the child's output to ours line by line; note whether it named the restartable exit (seen[0]) and
+    the first permanent failure `classify` finds in a line (seen[1])."""
     for line in iter(stream.readline, b""):
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
         if RESTARTABLE.encode() in line:
             seen[0] = True
+        if classify is not None and seen[1] is None:
+            seen[1] = classify(line.decode(errors="replace"))
 
 
 def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...] = RESTART_DELAYS_S,
-              settled_s: float = SETTLED_S) -> int:
+              settled_s: float = SETTLED_S, classify=None) -> int:
     """Run the SuperNode as a child, forward SIGTERM/SIGINT/SIGHUP to it, and restart it with backoff when it
-    exits because it could not connect or be activated; its exit code once it stops for good."""
+    exits because it could not connect or be activated; its exit code once it stops for good. `classify(line)`
+    names a permanent failure in a log line (an error whose message says the fix): then no restart."""
     stopping = threading.Event()
     child: subprocess.Popen | None = None
 
@@ -122,13 +158,16 @@ def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...]
         signal.signal(signum, forward)
     failures = 0
     while True:
-        started, seen = time.monotonic(), [False]
+        started, seen = time.monotonic(), [False, None]
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  preexec_fn=_die_with_parent)
-        reader = threading.Thread(target=_pass_on, args=(child.stdout, seen), daemon=True)
+        reader = threading.Thread(target=_pass_on, args=(child.stdout, seen, classify), daemon=True)
         reader.start()
         code = child.wait()
         reader.join(timeout=5)  # the SuperNode's own children may hold the pipe open a little longer
+        if seen[1] is not None and not stopping.is_set():
+            print(f"error: {seen[1]}", file=sys.stderr, flush=True)
+            return code or 1
         if code == 0 or not seen[0] or stopping.is_set():
             return 128 - code if code < 0 else code
         if time.monotonic() - started > settled_s:
@@ -157,32 +196,37 @@ def main(argv: list[str] | None = None) -> int:
         path = site_file(args.site, args.site_dir)
         site = load_site(path)
         check_reachable(str(site["superlink"]))
+        try:
+            learned = f"TLS verified against {site['root_certificates']}, Fleet API answers, {check_superlink(site)}"
+        except TransientError as err:  # the SuperNode's own retries may still get through
+            learned = f"could not check the SuperLink now ({err}); the SuperNode will retry"
+        print(f"site {site['name']}: SuperLink {site['superlink']}: {learned}", flush=True)
         if site["data"].get("index", True):
             index_data(site)
-    except SiteConfigError as err:
+        command, env = supernode_command(site, path)
+    except SiteConfigError as err:  # PermanentError included: its message names the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
-    command, env = supernode_command(site, path)
-    print(f"site {site['name']}: data {site['data']['root']}, SuperLink {site['superlink']}; starting the SuperNode",
-          flush=True)
     if args.dry_run:
+        print(f"site {site['name']}: dry run, data {site['data']['root']}; the SuperNode would run as:")
         print(" ".join(command))
         return 0
+    print(f"site {site['name']}: data {site['data']['root']}; starting the SuperNode", flush=True)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     delays = site.get("restart_delays_s")
     launcher = launcher_command(site)
     # The launcher outlives SuperNode restarts (it polls the same local port) and dies with this process.
-    warm = subprocess.Popen(launcher, env=env, preexec_fn=_die_with_parent) if launcher else None
+    warm = subprocess.Popen(launcher, env=env, preexec_fn=_die_with_parent)
     try:
-        return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays))
+        return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays),
+                         classify=lambda line: permanent_failure(site, line))
     finally:
-        if warm is not None:
-            warm.terminate()
-            try:
-                warm.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                warm.kill()
-                warm.wait()
+        warm.terminate()
+        try:
+            warm.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            warm.kill()
+            warm.wait()
 
 
 if __name__ == "__main__":

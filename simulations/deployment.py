@@ -1,11 +1,11 @@
-"""A real deployment on 127.0.0.1 for tests and benchmarks: TLS + node-auth SuperLink, `client/run.py` sites, `flwr run`.
+"""A real deployment on 127.0.0.1 for tests and benchmarks: kits from `server.provision`, the TLS + node-auth
+SuperLink their start script runs, nodes registered by their script, `client/run.py` sites, `flwr run`.
 
 Every process is started here and stopped (or killed, to play a crash) by PID with everything below it.
 """
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import json
 import os
 import signal
@@ -16,11 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from server.provision import provision
 from simulations.flower import BIN, PROJECT_ROOT, descendants, free_port, stage_app, wait_until_listening
 
 CONNECTION = "fedcxr-deployment"
@@ -58,38 +55,6 @@ def phantom_site_fields(base: Path, studies: int = 30) -> dict[str, dict]:
     return {name: {"data": {"root": str(root), "layout": "mimic_cxr", "split": "train", "index": False},
                    "catalog": catalog, "cache": str(cache), "studies": train[part], "scanner": None}
             for name, part in PHANTOM_SITE_STUDIES.items()}
-
-
-def write_pki(folder: Path, sites: list[str]) -> None:
-    """A CA, a SuperLink certificate for 127.0.0.1 signed by it, and one EC node key pair per site."""
-    def name(text):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    def certificate(subject, issuer, key, signer, *extensions):
-        now = datetime.now(timezone.utc)
-        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1)))
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical=critical)
-        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
-    (folder / "ca.crt").write_bytes(certificate("fedcxr CA", "fedcxr CA", ca_key, ca_key,
-                                                (x509.BasicConstraints(ca=True, path_length=None), True)))
-    (folder / "server.pem").write_bytes(certificate(
-        "localhost", "fedcxr CA", server_key, ca_key,
-        (x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)))
-    (folder / "server.key").write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    for site in sites:
-        key = ec.generate_private_key(ec.SECP384R1())
-        (folder / f"node_{site}").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        (folder / f"node_{site}").chmod(0o600)
-        (folder / f"node_{site}.pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
 
 
 def signal_tree(proc: subprocess.Popen, sig: int) -> None:
@@ -144,9 +109,11 @@ class Deployment:
         self.app = app or stage_app(self.folder / "app")
         self.site_fields = site_fields or {}
         self.port = free_port()
-        self.pki = self.folder / "pki"
+        self.kits = self.folder / "kits"
+        self.coordinator = self.kits / "coordinator"
         self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                        FLWR_HOME=str(self.folder / "cli-home"), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+                        FLWR_HOME=str(self.coordinator / "flwr-home"), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+                        FEDCXR_STATE=str(self.folder),
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.superlink: subprocess.Popen | None = None
         self.sites: dict[str, subprocess.Popen] = {}
@@ -154,16 +121,14 @@ class Deployment:
         self._activations: dict[str, int] = {}
 
     def __enter__(self) -> "Deployment":
-        write_pki(self.pki, [*self.names, *self.unregistered])
-        home = self.folder / "cli-home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.pki / "ca.crt"}"\n')
+        provision(CONNECTION, f"127.0.0.1:{self.port}", [*self.names, *self.unregistered], self.kits)
         try:
             self.start_superlink()
+            registered = subprocess.run(["sh", str(self.coordinator / "register_nodes.sh"), *self.names], env=self.env,
+                                        cwd=self.folder, capture_output=True, text=True, timeout=300)
+            if registered.returncode:
+                raise RuntimeError(f"register_nodes.sh failed:\n{registered.stdout}\n{registered.stderr}")
             for name in self.names:
-                self.flwr("supernode", "register", str(self.pki / f"node_{name}.pub"), CONNECTION)
                 self.start_site(name)
             for name in self.names:
                 self.wait_for_site(name)
@@ -181,11 +146,9 @@ class Deployment:
 
     def start_superlink(self, timeout_s: float = 120) -> None:
         """Start (or restart, on the same port and database) the SuperLink and wait until it listens."""
-        self.superlink = self._start(
-            [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.pki / "ca.crt"),
-             "--ssl-certfile", str(self.pki / "server.pem"), "--ssl-keyfile", str(self.pki / "server.key"),
-             "--enable-supernode-auth", "--database", str(self.folder / "superlink.db") if self.database else ":flwr-in-memory:",
-             "--port", str(self.port), "--disable-runtime-dependency-installation"], "superlink")
+        # The kit's script runs flower-superlink (exec: same PID) with its database in FEDCXR_STATE = this folder.
+        self.superlink = self._start(["sh", str(self.coordinator / "start_superlink.sh"),
+                                      *([] if self.database else ["--database", ":flwr-in-memory:"])], "superlink")
         wait_until_listening(self.superlink, self.port, self.folder / "superlink.log", timeout_s)
 
     def site_file(self, name: str) -> Path:
@@ -193,11 +156,10 @@ class Deployment:
         if name not in self.site_files:
             data = self.folder / f"data_{name}"
             data.mkdir(parents=True, exist_ok=True)
-            site = {"name": name, "data": {"root": str(data), "layout": "manifest", "index": False},
-                    "state_dir": str(self.folder / f"state_{name}"), "superlink": f"127.0.0.1:{self.port}",
-                    "root_certificates": str(self.pki / "ca.crt"), "node_private_key": str(self.pki / f"node_{name}"),
-                    "supernode_port": free_port(), "device": "cpu", "threads": 1,
-                    "privacy": {"max_epsilon": 8.0, "max_delta": 1e-5}, **self.site_fields.get(name, {})}
+            site = {**yaml.safe_load((self.kits / "sites" / name / "site.yaml").read_text()),  # the kit's file
+                    "data": {"root": str(data), "layout": "manifest", "index": False},
+                    "state_dir": str(self.folder / f"state_{name}"), "supernode_port": free_port(), "device": "cpu",
+                    "threads": 1, "policy": None, **self.site_fields.get(name, {})}  # policy: accept the tests' runs
             path = self.folder / "sites" / f"{name}.yaml"
             path.parent.mkdir(exist_ok=True)
             path.write_text(yaml.safe_dump(site))

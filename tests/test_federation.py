@@ -1,5 +1,6 @@
 """End-to-end deployment on 127.0.0.1: a TLS + node-auth SuperLink, two `client/run.py` sites, `flwr run`, resume."""
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -36,14 +37,54 @@ def site_config(deployment: Deployment, name: str) -> dict:
     return yaml.safe_load(deployment.site_file(name).read_text())
 
 
+# Another local process at site A, without the site's SuperExec secret, asks the SuperNode's runtime API for
+# ClientApp tasks all through the first run: one JSON line per answer.
+THIEF = """
+import json, sys, time
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
+client = RuntimeHttpClient.from_server_address(server_address=sys.argv[1], insecure=True, root_certificates=None,
+    interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+while True:
+    try:
+        reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        print(json.dumps({"task": reply.HasField("task") and bool(reply.token), "error": None}), flush=True)
+    except Exception as err:
+        print(json.dumps({"task": False, "error": str(err)}), flush=True)
+    time.sleep(1.0)
+"""
+
+
 @pytest.fixture(scope="module")
 def first_run(deployment):
     overrides = f"{OVERRIDES} federation.rounds=2 federation.run_name=e2e federation.output_dir={deployment.folder / 'runs'}"
-    started = time.monotonic()
-    run = deployment.run(overrides)
-    run["wall_s"] = time.monotonic() - started
+    thief_log = deployment.folder / "thief.jsonl"
+    with open(thief_log, "w") as out:
+        thief = subprocess.Popen([sys.executable, "-c", THIEF, f"127.0.0.1:{site_config(deployment, 'A')['supernode_port']}"],
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        started = time.monotonic()
+        run = deployment.run(overrides)
+        run["wall_s"] = time.monotonic() - started
+    finally:
+        thief.send_signal(signal.SIGTERM)
+        thief.wait(timeout=30)
     run["overrides"] = overrides
+    run["thief"] = [json.loads(line) for line in thief_log.read_text().splitlines() if line.startswith("{")]
     return run
+
+
+def test_runtime_api_refuses_a_local_process_without_the_site_secret(deployment, first_run):
+    assert first_run["status"] == "finished:completed", first_run["logs"]
+    asked = first_run["thief"]
+    assert len(asked) >= 5, (deployment.folder / "thief.jsonl").read_text()
+    assert not any(a["task"] for a in asked)
+    assert all("401 Unauthorized" in (a["error"] or "") for a in asked), asked[:3]
+    # ... while the site's own ClientApp, started by its launcher with the secret, trained both rounds.
+    entries = (Path(site_config(deployment, "A")["state_dir"]) / "outgoing.jsonl").read_text().splitlines()
+    assert [json.loads(e)["type"] for e in entries][:2] == ["train", "train"]
 
 
 def test_run_finishes_with_a_checkpoint_per_round(deployment, first_run):
@@ -110,13 +151,16 @@ def test_only_shared_parameters_and_scalars_leave_a_site(deployment, first_run):
             assert entry["records"]["site"]["values"] == {"name": name}
 
 
-def test_unregistered_node_is_refused(deployment):
+def test_unregistered_node_is_refused_at_once(deployment):
+    started = time.monotonic()
     deployment.start_site("C")
     returncode = deployment.sites["C"].wait(timeout=120)
+    elapsed = time.monotonic() - started
     log = deployment.site_log("C")
-    assert returncode != 0 and "Failed to activate SuperNode" in log, log
-    # client/run.py retried once (its site file's restart_delays_s), then said what to check
-    assert log.count("restarting in 0.5 s") == 1 and "flwr supernode register" in log, log
+    # client/run.py's own check asks the SuperLink before the SuperNode starts: no retries, the fix in one line
+    assert returncode == 2 and elapsed < 10, (elapsed, log)
+    assert "does not know this site's node key" in log and "register_nodes.sh C" in log, log
+    assert "restarting" not in log and "starting the SuperNode" not in log, log
 
 
 def test_client_run_explains_missing_files_and_unreachable_superlink(deployment, tmp_path):

@@ -46,6 +46,20 @@ def test_supervisor_gives_up_after_its_delays_with_the_supernode_exit_code(tmp_p
     assert "flwr supernode register" in capsys.readouterr().err
 
 
+def test_a_permanent_failure_in_the_log_is_not_retried(tmp_path, capsys):
+    """A key the SuperLink does not know also exits with the restartable code: the log line says it is permanent."""
+    from client.preflight import permanent_failure
+
+    script = ('print("ERROR: Failed to initialize the connection. No SuperNode found with the given public key.");'
+              f'print("ERROR: {RESTARTABLE}"); import sys; open({str(tmp_path / "starts")!r}, "a").write("x"); sys.exit(1)')
+    site = {"name": "A", "node_private_key": "/keys/node_key", "superlink": "h:1", "root_certificates": "ca.crt"}
+    code = supervise([sys.executable, "-c", script], dict(os.environ), delays=(0.01,) * 5,
+                     classify=lambda line: permanent_failure(site, line))
+    assert code == 1 and (tmp_path / "starts").read_text() == "x"  # one start, no restart
+    err = capsys.readouterr().err
+    assert "does not know this site's node key /keys/node_key" in err and "register_nodes.sh A" in err
+
+
 def test_other_exit_codes_are_not_retried(tmp_path):
     assert supervise(_fake_supernode(tmp_path, failures=0, then=2), dict(os.environ), delays=(0.01,)) == 2
     assert (tmp_path / "starts").read_text() == "1"
@@ -114,17 +128,37 @@ def test_site_file_chooses_how_clientapps_start(tmp_path):
     warm = load_site(tmp_path / "warm.yaml", check_files=False)
     command, _ = supernode_command(warm, tmp_path / "warm.yaml")
     assert command[command.index("--isolation") + 1] == "process"
+    secret = tmp_path / "superexec.secret"
+    assert command[command.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert (secret.stat().st_mode & 0o777) == 0o600 and len(secret.read_bytes()) == 64
     launcher = launcher_command(warm)
     assert launcher[1].endswith("client/clientapp_launcher.py") and "127.0.0.1:9111" in launcher
+    assert launcher[launcher.index("--superexec-secret-file") + 1] == str(secret)
 
+    # Flower's own SuperExec also takes the tasks with the secret (its subprocess mode would ignore one).
     (tmp_path / "flower.yaml").write_text(yaml.safe_dump(dict(site, clientapp_launcher="flower")))
     flower = load_site(tmp_path / "flower.yaml", check_files=False)
-    assert "--isolation" not in supernode_command(flower, tmp_path / "flower.yaml")[0]
-    assert launcher_command(flower) is None
+    before = secret.read_bytes()
+    command = supernode_command(flower, tmp_path / "flower.yaml")[0]
+    assert command[command.index("--isolation") + 1] == "process" and secret.read_bytes() == before  # re-used
+    launcher = launcher_command(flower)
+    assert launcher[0].endswith("flower-superexec") and launcher[launcher.index("--superexec-auth-secret-file") + 1] == str(secret)
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(site, clientapp_launcher="hot")))
     with pytest.raises(SiteConfigError, match="clientapp_launcher must be one of"):
         load_site(tmp_path / "bad.yaml", check_files=False)
+
+
+def test_a_secret_others_can_read_is_refused(tmp_path):
+    import pytest
+
+    from client.run import superexec_secret
+    from client.site import SiteConfigError
+
+    secret = superexec_secret({"state_dir": str(tmp_path / "state")})
+    secret.chmod(0o644)
+    with pytest.raises(SiteConfigError, match="chmod 600"):
+        superexec_secret({"state_dir": str(tmp_path / "state")})
 
 
 def test_launcher_imports_the_ml_stack_but_none_of_the_project():
