@@ -423,3 +423,23 @@ def test_catalog_and_flags_are_refused_in_words(tmp_path, capsys):
             data_cli(["index", "--root", str(root), "--layout", "manifest", "--catalog", str(tmp_path / "c.sqlite"),
                       flag, value])
         assert stopped.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_row_removed_or_now_refused_stops_being_used(tmp_path, shared_dicom_dir):
+    root = tmp_path / "site"
+    root.mkdir()
+    for name in "abc":
+        shutil.copyfile(shared_dicom_dir / REAL_DICOM, root / f"{name}.dcm")
+    rows = [f"{name}.dcm,FINDINGS: Clear lungs.,S{name},P{name},train" for name in "abc"]
+    manifest(root, rows)
+    assert index_cli(root, tmp_path / "c.sqlite")[1]["images"]["ok"] == 3
+    manifest(root, [rows[0], rows[1].replace("Clear", "Clear\x00")])      # c removed, b now refused (NUL)
+    _, summary = index_cli(root, tmp_path / "c.sqlite")
+    assert summary["images"]["rejected"] == {"no_longer_listed": 2} and summary["rows"]["rejected"] == {"nul_bytes": 1}
+    images, _, _ = catalog_state(tmp_path / "c.sqlite")
+    assert {i: r for i, (_, r, _, _) in images.items()} == {"a": None, "b": "no_longer_listed", "c": "no_longer_listed"}
+    assert [s.study_id for s in usable_studies(open_catalog(tmp_path / "c.sqlite", readonly=True))] == ["Sa"]
+    manifest(root, rows)                                                  # listed again: decoded and used again
+    _, summary = index_cli(root, tmp_path / "c.sqlite")
+    assert (summary["images"]["ok"], summary["images"]["unchanged"]) == (2, 1)
+    assert len(usable_studies(open_catalog(tmp_path / "c.sqlite", readonly=True))) == 3

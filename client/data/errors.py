@@ -30,6 +30,8 @@ REASON_CODES = {
                         "size limit, a missing required value, unparseable boxes); the detail names file and line",
     "conflicting_study": "rows for one study id disagree on the patient, the split or the labels: the study is "
                          "left out rather than merged",
+    "no_longer_listed": "indexed by an earlier run, but the data no longer lists it (a removed row, or one now "
+                        "left out): not used until it is listed again",
     "internal_error": "an unexpected error while reading the file or report (a bug: see the detail and report it)",
 }
 

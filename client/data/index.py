@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.engine import make_url
 
 from client.data.cache import ImageCache, to_cache_image
@@ -195,6 +195,7 @@ class Indexer:
                         progress(sum(len(study.images) for study in batch))
                 # Only a finished run vouches that every stored parse is this parser's.
                 session.merge(CatalogInfo(key="report_parser", value=self.parser))
+                self.mark_unlisted(session)
                 self.drop_empty_studies(session)
                 self.record_warnings(session)
                 session.commit()
@@ -205,6 +206,7 @@ class Indexer:
     def without_duplicates(self, studies: Iterable[StudyRecord]) -> list[StudyRecord]:
         """The studies with each image id listed once (the first entry kept); a study left with no image goes."""
         seen: dict[str, str] = {}
+        self.listed = seen          # every image id the data lists this run
         kept = []
         for study in studies:
             images = []
@@ -225,6 +227,22 @@ class Indexer:
             study.images = images
             kept.append(study)
         return kept
+
+    def mark_unlisted(self, session) -> None:
+        """Images an earlier run indexed that this run's lists no longer hold: rejected, so a removed row
+        (or one now refused) stops being used. Only a finished run gets here: it has seen the whole list."""
+        unlisted = [image_id for image_id, known in self.known_images.items()
+                    if image_id not in self.listed and known.reason != "no_longer_listed"]
+        for start in range(0, len(unlisted), 500):    # below SQLite's limit on bound parameters
+            session.execute(update(Image).where(Image.id.in_(unlisted[start:start + 500])).values(
+                status="rejected", reason="no_longer_listed", cache_shard=None, cache_offset=None,
+                cache_height=None, cache_width=None, index_run_id=self.run_row.id,
+                detail="the data no longer lists this image (its row was removed or is now left out)"))
+        if unlisted:
+            self.rejected["no_longer_listed"] += len(unlisted)
+            self.image_rejected["no_longer_listed"] += len(unlisted)
+            log.warning("%d images indexed earlier are no longer listed by the data and are not used any more "
+                        "(e.g. %s)", len(unlisted), ", ".join(unlisted[:EXAMPLES_PER_WARNING]))
 
     def drop_empty_studies(self, session) -> None:
         """Studies (and then patients) no image row points at any more: left behind by edited lists."""
@@ -396,6 +414,8 @@ class Indexer:
         """Whether a stored outcome still holds under this run's view filter."""
         if known.status == "ok":
             return known.cached and view_allowed(view, self.views)
+        if known.reason == "no_longer_listed":      # listed again: its pixels are no longer in the catalog
+            return False
         return known.reason != "filtered_view" or not view_allowed(view, self.views)
 
     def finish(self, session, record: ImageRecord, known: KnownImage | None, fields: dict,
