@@ -80,7 +80,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ policy
-def test_privacy_none_on_a_dpsgd_site_is_refused_recorded_and_nothing_leaves(tmp_path):
+def test_privacy_none_on_a_dpsgd_site_is_refused_recorded_and_nothing_leaves(tmp_path, caplog):
     site = write_site(tmp_path)
     overrides = f"{BASE} privacy=none"
     ctx = context(site, overrides)
@@ -89,6 +89,7 @@ def test_privacy_none_on_a_dpsgd_site_is_refused_recorded_and_nothing_leaves(tmp
     assert reply.has_error() and not reply.has_content(), "no arrays and no metrics leave"
     assert reply.error.code == POLICY_REFUSED and "privacy=none" in reply.error.reason
     assert "requires DP-SGD" in reply.error.reason
+    assert "site A refuses the round: privacy=none" in caplog.text   # the site's own log
     # recorded at the site: the audit of what left names the refusal; no ledger, no local state was written
     entries = [json.loads(line) for line in (tmp_path / "state" / "outgoing.jsonl").read_text().splitlines()]
     assert len(entries) == 1 and "requires DP-SGD" in entries[0]["error"] and entries[0]["records"] == {}
