@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 from pathlib import Path
 
 from client.site import SiteConfigError
@@ -69,9 +70,8 @@ def check_tls(address: str, ca: str, timeout_s: float = 10.0) -> None:
         raise TransientError(f"SuperLink at {address} is unreachable ({err})") from err
 
 
-def check_node(site: dict, timeout_s: float = 20.0) -> str:
-    """Ask the SuperLink's Fleet API to activate this node, then deactivate it: proves the port is Flower's and
-    the key is registered. Returns what it learned, in words."""
+def _fleet_client(site: dict):
+    """A Fleet API client that signs with the site's node key, and that key."""
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -90,10 +90,39 @@ def check_node(site: dict, timeout_s: float = 20.0) -> str:
         str(site["superlink"]), False, site["root_certificates"],
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
                       NodeAuthHttpInterceptor(key, key.public_key())])
+    return client, key
+
+
+def check_node(site: dict) -> str:
+    """Ask the SuperLink's Fleet API to activate this node, then deactivate it: proves the port is Flower's and
+    the key is registered. Returns what it learned, in words."""
+    client, key = _fleet_client(site)
     try:
         return _activate_and_deactivate(client, key, site)
     finally:
         client.close()
+
+
+def deactivate_node(site: dict, node_id: int | None) -> None:
+    """Tell the SuperLink this site's node is offline (what a SuperNode does when it exits cleanly)."""
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+
+    if node_id is None:
+        return
+    try:
+        client, _ = _fleet_client(site)
+        try:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+        finally:
+            client.close()
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code != 412:  # 412: already offline (the SuperNode said so before it was killed)
+            print(f"warning: could not mark node {node_id} offline at the SuperLink ({err}); it lapses after its "
+                  "heartbeats", file=sys.stderr, flush=True)
+    except (httpx.HTTPError, SiteConfigError, OSError) as err:
+        print(f"warning: could not mark node {node_id} offline at the SuperLink ({err}); it lapses after its "
+              "heartbeats", file=sys.stderr, flush=True)
 
 
 def _activate_and_deactivate(client, key, site: dict) -> str:

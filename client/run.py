@@ -18,7 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script: make the `client` package importable
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from client.preflight import TransientError, check_superlink, permanent_failure  # noqa: E402
+from client.preflight import TransientError, check_superlink, deactivate_node, permanent_failure  # noqa: E402
 from client.site import SITE_DIR, SiteConfigError, data_paths, load_site, site_file  # noqa: E402
 
 
@@ -117,6 +117,11 @@ def launcher_command(site: dict) -> list[str]:
 RESTARTABLE = "Exit Code: 305"
 RESTART_DELAYS_S = (2.0,) + (5.0,) * 29
 SETTLED_S = 300.0  # a SuperNode that ran this long before losing its link starts a fresh series of retries
+# Flower's SuperNode takes ~5 s to exit after SIGTERM (its exit waits on threads until a 5 s forced exit). A site
+# asked to stop gives it this long, then kills it and tells the SuperLink the node is offline itself (after_kill),
+# so a restart is accepted at once instead of after the node's heartbeats lapse.
+STOP_GRACE_S = 1.0
+ACTIVATED = b"SuperNode ID: "
 
 
 def _die_with_parent() -> None:
@@ -139,32 +144,52 @@ def _pass_on(stream, seen: list, classify) -> None:
             seen[0] = True
         if classify is not None and seen[1] is None:
             seen[1] = classify(line.decode(errors="replace"))
+        if ACTIVATED in line and line.rsplit(ACTIVATED, 1)[1].split()[:1] and \
+                line.rsplit(ACTIVATED, 1)[1].split()[0].isdigit():
+            seen[2] = int(line.rsplit(ACTIVATED, 1)[1].split()[0])
 
 
 def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...] = RESTART_DELAYS_S,
-              settled_s: float = SETTLED_S, classify=None) -> int:
+              settled_s: float = SETTLED_S, classify=None, after_kill=None, stop_grace_s: float = STOP_GRACE_S) -> int:
     """Run the SuperNode as a child, forward SIGTERM/SIGINT/SIGHUP to it, and restart it with backoff when it
     exits because it could not connect or be activated; its exit code once it stops for good. `classify(line)`
-    names a permanent failure in a log line (an error whose message says the fix): then no restart."""
+    names a permanent failure in a log line (an error whose message says the fix): then no restart. A child still
+    running `stop_grace_s` after a forwarded signal is killed and `after_kill(node_id)` called (node id from its
+    log, None if it never connected)."""
     stopping = threading.Event()
+    stop_asked = [0.0]
     child: subprocess.Popen | None = None
 
     def forward(signum, _frame) -> None:
+        if not stopping.is_set():
+            stop_asked[0] = time.monotonic()
         stopping.set()
         if child is not None and child.poll() is None:
             child.send_signal(signum)
+
+    def wait_for_child() -> int:
+        while True:
+            try:
+                return child.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                if stopping.is_set() and time.monotonic() - stop_asked[0] > stop_grace_s:
+                    child.kill()
+                    child.wait()
+                    if after_kill is not None:
+                        after_kill(seen[2])
+                    return 0  # stopped as asked
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     failures = 0
     while True:
-        started, seen = time.monotonic(), [False, None]
+        started, seen = time.monotonic(), [False, None, None]
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  preexec_fn=_die_with_parent)
         reader = threading.Thread(target=_pass_on, args=(child.stdout, seen, classify), daemon=True)
         reader.start()
-        code = child.wait()
-        reader.join(timeout=5)  # the SuperNode's own children may hold the pipe open a little longer
+        code = wait_for_child()
+        reader.join(timeout=1 if stopping.is_set() else 5)  # the SuperNode's own children may hold the pipe open a little longer
         if seen[1] is not None and not stopping.is_set():
             print(f"error: {seen[1]}", file=sys.stderr, flush=True)
             return code or 1
@@ -219,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     warm = subprocess.Popen(launcher, env=env, preexec_fn=_die_with_parent)
     try:
         return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays),
-                         classify=lambda line: permanent_failure(site, line))
+                         classify=lambda line: permanent_failure(site, line),
+                         after_kill=lambda node_id: deactivate_node(site, node_id))
     finally:
         warm.terminate()
         try:
-            warm.wait(timeout=10)
+            warm.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             warm.kill()
             warm.wait()

@@ -98,6 +98,43 @@ def test_sigterm_reaches_the_supernode_and_stops_the_supervisor(tmp_path):
             proc.wait()
 
 
+def test_a_supernode_slow_to_exit_is_killed_after_the_grace_and_its_node_marked_offline(tmp_path):
+    """Flower's SuperNode needs ~5 s to exit after SIGTERM; the site stops within ~1 s and deactivates the node."""
+    child = textwrap.dedent(f"""
+        import signal, time
+        from pathlib import Path
+        signal.signal(signal.SIGTERM, lambda *_: None)  # as slow as it likes
+        print("INFO: SuperNode ID: 4242", flush=True)
+        Path({str(tmp_path / 'child_ready')!r}).write_text("ready")
+        time.sleep(120)
+    """)
+    wrapper = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(PROJECT_ROOT)!r})
+        from client.run import supervise
+        code = supervise([sys.executable, "-c", {child!r}], dict(os.environ), delays=(0.01,), stop_grace_s=0.5,
+                         after_kill=lambda node: Path({str(tmp_path / 'deactivated')!r}).write_text(str(node)))
+        sys.exit(code)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "child_ready").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the supervised child did not start"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the node id line has been read
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - asked < 2.5
+        assert (tmp_path / "deactivated").read_text() == "4242"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_site_file_restart_delays_are_checked(tmp_path):
     import pytest
     import yaml
