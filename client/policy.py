@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REQUIREMENTS = ("dpsgd", "secagg")
-POLICY_DEFAULTS = {"require": [], "min_noise_multiplier": None, "accepted_models": None, "accepted_objectives": None}
+# A site file's policy where it says nothing: its `privacy` caps are a DP budget, so DP-SGD is required until the
+# site writes `require: []`. A site without any policy (a simulation's virtual site, written by the run) requires nothing.
+POLICY_DEFAULTS = {"require": ["dpsgd"], "min_noise_multiplier": None, "accepted_models": None,
+                   "accepted_objectives": None}
+NO_POLICY = dict(POLICY_DEFAULTS, require=[])
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -51,14 +55,14 @@ def validate_policy(policy, where: str) -> dict:
     from client.site import SiteConfigError
 
     if policy is None:
-        return dict(POLICY_DEFAULTS)
+        policy = {}
     if not isinstance(policy, dict):
         raise SiteConfigError(f"{where} must be a mapping with keys {list(POLICY_DEFAULTS)}, got {policy!r}")
     unknown = sorted(set(policy) - set(POLICY_DEFAULTS))
     if unknown:
         raise SiteConfigError(f"{where}: unknown key(s) {unknown}; allowed: {list(POLICY_DEFAULTS)}")
     out = {**POLICY_DEFAULTS, **policy}
-    require = out["require"] or []
+    require = [] if out["require"] is None else out["require"]
     if not isinstance(require, list) or any(r not in REQUIREMENTS for r in require):
         raise SiteConfigError(f"{where}.require must be a list drawn from {list(REQUIREMENTS)}, got {require!r}")
     out["require"] = list(require)
@@ -215,7 +219,7 @@ def enforce_policy(site: dict, cfg: DictConfig, round_config: dict | None = None
     through SecAgg+."""
     from client.site import effective_caps
 
-    policy = site.get("policy") or POLICY_DEFAULTS
+    policy = site.get("policy") or NO_POLICY
     name = site.get("name")
     model, objective = str(cfg.model.name), str(cfg.objective.name)
     if policy.get("accepted_models") is not None and model not in policy["accepted_models"]:

@@ -159,7 +159,7 @@ class Deployment:
             site = {**yaml.safe_load((self.kits / "sites" / name / "site.yaml").read_text()),  # the kit's file
                     "data": {"root": str(data), "layout": "manifest", "index": False},
                     "state_dir": str(self.folder / f"state_{name}"), "supernode_port": free_port(), "device": "cpu",
-                    "threads": 1, "policy": None, **self.site_fields.get(name, {})}  # policy: accept the tests' runs
+                    "threads": 1, "policy": {"require": []}, **self.site_fields.get(name, {})}  # policy: accept the tests' runs
             path = self.folder / "sites" / f"{name}.yaml"
             path.parent.mkdir(exist_ok=True)
             path.write_text(yaml.safe_dump(site))

@@ -22,6 +22,7 @@ from server.rounds import round_config
 from shared_models.config import compose
 
 BASE = "model=tiny federation.rounds=2 federation.local_steps=1 federation.batch_size=2"
+OPEN = {"require": []}   # a site that also takes rounds without DP: what is refused here is not the policy
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +144,7 @@ def test_a_config_that_tightens_passes_the_policy_and_reaches_the_model(tmp_path
     "objective.lambdas.tag=../x", "seed=1,2", "unknown_key=1",
 ])
 def test_overrides_outside_the_allow_list_are_refused(tmp_path, override):
-    site = write_site(tmp_path, policy=None)
+    site = write_site(tmp_path, policy=OPEN)
     overrides = f"{BASE} {override}"
     refused(train_content(crafted_round(BASE), context(site, overrides)), POLICY_REFUSED, repr(override))
     assert not (tmp_path / "state").exists()
@@ -163,14 +164,14 @@ def test_the_coordinators_own_folders_are_accepted_but_never_applied_at_the_site
 # ---------------------------------------------------------------------------------------------- run name
 @pytest.mark.parametrize("run", ["../../outside", "/abs/path", "..", "a" * 65, "x/y", "name with space", ""])
 def test_a_run_name_that_leaves_state_dir_is_refused_and_nothing_is_written_outside(tmp_path, run):
-    site = write_site(tmp_path, policy=None)
+    site = write_site(tmp_path, policy=OPEN)
     refused(train_content(crafted_round(BASE, run=run), context(site, BASE)), ROUND_CONFIG_REFUSED,
             "run", "a run name must be 1-64 letters")
     assert files_under(tmp_path) == {"data", "site.yaml"} and not Path("/abs/path").exists()
 
 
 def test_a_run_name_override_is_checked_at_the_site(tmp_path):
-    site = write_site(tmp_path, policy=None)
+    site = write_site(tmp_path, policy=OPEN)
     for override in ("federation.run_name=..", "federation.run_name=" + "b" * 65):
         refused(train_content(crafted_round(BASE), context(site, f"{BASE} {override}")), POLICY_REFUSED,
                 "federation.run_name")
@@ -183,20 +184,20 @@ def test_a_run_name_override_is_checked_at_the_site(tmp_path):
     ("transfer_dtype", "int8"), ("batch_size", 2.5),
 ])
 def test_the_rounds_numbers_are_validated_before_training(tmp_path, key, value):
-    site = write_site(tmp_path, policy=None)
+    site = write_site(tmp_path, policy=OPEN)
     reason = refused(train_content(crafted_round(BASE, **{key: value}), context(site, BASE)), ROUND_CONFIG_REFUSED, key)
     assert "refused by this site" in reason
     assert not (tmp_path / "state").exists(), "a refused round writes nothing"
 
 
 def test_a_round_message_without_its_records_is_refused(tmp_path):
-    site = write_site(tmp_path, policy=None)
+    site = write_site(tmp_path, policy=OPEN)
     refused(train_content(RecordDict({"arrays": ArrayRecord({})}), context(site, BASE)), ROUND_CONFIG_REFUSED, "config")
 
 
 @pytest.mark.parametrize("override", ["train.min_lr_ratio=5", "train.grad_clip=-1", "seed=99999999999"])
 def test_train_settings_from_the_overrides_are_validated(tmp_path, override):
-    site = write_site(tmp_path, policy=None)
+    site = write_site(tmp_path, policy=OPEN)
     key = override.split("=")[0]
     refused(train_content(crafted_round(BASE), context(site, f"{BASE} {override}")), ROUND_CONFIG_REFUSED, key)
     assert not (tmp_path / "state").exists()
@@ -247,6 +248,14 @@ def test_the_first_start_creates_state_dir_and_the_default_catalogs_folder(tmp_p
     site = load_site(tmp_path / "site.yaml")
     assert (tmp_path / "fresh" / "state").is_dir() and site["device"] == "auto"
     assert site["policy"]["require"] == ["dpsgd"] and site["policy"]["accepted_models"] == ["tiny", "tiny_cnn"]
+
+
+def test_a_site_file_without_a_policy_requires_dp(tmp_path):
+    document = site_document(tmp_path)
+    del document["policy"]
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(document))
+    assert load_site(tmp_path / "site.yaml", check_files=False)["policy"]["require"] == ["dpsgd"]
+    refused(train_content(crafted_round(BASE), context(tmp_path / "site.yaml", BASE)), POLICY_REFUSED, "requires DP-SGD")
 
 
 def test_the_example_site_files_are_valid_and_require_dp():
