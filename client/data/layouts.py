@@ -145,6 +145,8 @@ def read_table(path: Path, required: Iterable[str] = (), problems: list[Problem]
             if missing:
                 raise LayoutError(f"{path}: missing column(s) {', '.join(missing)}; "
                                   f"found {', '.join(header) or 'no header'}")
+            capped = [(i, name, MAX_CHARS[name]) for i, name in enumerate(header) if name in MAX_CHARS]
+            nonempty = [(header.index(name), name) for name in values]
             last = reader.line_num
             while True:
                 try:
@@ -158,7 +160,7 @@ def read_table(path: Path, required: Iterable[str] = (), problems: list[Problem]
                 line, last = last + 1, reader.line_num
                 if not fields:
                     continue
-                problem = row_problem(fields, header, values)
+                problem = row_problem(fields, header, capped, nonempty)
                 if problem is not None:
                     left_out.append(Problem(problem[0], source, line, problem[1]))
                     continue
@@ -175,23 +177,39 @@ def read_table(path: Path, required: Iterable[str] = (), problems: list[Problem]
     return rows
 
 
-def row_problem(fields: list[str], header: list[str], values: Iterable[str]) -> tuple[str, str] | None:
-    """(reason code, detail) when a CSV row cannot be used, naming the column."""
+def row_problem(fields: list[str], header: list[str], capped: list[tuple[int, str, int]],
+                required: list[tuple[int, str]]) -> tuple[str, str] | None:
+    """(reason code, detail) when a CSV row cannot be used, naming the column.
+
+    `capped`: (index, name, most characters) of the columns with a length limit; `required`:
+    (index, name) of those that may not be empty.
+    """
     if len(fields) > len(header):
         return "bad_manifest_row", (f"{len(fields)} fields but the header has {len(header)} columns "
                                     "(an unquoted comma?)")
-    for name, value in zip(header, fields):
-        if "\x00" in value:
-            return "nul_bytes", f"a NUL byte in column {name}; is the file binary or corrupted?"
-        if value != value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"):
-            return "bad_manifest_row", f"column {name} is not UTF-8; save the file as UTF-8"
-        if name in MAX_CHARS and len(value.strip()) > MAX_CHARS[name]:
-            return "bad_manifest_row", f"column {name} holds {len(value.strip())} characters, at most {MAX_CHARS[name]}"
-    row = dict(zip(header, fields))
-    empty = [name for name in values if not (row.get(name) or "").strip()]
+    joined = "".join(fields)       # one scan of the whole row first: tables run to 400,000 rows
+    if "\x00" in joined or not (joined.isascii() or is_utf8(joined)):
+        for name, value in zip(header, fields):
+            if "\x00" in value:
+                return "nul_bytes", f"a NUL byte in column {name}; is the file binary or corrupted?"
+            if not is_utf8(value):
+                return "bad_manifest_row", f"column {name} is not UTF-8; save the file as UTF-8"
+    for index, name, limit in capped:
+        if index < len(fields) and len(fields[index]) > limit and len(fields[index].strip()) > limit:
+            return "bad_manifest_row", f"column {name} holds {len(fields[index].strip())} characters, at most {limit}"
+    empty = [name for index, name in required if index >= len(fields) or not fields[index].strip()]
     if empty:
         return "bad_manifest_row", f"empty {', '.join(empty)}"
     return None
+
+
+def is_utf8(text: str) -> bool:
+    """False when the text holds bytes that were not UTF-8 (read as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_label(value: str | None, name: str = "label") -> float | None:
