@@ -30,15 +30,43 @@ class EvalSet:
     reports: list[str]
     masks: np.ndarray | None = None       # bool [N, S, S] for the segmentation target
     meta: dict = field(default_factory=dict)
+    label_values: list[dict] = field(default_factory=list)   # per row: every label column by name (manifests)
+    has_report: np.ndarray | None = None  # bool [N]: the study has a usable report (None: all have)
+    has_mask: np.ndarray | None = None    # bool [N]: the image has a mask (None: all have, or no masks)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def rows(self, keep: np.ndarray) -> "EvalSet":
+        """The subset of these rows (bool [N] or indices), every field alike."""
+        index = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, dtype=np.int64)
+        pick = lambda values: [values[i] for i in index]   # noqa: E731
+        return EvalSet(
+            images=self.images[torch.as_tensor(index)], labels=self.labels[index], patient_ids=pick(self.patient_ids),
+            study_ids=pick(self.study_ids), image_ids=pick(self.image_ids), reports=pick(self.reports),
+            masks=None if self.masks is None else self.masks[index],
+            meta={k: v[index] if isinstance(v, np.ndarray) and len(v) == len(self) else v for k, v in self.meta.items()},
+            label_values=pick(self.label_values) if self.label_values else [],
+            has_report=None if self.has_report is None else self.has_report[index],
+            has_mask=None if self.has_mask is None else self.has_mask[index])
+
+    def with_masks(self) -> "EvalSet":
+        """The rows that have a mask (segmentation trains and scores only on those)."""
+        if self.masks is None:
+            raise ValueError(f"split {self.meta.get('split')!r} has no masks attached")
+        if self.has_mask is None:
+            return self
+        if not self.has_mask.any():
+            raise ValueError(f"no image of split {self.meta.get('split')!r} has a mask (a blank mask_path means "
+                             f"no mask; write {EMPTY_MASK} for an image with nothing to segment)")
+        return self.rows(self.has_mask)
+
     def one_per_study(self) -> np.ndarray:
-        """Row of the first image of each study (retrieval pairs one image with its report)."""
+        """Row of the first image of each study with a report (retrieval pairs one image with its report)."""
         seen: dict[str, int] = {}
         for row, study in enumerate(self.study_ids):
-            seen.setdefault(study, row)
+            if self.has_report is None or self.has_report[row]:
+                seen.setdefault(study, row)
         return np.array(sorted(seen.values()), dtype=np.int64)
 
 
@@ -70,9 +98,10 @@ def prepare_catalog(data_cfg) -> tuple[Path, Path]:
 
 def load_split(catalog: Path, cache: Path, split: str | list[str], image_size: int, uncertain: str) -> EvalSet:
     """Every usable image of `split` (one name or several) through the evaluation transform, labels
-    mapped by the uncertain policy."""
+    mapped by the uncertain policy. Images whose study has no usable report are kept: only
+    retrieval reads the text, and it skips them (`has_report`)."""
     split = split if isinstance(split, str) else list(split)
-    dataset = CxrDataset(catalog, cache, split=split, image_size=image_size)
+    dataset = CxrDataset(catalog, cache, split=split, image_size=image_size, require_report=False)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {catalog} has no usable images; check the split names in the data")
     samples = [dataset[i] for i in range(len(dataset))]
@@ -86,6 +115,8 @@ def load_split(catalog: Path, cache: Path, split: str | list[str], image_size: i
         image_ids=[s["image_id"] for s in samples],
         reports=[s["report"] for s in samples],
         meta={"split": split},
+        label_values=[s["label_values"] for s in samples],
+        has_report=np.array([s["has_report"] for s in samples], dtype=bool),
     )
 
 
@@ -100,9 +131,27 @@ def mask_on_model_grid(mask: np.ndarray, crop: tuple[int, int, int, int], cache_
     return moved[0].numpy() >= 0.5
 
 
+EMPTY_MASK = "EMPTY"   # a manifest's mask_path for "segmented, nothing there"; a blank one means no mask
+
+
+def manifest_mask(root: Path, mask_path: str | None) -> PngMask | None:
+    """A manifest row's mask: None for a blank mask_path (no mask: left out of segmentation), the empty
+    mask for EMPTY, else the PNG file, which must lie inside the data folder."""
+    mask_path = (mask_path or "").strip()
+    if not mask_path:
+        return None
+    if mask_path.upper() == EMPTY_MASK:
+        return PngMask(())
+    path = (root / mask_path).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"mask_path {mask_path!r} resolves outside the data folder {root}; list masks inside it")
+    return PngMask((path,))
+
+
 def attach_masks(eval_set: EvalSet, data_cfg, catalog: Path, target: str) -> EvalSet:
-    """Fill eval_set.masks: the phantom's ground-truth masks for `target`, else the catalog's `mask_path`
-    per image (a manifest column; a blank one is an empty mask)."""
+    """Fill eval_set.masks and .has_mask: the phantom's ground-truth masks for `target`, else the catalog's
+    `mask_path` per image (a manifest column: blank = no mask, EMPTY = an empty mask). An image without a
+    mask, or whose mask cannot be read, is left out of segmentation (`EvalSet.with_masks`)."""
     root = Path(data_cfg.root)
     catalog_db = open_catalog(catalog, readonly=True)
     try:
@@ -112,25 +161,44 @@ def attach_masks(eval_set: EvalSet, data_cfg, catalog: Path, target: str) -> Eva
                     for row in session.scalars(select(Image).where(Image.id.in_(eval_set.image_ids)))}
     finally:
         catalog_db.close()
-    if (root / "ground_truth.json").is_file():
+    phantom = (root / "ground_truth.json").is_file()
+    if phantom:
         by_image: dict[str, Mask] = {r.image_id: r.mask for r in
                                      read_phantom(root, eval_set.meta["split"], target, check_files=False)}
-    elif any(row[3] for row in rows.values()):
-        by_image = {i: PngMask((root / row[3],) if row[3] else ()) for i, row in rows.items()}
     else:
+        by_image = {i: mask for i, row in rows.items() if (mask := manifest_mask(root, row[3])) is not None}
+    if not by_image:
         raise ValueError(f"segmentation needs masks; no image of split {eval_set.meta['split']!r} in {root} has "
-                         "one (use the phantom, a manifest with a mask_path column, or a benchmark reader)")
+                         f"one (use the phantom, a manifest with a mask_path column — blank means no mask, "
+                         f"{EMPTY_MASK} an empty one — or a benchmark reader)")
     size = eval_set.images.shape[-1]
-    masks = []
+    masks, has_mask, unreadable = [], [], []
     for image_id in eval_set.image_ids:
         crop, cache_hw, shape, _ = rows[image_id]
         if image_id not in by_image:
-            raise ValueError(f"image {image_id} has no mask entry in {root}; the masks and the catalog disagree")
-        full = by_image[image_id].array(shape=shape)
-        if full.shape != tuple(shape):
-            raise ValueError(f"mask of image {image_id} is {full.shape}, the image is {tuple(shape)}")
+            if phantom:
+                raise ValueError(f"image {image_id} has no mask entry in {root}; the masks and the catalog disagree")
+            masks.append(np.zeros((size, size), dtype=bool))
+            has_mask.append(False)
+            continue
+        try:
+            full = by_image[image_id].array(shape=shape)
+            if full.shape != tuple(shape):
+                raise ValueError(f"mask is {full.shape}, the image is {tuple(shape)}")
+        except (OSError, ValueError) as error:   # a missing, corrupt or mis-sized mask file: this image only
+            unreadable.append(f"{image_id}: {error}")
+            masks.append(np.zeros((size, size), dtype=bool))
+            has_mask.append(False)
+            continue
         masks.append(mask_on_model_grid(full, crop, cache_hw, size))
-    eval_set.masks = np.stack(masks)
+        has_mask.append(True)
+    if unreadable:
+        log.warning("%d mask(s) of split %s cannot be used and their images are left out of segmentation, e.g. %s",
+                    len(unreadable), eval_set.meta["split"], unreadable[0])
+    eval_set.masks, eval_set.has_mask = np.stack(masks), np.array(has_mask, dtype=bool)
+    if not eval_set.has_mask.all():
+        log.info("segmentation, split %s: %d of %d images have a mask; the others are left out",
+                 eval_set.meta["split"], int(eval_set.has_mask.sum()), len(eval_set))
     return eval_set
 
 

@@ -141,3 +141,127 @@ def run_linear_probe(train_x, train_y, train_patients: Sequence[str], test_x, te
         results[str(fraction)] = entry
     return results, first_scores
 
+
+
+# ----------------------------------------------------------------------------- which labels to probe
+@dataclass
+class ProbeTargets:
+    """What the probe learns: label names (or a multi-class column's classes), targets, and the rows used."""
+
+    names: list[str]
+    train_y: np.ndarray          # float [N, K] (NaN unknown) or, multi-class, int [N]
+    test_y: np.ndarray
+    multiclass: bool
+    train_rows: np.ndarray       # rows of the train / test split the targets belong to
+    test_rows: np.ndarray
+
+
+def label_column(split, name: str, uncertain: str) -> list:
+    """Per row of `split` (an EvalSet) the value of label `name`, None where unknown. CheXpert names come
+    from the label matrix (uncertain already mapped; the phantom's truth), other columns from the
+    manifest's own, with -1 mapped by the uncertain policy."""
+    from evaluation.readers import uncertain_value
+    from shared_models.vocab import CHEXPERT_LABELS
+
+    if name in CHEXPERT_LABELS:
+        return [None if math.isnan(v) else float(v) for v in split.labels[:, CHEXPERT_LABELS.index(name)]]
+    values = [row.get(name) for row in split.label_values] if split.label_values else [None] * len(split)
+    values = [uncertain_value(v, uncertain) if isinstance(v, float) else v for v in values]
+    return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+
+
+def is_binary(values: list) -> bool:
+    return all(isinstance(v, float) and v in (0.0, 1.0) for v in values if v is not None)
+
+
+def class_name(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def counts_text(values: list) -> str:
+    known = [v for v in values if v is not None]
+    if is_binary(values):
+        parts = [f"{sum(v == 1.0 for v in known)} positive", f"{sum(v == 0.0 for v in known)} negative"]
+    else:
+        tally: dict[str, int] = {}
+        for v in known:
+            tally[class_name(v)] = tally.get(class_name(v), 0) + 1
+        parts = [f"{n} {c}" for c, n in sorted(tally.items())]
+    return ", ".join(parts + [f"{len(values) - len(known)} unknown"])
+
+
+def label_names_in(split) -> list[str]:
+    """Every label the split carries a value for: CheXpert names, then a manifest's own columns."""
+    from shared_models.vocab import CHEXPERT_LABELS
+
+    own = sorted({k for row in split.label_values for k, v in row.items() if v is not None} - set(CHEXPERT_LABELS))
+    return [n for k, n in enumerate(CHEXPERT_LABELS) if not np.all(np.isnan(split.labels[:, k]))] + own
+
+
+def _classes(values: list) -> set:
+    return {class_name(v) for v in values if v is not None}
+
+
+def probe_targets(train, test, requested: Sequence[str] | None, uncertain: str) -> ProbeTargets:
+    """The probe's targets for the requested labels (binary or multi-label columns, or one multi-class
+    column), or, with none requested, every binary label with both classes in both splits.
+
+    Blanks are unknown. A label with no value, or a split in which it has a single class, stops here
+    with a message naming the column and its counts (an empty probe used to fail inside L-BFGS)."""
+    every_row = np.arange(len(train)), np.arange(len(test))
+    if "classes" in train.meta:   # COVIDx: one class per image from its benchmark reader
+        return ProbeTargets(list(train.meta["classes"]), train.meta["class_ids"], test.meta["class_ids"], True,
+                            *every_row)
+    available = sorted(set(label_names_in(train)) | set(label_names_in(test)))
+    columns = {}
+    for name in list(requested or available):
+        columns[name] = (label_column(train, name, uncertain), label_column(test, name, uncertain))
+
+    def summary(name: str) -> str:
+        tr, te = columns[name]
+        return f"{name!r} (train: {counts_text(tr)}; test: {counts_text(te)})"
+
+    if not requested:
+        names = [n for n, (tr, te) in columns.items()
+                 if is_binary(tr + te) and len(_classes(tr)) == 2 and len(_classes(te)) == 2]
+        if not names:
+            raise ValueError("linear probe: no label has both classes in both splits: "
+                             + ("; ".join(summary(n) for n in columns) or "the data carries no label column")
+                             + ". Name a label column with probe.labels=[...] (or data.labels)")
+        return _known_rows(_matrix(columns, names, 0), _matrix(columns, names, 1), names)
+
+    for name, (tr, te) in columns.items():
+        if all(v is None for v in tr + te):
+            raise ValueError(f"probe label {name!r}: no image of the train ({len(tr)}) or test ({len(te)}) split "
+                             f"has a value; label columns here: {', '.join(available) or 'none'}")
+        for split_name, values in (("train", tr), ("test", te)):
+            if len(_classes(values)) < 2:
+                raise ValueError(f"probe label {summary(name)}: the {split_name} split has "
+                                 f"{'no' if not _classes(values) else 'one'} class only; a probe needs both "
+                                 "(or for a multi-class column, at least two) in each split")
+    multiclass = [n for n, (tr, te) in columns.items() if not is_binary(tr + te)]
+    if not multiclass:
+        names = list(columns)
+        return _known_rows(_matrix(columns, names, 0), _matrix(columns, names, 1), names)
+    if len(columns) > 1:
+        raise ValueError(f"probe labels {list(columns)}: {multiclass[0]!r} holds classes "
+                         f"({', '.join(sorted(_classes(sum(columns[multiclass[0]], []))))}); probe a multi-class "
+                         f"column alone: probe.labels=[{multiclass[0]}]")
+    tr, te = columns[multiclass[0]]
+    classes = sorted(_classes(tr) | _classes(te))
+    train_rows = np.array([i for i, v in enumerate(tr) if v is not None], dtype=np.int64)
+    test_rows = np.array([i for i, v in enumerate(te) if v is not None], dtype=np.int64)
+    ids = lambda values, rows: np.array([classes.index(class_name(values[i])) for i in rows], dtype=np.int64)  # noqa: E731
+    return ProbeTargets(classes, ids(tr, train_rows), ids(te, test_rows), True, train_rows, test_rows)
+
+
+def _known_rows(train_y: np.ndarray, test_y: np.ndarray, names, *_) -> tuple:
+    """Only the rows with at least one known label: a row with none adds nothing to the loss or the AUC,
+    and `train_images` then counts the images the probe learns from."""
+    rows = [np.flatnonzero(~np.isnan(y).all(axis=1)) for y in (train_y, test_y)]
+    return ProbeTargets(list(names), train_y[rows[0]], test_y[rows[1]], False, rows[0], rows[1])
+
+
+def _matrix(columns: dict, names: list[str], which: int) -> np.ndarray:
+    return np.array([[math.nan if v is None else v for v in columns[n][which]] for n in names],
+                    dtype=np.float64).T.reshape(-1, len(names))

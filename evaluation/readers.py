@@ -396,9 +396,10 @@ def read_manifest(manifest_csv: Path, root: Path | None = None, label_names: Seq
         if split is not None and row.get("split", "") != split:
             continue
         image_id = row["image_path"]
+        # a blank mask_path is no mask (left out of segmentation), EMPTY an empty one
         mask = None
-        if "mask_path" in row:   # a blank mask_path in a manifest with masks means an empty mask
-            mask = PngMask((root / row["mask_path"],) if row["mask_path"] else ())
+        if row.get("mask_path"):
+            mask = PngMask(() if row["mask_path"].upper() == "EMPTY" else (root / row["mask_path"],))
         records.append(Record(
             image_path=root / row["image_path"], patient_id=row.get("patient_id") or image_id, image_id=image_id,
             study_id=row.get("study_id") or None, split=row.get("split") or None,

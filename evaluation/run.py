@@ -14,7 +14,7 @@ from torch import nn
 
 from evaluation.benchmarks import load_benchmark
 from evaluation.data import EvalSet, attach_masks, load_split, prepare_catalog, use_truth_labels
-from evaluation.linear_probe import ProbeSettings, run_linear_probe
+from evaluation.linear_probe import ProbeSettings, probe_targets, run_linear_probe
 from evaluation.report import TASKS, plot_dice_histogram, plot_overlays, plot_roc_curves, write_results
 from evaluation.retrieval import evaluate_retrieval
 from evaluation.segmentation import SegmentationSettings, run_segmentation
@@ -82,14 +82,11 @@ def text_encoder_fn(model, max_length: int) -> Callable[[list[str]], torch.Tenso
     return encode
 
 
-def probe_label_names(cfg: DictConfig, train: EvalSet) -> list[str]:
-    """Configured labels, or every CheXpert label with both classes among the training images."""
-    if cfg.probe.labels:
-        unknown = sorted(set(cfg.probe.labels) - set(CHEXPERT_LABELS))
-        if unknown:
-            raise ValueError(f"probe.labels {unknown} are not CheXpert labels {CHEXPERT_LABELS}")
-        return list(cfg.probe.labels)
-    return [n for k, n in enumerate(CHEXPERT_LABELS) if len(np.unique(train.labels[~np.isnan(train.labels[:, k]), k])) == 2]
+def probe_label_names(cfg: DictConfig) -> list[str]:
+    """probe.labels, else the data config's `labels` list (a manifest's label columns); empty: every binary
+    label with both classes in both splits."""
+    data_labels = cfg.data.get("labels")   # a benchmark's `labels` is its labels file, not a list
+    return list(cfg.probe.labels or (data_labels if OmegaConf.is_list(data_labels) else []))
 
 
 def columns(labels: np.ndarray, names: list[str]) -> np.ndarray:
@@ -98,10 +95,10 @@ def columns(labels: np.ndarray, names: list[str]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ tasks
 def linear_probe_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
-    multiclass = "classes" in train.meta   # COVIDx: one class per image, not CheXpert labels
-    names = list(train.meta["classes"]) if multiclass else probe_label_names(cfg, train)
-    train_y = train.meta["class_ids"] if multiclass else columns(train.labels, names)
-    test_y = test.meta["class_ids"] if multiclass else columns(test.labels, names)
+    # Any label column (CheXpert names or a manifest's own, e.g. covid); stops naming the column and its counts
+    targets = probe_targets(train, test, probe_label_names(cfg), cfg.uncertain)
+    train, test = train.rows(targets.train_rows), test.rows(targets.test_rows)
+    names, multiclass, train_y, test_y = targets.names, targets.multiclass, targets.train_y, targets.test_y
 
     def features(images: torch.Tensor) -> torch.Tensor:   # the backbone's pooled features, as MGCA probes them
         return model.image_encoder(images).global_emb
@@ -128,6 +125,7 @@ def zero_shot_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_di
 
 
 def segmentation_task(model, train: EvalSet, test: EvalSet, cfg: DictConfig, run_dir: Path) -> dict:
+    train, test = train.with_masks(), test.with_masks()   # a blank mask_path is no mask, not an empty one
     seg = cfg.segmentation
     settings = SegmentationSettings(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, width=seg.width,
                                     bce_weight=seg.bce_weight, threshold=seg.threshold, fine_tune=seg.fine_tune,

@@ -125,19 +125,27 @@ def partition(studies: list[StudyEntry], sites: int, cfg: DictConfig, seed: int,
               held_out: set[str] = frozenset()) -> list[Site]:
     """Split `studies` (a catalog's training studies) into patient-disjoint sites with `cfg.strategy`.
 
+    Only studies with a usable report are pre-trained on (`has_report`); the others are counted per
+    site by `composition`, and a data site (the `site` column) left with none is named in a warning.
     Patients in `held_out` (those the evaluation uses) never reach a site; the function refuses to
     return a split in which a patient is at two sites or in `held_out`."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"partition.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    warn_sites_without_reports(studies, held_out)
     patients: Patients = defaultdict(list)
     for study in studies:
-        patients[study.patient_id].append(study)
+        if study.has_report:
+            patients[study.patient_id].append(study)
     overlap = sorted(set(patients) & set(held_out))
     if overlap:
         log.warning("%d patient(s) of the training studies are also in the evaluation splits; they are left out "
                     "of every site so that no patient is both pre-trained on and evaluated", len(overlap))
         for patient in overlap:
             del patients[patient]
+    if not patients:
+        raise ValueError(f"none of the {len(studies)} training studies has a usable report and a patient outside "
+                         "the evaluation splits: nothing to pre-train on (python -m client.data summary shows the "
+                         "report status)")
     if cfg.strategy != "natural" and len(patients) < sites:
         raise ValueError(f"{len(patients)} training patients cannot fill {sites} sites; lower federation.sites")
     rng = np.random.default_rng([seed, 0x5173])
@@ -150,6 +158,30 @@ def partition(studies: list[StudyEntry], sites: int, cfg: DictConfig, seed: int,
               for i, (name, group) in enumerate(zip(names, groups))]
     check_disjoint(result, held_out)
     return result
+
+
+def pretraining_counts(studies: list[StudyEntry], held_out: set[str] = frozenset()) -> dict[str, Counter]:
+    """Per data site (the `site` column): studies with a usable report (`pretraining`) and without (`without_report`)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for study in studies:
+        if study.site not in (None, "") and study.patient_id not in held_out:
+            counts[study.site]["pretraining" if study.has_report else "without_report"] += 1
+    return dict(sorted(counts.items()))
+
+
+def warn_sites_without_reports(studies: list[StudyEntry], held_out: set[str] = frozenset()) -> list[str]:
+    """Name (in a warning) every data site none of whose studies can be pre-trained on; returns them."""
+    empty = {name: c["without_report"] for name, c in pretraining_counts(studies, held_out).items()
+             if not c["pretraining"]}
+    if empty:
+        log.warning("site(s) %s have no study with a usable report (%s): they are left out of pre-training; "
+                    "their images still serve image-only evaluation (linear probe, segmentation)",
+                    ", ".join(empty), ", ".join(f"{name}: {n} without one" for name, n in empty.items()))
+    missing = sum(not s.has_report for s in studies)
+    if missing:
+        log.info("%d of %d training studies have no usable report and are left out of pre-training",
+                 missing, len(studies))
+    return list(empty)
 
 
 def check_disjoint(sites: list[Site], held_out: set[str] = frozenset()) -> None:
@@ -166,8 +198,17 @@ def check_disjoint(sites: list[Site], held_out: set[str] = frozenset()) -> None:
 
 # ------------------------------------------------------------------------------------- composition
 def composition(sites: list[Site], studies: list[StudyEntry]) -> dict[str, dict]:
-    """Per site: studies, patients, scanner, and finding_mix (share of its studies with each observation present)."""
+    """Per site: studies (pre-training), patients, scanner, finding_mix (share of its studies with each
+    observation present) and without_report (its studies left out of pre-training for want of a report).
+    A data site (`site` column) with no pre-training study gets a row of its own with 0 studies."""
     by_id = {s.study_id: s for s in studies}
+    site_names = {site.name for site in sites}
+    owner = {p: site.name for site in sites for p in site.patients}
+    without_report: Counter = Counter()
+    for study in studies:
+        if not study.has_report:   # natural sites count their own; virtual ones their patients'
+            name = study.site if study.site in site_names else owner.get(study.patient_id)
+            without_report[name] += 1
     table = {}
     for site in sites:
         present = np.array([[value == 1 for value in by_id[sid].tags] for sid in site.studies], dtype=float)
@@ -177,19 +218,26 @@ def composition(sites: list[Site], studies: list[StudyEntry]) -> dict[str, dict]
             "patients": len(site.patients),
             "scanner": site.scanner,
             "finding_mix": {name: round(float(v), 3) for name, v in zip(OBSERVATIONS, shares) if v > 0},
+            "without_report": without_report[site.name],
         }
+    for name, counts in pretraining_counts(studies).items():
+        if not counts["pretraining"] and name not in table:
+            table[name] = {"studies": 0, "patients": 0, "scanner": None, "finding_mix": {},
+                           "without_report": counts["without_report"]}
     return table
 
 
 def composition_markdown(table: dict[str, dict], top: int = 6) -> str:
     """The composition as a markdown table: sizes and the most common findings per site."""
-    lines = ["| site | studies | patients | scanner | most common findings (share of studies) |",
-             "|---|---:|---:|---|---|"]
+    lines = ["| site | studies | patients | without report | scanner | most common findings (share of studies) |",
+             "|---|---:|---:|---:|---|---|"]
     for name, row in table.items():
         mix = sorted(row["finding_mix"].items(), key=lambda kv: -kv[1])[:top]
         findings = ", ".join(f"{k} {v:.2f}" for k, v in mix) or "none"
         scanner_text = "-" if row["scanner"] is None else f"profile {row['scanner']}"
-        lines.append(f"| {name} | {row['studies']} | {row['patients']} | {scanner_text} | {findings} |")
+        findings = findings if row["studies"] else "none: not pre-trained on"
+        lines.append(f"| {name} | {row['studies']} | {row['patients']} | {row.get('without_report', 0)} | "
+                     f"{scanner_text} | {findings} |")
     return "\n".join(lines)
 
 

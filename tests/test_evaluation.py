@@ -291,10 +291,12 @@ def test_phantom_reader_masks_per_target(tmp_path):
 def test_manifest_reader_labels_and_masks(tmp_path):
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "m1.png")
     (tmp_path / "manifest.csv").write_text(
-        "image_path,patient_id,split,Pneumothorax,mask_path\nimg1.png,p1,test,1.0,m1.png\nimg2.png,p2,test,0.0,\n")
+        "image_path,patient_id,split,Pneumothorax,mask_path\nimg1.png,p1,test,1.0,m1.png\nimg2.png,p2,test,0.0,EMPTY\n"
+        "img3.png,p3,test,0.0,\n")
     records = readers.read_manifest(tmp_path / "manifest.csv", label_names=["Pneumothorax"], check_files=False)
-    assert [r.labels for r in records] == [{"Pneumothorax": 1.0}, {"Pneumothorax": 0.0}]
+    assert [r.labels for r in records] == [{"Pneumothorax": 1.0}, {"Pneumothorax": 0.0}, {"Pneumothorax": 0.0}]
     assert records[0].mask.array().sum() == 16 and not records[1].mask.array(shape=(4, 4)).any()
+    assert records[2].mask is None   # blank: no mask, not an empty one
 
 
 # ---------------------------------------------------------------------------------- linear probe
@@ -619,3 +621,171 @@ def test_covidx_files_probe_as_multiclass(tmp_path, tiny_setup):
     probe = results["linear_probe"]["1.0"]
     assert set(probe["per_label"]) == set(classes)
     assert probe["accuracy"]["mean"] > 0.8   # grey level alone tells the classes apart
+
+
+# ------------------------------------------------------- a hospital's own manifest: labels, masks, no reports
+@pytest.fixture(scope="module")
+def messy_manifest(tiny_setup):
+    """The tiny phantom's DICOMs re-listed as a hospital export (no ground_truth.json): its own `covid`
+    label (blank for some), a constant `smoker` column, a multi-class `pattern`, masks for every third image,
+    EMPTY for the next, blank for the rest, and no report for every study of site `east` and two others."""
+    import shutil
+
+    import pydicom
+    from PIL import Image as PILImage
+
+    cfg, _, folder = tiny_setup
+    phantom = Path(cfg.data.root)
+    truth = json.loads((phantom / "ground_truth.json").read_text())["studies"]
+    root = folder / "hospital"
+    (root / "img").mkdir(parents=True)
+    (root / "masks").mkdir()
+    patients = sorted({str(s["subject_id"]) for s in truth.values()})
+    header = ["image_path", "report", "patient_id", "study_id", "split", "site", "covid", "smoker", "pattern",
+              "mask_path"]
+    rows, images, seen = [], [], {}
+    for number, (study_id, study) in enumerate(sorted(truth.items())):
+        p = patients.index(str(study["subject_id"]))
+        split = "test" if p % 4 == 0 else "train"
+        site = "east" if p % 4 == 1 else ("north" if p % 2 else "south")
+        subject = str(study["subject_id"])
+        report = (phantom / f"files/p{subject[:2]}/p{subject}/s{study_id}.txt").read_text()
+        if site == "east" or number in (3, 4):
+            report = ""
+        seen[split] = seen.get(split, 0) + 1   # both classes in each split, whatever the phantom drew
+        covid = "" if number % 5 == 4 else str(seen[split] % 2)
+        for dicom in study["dicom_ids"]:
+            k = len(images)
+            shutil.copy(phantom / f"files/p{subject[:2]}/p{subject}/s{study_id}/{dicom}.dcm", root / "img")
+            shape = pydicom.dcmread(root / "img" / f"{dicom}.dcm", stop_before_pixels=True)
+            mask_path = ""
+            if k % 3 == 0:
+                mask = np.zeros((shape.Rows, shape.Columns), np.uint8)
+                mask[shape.Rows // 4: shape.Rows // 2, shape.Columns // 4: shape.Columns // 2] = 255
+                PILImage.fromarray(mask).save(root / "masks" / f"{dicom}.png")
+                mask_path = f"masks/{dicom}.png"
+            elif k % 3 == 1:
+                mask_path = "EMPTY"
+            images.append({"image": dicom, "study": study_id, "split": split, "site": site, "report": bool(report),
+                           "covid": covid, "mask": mask_path})
+            rows.append([f"img/{dicom}.dcm", report, subject, study_id, split, site, covid, "1",
+                         ["normal", "abnormal", "unclear"][number % 3], mask_path])
+    import csv
+    with open(root / "manifest.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return root, images
+
+
+def _manifest_cfg(tiny_setup, root: Path, **changes):
+    from omegaconf import OmegaConf
+
+    from evaluation.run import PROJECT_ROOT
+
+    cfg = OmegaConf.merge(tiny_setup[0], {"eval_split": {"train": "train", "test": "test"}}, changes)
+    cfg.data = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / "configs/data/manifest.yaml"), {"root": str(root)})
+    return cfg
+
+
+def test_manifest_probe_on_its_own_label_column_counts_images_without_reports(messy_manifest, tiny_setup, tmp_path):
+    from evaluation.run import evaluate, probe_label_names
+
+    root, images = messy_manifest
+    train = [i for i in images if i["split"] == "train"]
+    known = [i for i in train if i["covid"]]
+    assert {i["covid"] for i in known} == {"0", "1"} and any(not i["report"] for i in known)
+    results = evaluate(_manifest_cfg(tiny_setup, root, probe={"labels": ["covid"]}, task="linear_probe"), tmp_path / "a")
+    probe = results["linear_probe"]["1.0"]
+    assert list(probe["per_label"]) == ["covid"] and 0.0 <= probe["per_label"]["covid"]["mean"] <= 1.0
+    assert probe["train_images"] == [len(known)]   # blanks are unknown: left out of the column's loss
+    # image-only evaluation keeps the images whose study has no report
+    assert results["images"] == {"train": len(train), "test": len(images) - len(train)}
+    # the data config's `labels:` list names the probe's labels when probe.labels does not
+    by_data = _manifest_cfg(tiny_setup, root)
+    by_data.data.labels = ["covid", "smoker"]
+    assert probe_label_names(by_data) == ["covid", "smoker"]
+    by_data.probe.labels = ["pattern"]
+    assert probe_label_names(by_data) == ["pattern"]
+
+
+def test_manifest_probe_refuses_unusable_labels_naming_column_and_counts(messy_manifest, tiny_setup):
+    from evaluation.data import load_split, prepare_catalog
+    from evaluation.linear_probe import probe_targets
+
+    root, images = messy_manifest
+    catalog, cache = prepare_catalog(_manifest_cfg(tiny_setup, root).data)
+    train, test = (load_split(catalog, cache, split, 32, "ones") for split in ("train", "test"))
+    n_train = sum(i["split"] == "train" for i in images)
+    with pytest.raises(ValueError, match=r"probe label 'smoker' \(train: %d positive, 0 negative, 0 unknown; "
+                                         r"test: \d+ positive, 0 negative, 0 unknown\): the train split has one class"
+                                         % n_train):
+        probe_targets(train, test, ["smoker"], "ones")
+    with pytest.raises(ValueError, match=r"probe label 'Pneumothorax': no image .* label columns here: covid, "
+                                         r"pattern, smoker"):
+        probe_targets(train, test, ["Pneumothorax"], "ones")
+    with pytest.raises(ValueError, match=r"probe a multi-class column alone: probe.labels=\[pattern\]"):
+        probe_targets(train, test, ["covid", "pattern"], "ones")
+    with pytest.raises(ValueError, match=r"no label has both classes in both splits: 'covid' \(train: \d+ positive"):
+        probe_targets(train, test.rows(np.array([k for k, v in enumerate(test.label_values) if v["covid"] != 0.0])),
+                      None, "ones")
+    multiclass = probe_targets(train, test, ["pattern"], "ones")
+    assert multiclass.multiclass and multiclass.names == ["abnormal", "normal", "unclear"]
+    assert [multiclass.names[c] for c in multiclass.train_y] == [train.label_values[k]["pattern"]
+                                                                 for k in multiclass.train_rows]
+    covid = probe_targets(train, test, None, "ones")   # no request: every binary label usable in both splits
+    assert covid.names == ["covid"] and len(covid.train_rows) == sum(v["covid"] is not None for v in train.label_values)
+
+
+def test_blank_mask_path_is_no_mask_and_empty_marker_an_empty_mask(messy_manifest, tiny_setup, tmp_path):
+    from evaluation.data import attach_masks, load_split, prepare_catalog
+    from evaluation.run import evaluate
+
+    root, images = messy_manifest
+    cfg = _manifest_cfg(tiny_setup, root, task="segmentation")
+    catalog, cache = prepare_catalog(cfg.data)
+    train = attach_masks(load_split(catalog, cache, "train", 128, "ones"), cfg.data, catalog, "any")
+    listed = {i["image"]: i["mask"] for i in images}
+    rows = {image_id.split("/")[-1]: k for k, image_id in enumerate(train.image_ids)}
+    for image, k in rows.items():
+        assert train.has_mask[k] == bool(listed[image])
+        if listed[image] == "EMPTY":
+            assert not train.masks[k].any()
+        elif listed[image]:
+            assert 0.03 < train.masks[k].mean() < 0.4   # the drawn square, through crop and resize
+    with_masks = train.with_masks()
+    assert len(with_masks) == sum(1 for i in images if i["split"] == "train" and i["mask"]) < len(train)
+    results = evaluate(cfg, tmp_path / "seg")
+    assert results["segmentation"]["1.0"]["train_images"] == [len(with_masks)]
+
+
+def test_studies_without_report_leave_pretraining_not_evaluation_and_their_site_is_named(
+        messy_manifest, tiny_setup, caplog):
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from client.data.catalog import open_catalog, usable_studies
+    from client.data.dataset import CxrDataset
+    from evaluation.data import prepare_catalog
+    from simulations.partition import composition, composition_markdown, partition
+
+    root, images = messy_manifest
+    catalog, cache = prepare_catalog(_manifest_cfg(tiny_setup, root).data)
+    train = [i for i in images if i["split"] == "train"]
+    pretraining = CxrDataset(catalog, cache, split="train", image_size=64)
+    assert sorted(e.image_id.split("/")[-1] for e in pretraining.images) == sorted(i["image"] for i in train if i["report"])
+    everything = CxrDataset(catalog, cache, split="train", image_size=64, require_report=False)
+    assert len(everything) == len(train) and sum(not s["has_report"] for s in everything) == \
+        sum(not i["report"] for i in train)
+    db = open_catalog(catalog, readonly=True)
+    studies = usable_studies(db, "train", require_report=False)
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="simulations.partition"):
+        sites = partition(studies, 3, OmegaConf.create({"strategy": "natural"}), seed=0)
+    assert [s.name for s in sites] == ["north", "south"]   # east has nothing to pre-train on
+    assert "east" in caplog.text and "no study with a usable report" in caplog.text
+    table = composition(sites, studies)
+    east_studies = {i["study"] for i in train if i["site"] == "east"}
+    assert table["east"]["studies"] == 0 and table["east"]["without_report"] == len(east_studies)
+    assert sum(row["studies"] for row in table.values()) == len({i["study"] for i in train if i["report"]})
+    assert table["north"]["without_report"] == len({i["study"] for i in train if i["site"] == "north" and not i["report"]})
+    assert "| east | 0 | 0 |" in composition_markdown(table)

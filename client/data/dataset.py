@@ -11,7 +11,7 @@ from sqlalchemy import select
 from torch.utils.data import Dataset
 
 from client.data.cache import ImageCache
-from client.data.catalog import Catalog, Image, Study, labels_as_floats, open_catalog
+from client.data.catalog import Catalog, Image, Study, label_values, labels_as_floats, open_catalog
 from client.data.transforms import EvalTransform, TrainTransform
 from shared_models.vocab import OBSERVATIONS, REGIONS, ZONE_ATLAS
 
@@ -27,6 +27,8 @@ class StudyText:
     sentence_regions: list[int]
     tags: torch.Tensor
     labels: torch.Tensor
+    label_values: dict          # every label column by name (a manifest's own, e.g. covid), None = unknown
+    has_report: bool
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ def boxes_for(image: Image) -> torch.Tensor:
 class CxrDataset(Dataset):
     """Images with status `ok` whose study has a usable report, read from the cache.
 
+    `require_report=False` keeps the images of studies without one (empty text fields, `has_report`
+    False): image-only evaluation (linear probe, segmentation) uses them, pre-training must not.
+
     `augmentation` holds TrainTransform's settings (`{}`: its defaults); None gives the deterministic
     evaluation view. `study_ids` / `patient_ids` restrict it (a site's partition);
     `site_transform(image, image_id)` runs on the cached image before augmentation (the simulation's
@@ -68,7 +73,9 @@ class CxrDataset(Dataset):
                  split: str | Iterable[str] | None = None, image_size: int = 224,
                  augmentation: Mapping | None = None,
                  study_ids: Iterable[str] | None = None, patient_ids: Iterable[str] | None = None,
-                 site_transform: Callable[[torch.Tensor, str], torch.Tensor] | None = None):
+                 site_transform: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+                 require_report: bool = True):
+        self.require_report = require_report
         self.cache = ImageCache(cache_dir)
         self.transform = (EvalTransform(image_size) if augmentation is None
                           else TrainTransform(image_size, **dict(augmentation)))
@@ -79,8 +86,10 @@ class CxrDataset(Dataset):
         owned = not isinstance(catalog, Catalog)
         catalog = open_catalog(catalog, readonly=True) if owned else catalog
         query = (select(Image, Study).join(Study, Image.study_id == Study.id)
-                 .where(Image.status == "ok", Image.cache_shard.is_not(None), Study.report_status == "ok")
+                 .where(Image.status == "ok", Image.cache_shard.is_not(None))
                  .order_by(Image.study_id, Image.id))
+        if self.require_report:
+            query = query.where(Study.report_status == "ok")
         if split is not None:
             query = query.where(Study.split.in_([split] if isinstance(split, str) else list(split)))
         if study_ids is not None:
@@ -108,7 +117,8 @@ class CxrDataset(Dataset):
         return StudyText(findings, impression, report_text(findings, impression, sentences), sentences,
                          [int(r) for r in study.sentence_regions or [-1] * len(sentences)],
                          torch.tensor(tags, dtype=torch.float32),
-                         torch.tensor(labels_as_floats(study.labels), dtype=torch.float32))
+                         torch.tensor(labels_as_floats(study.labels), dtype=torch.float32),
+                         label_values(study.labels), study.report_status == "ok")
 
     @property
     def patient_ids(self) -> list[str]:
@@ -135,4 +145,5 @@ class CxrDataset(Dataset):
             "report": study.report, "sentences": list(study.sentences),
             "sentence_regions": list(study.sentence_regions), "tags": study.tags.clone(),
             "labels": study.labels.clone(), "boxes": boxes,
+            "label_values": dict(study.label_values), "has_report": study.has_report,
         }

@@ -118,11 +118,12 @@ def printable(text: str) -> str:
 
 def parser_fingerprint() -> str:
     """Changes whenever the report parser or the vocabularies change, so stored parses are redone."""
+    import client.data.report_lexicon
     import client.data.reports
     import shared_models.vocab
 
     digest = hashlib.sha256()
-    for module in (client.data.reports, shared_models.vocab):
+    for module in (client.data.reports, client.data.report_lexicon, shared_models.vocab):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
