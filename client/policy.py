@@ -27,6 +27,7 @@ POLICY_DEFAULTS = {"require": ["dpsgd"], "min_noise_multiplier": None, "accepted
 NO_POLICY = dict(POLICY_DEFAULTS, require=[])
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_OVERRIDES, MAX_OVERRIDE_CHARS = 512, 4096
 
 # Config groups a coordinator may choose; their values are preset names under configs/<group>/.
 GROUPS = ("model", "objective", "privacy", "train", "federation")
@@ -149,12 +150,15 @@ def accepted_overrides(overrides: list[str], simulated: bool = False) -> list[st
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    if len(overrides) > MAX_OVERRIDES or any(len(line) > MAX_OVERRIDE_CHARS for line in overrides):
+        raise PolicyRefused(f"the run config carries {len(overrides)} overrides (at most {MAX_OVERRIDES}, each at "
+                            f"most {MAX_OVERRIDE_CHARS} characters, are read)")
     accepted = []
     for line in overrides:
         try:
             (override,) = OverridesParser.create().parse_overrides([line])
         except HydraException as err:
-            raise _refuse(line, f"not a Hydra override ({err})") from None
+            raise _refuse(line, f"not a Hydra override ({' '.join(str(err).split())})") from None
         key = override.key_or_group
         if override.package is not None:
             raise _refuse(line, "package overrides (key@package) are not accepted")
@@ -244,8 +248,12 @@ def enforce_policy(site: dict, cfg: DictConfig, round_config: dict | None = None
     dpsgd = OmegaConf.to_container(dpsgd, resolve=True)
     run_caps = {k.removeprefix("privacy_"): v for k, v in round_config.items() if k.startswith("privacy_")}
     caps = effective_caps(site["privacy"], run_caps)
-    target = dpsgd.get("target_epsilon")
-    if target is not None and (not isinstance(target, (int, float)) or target > caps["max_epsilon"]):
+    target, multiplier = dpsgd.get("target_epsilon"), dpsgd.get("noise_multiplier")
+    for key, value in (("target_epsilon", target), ("noise_multiplier", multiplier)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise PolicyRefused(f"privacy.dpsgd.{key}={value!r} must be a finite number > 0")
+    if target is not None and target > caps["max_epsilon"]:
         raise PolicyRefused(f"privacy.dpsgd.target_epsilon={target} is above site {name}'s max_epsilon="
                             f"{caps['max_epsilon']:g}")
     floor = policy.get("min_noise_multiplier")

@@ -101,6 +101,8 @@ def test_privacy_none_on_a_dpsgd_site_is_refused_recorded_and_nothing_leaves(tmp
 @pytest.mark.parametrize("loosening, words", [
     ("privacy=dpsgd privacy.dpsgd.noise_multiplier=0.1", ["noise_multiplier", "0.1", "floor"]),
     ("privacy=dpsgd privacy.dpsgd.target_epsilon=50", ["target_epsilon=50", "max_epsilon=8"]),
+    ("privacy=dpsgd privacy.dpsgd.noise_multiplier=nan", ["noise_multiplier=nan", "finite number > 0"]),
+    ("privacy=dpsgd privacy.dpsgd.target_epsilon=inf", ["target_epsilon=inf", "finite number > 0"]),
     ("privacy=dpsgd model=resnet50_bert", ["model=resnet50_bert", "accepts only models"]),
     ("privacy=dpsgd model.sharing.shared=[image_encoder.*,objectives.*]", ["model.sharing", "never send more"]),
 ])
@@ -141,7 +143,7 @@ def test_a_config_that_tightens_passes_the_policy_and_reaches_the_model(tmp_path
     "data.root=/etc", "data.catalog=/tmp/x.sqlite", "data=manifest", "cache_dir=/tmp/c", "federation.site_dir=/tmp",
     "train.resume_from=/tmp/ckpt", "train.threads=64", "model.text.name=bert-base-uncased", "hydra.run.dir=/tmp",
     "+federation.ledger=x", "~privacy.dpsgd", "objective.lambdas.tag=${oc.env:HOME}", "partition=iid",
-    "objective.lambdas.tag=../x", "seed=1,2", "unknown_key=1",
+    "objective.lambdas.tag=../x", "seed=1,2", "unknown_key=1", "model=../../x", "objective.lambdas=[1,",
 ])
 def test_overrides_outside_the_allow_list_are_refused(tmp_path, override):
     site = write_site(tmp_path, policy=OPEN)
