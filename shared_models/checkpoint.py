@@ -124,7 +124,9 @@ def load_checkpoint(folder: str | Path) -> tuple[PretrainModel, dict]:
     if mismatched:
         details = ", ".join(f"{key} {actual[key]} (meta.json: {expected[key]})" for key in mismatched)
         raise CheckpointError(f"{folder}: fingerprint mismatch, {details}; the folder mixes files of different runs")
-    model = create_model(cfg, tokenizer=tokenizer)
+    # The checkpoint holds the image weights: its pretrained file need not exist on this machine.
+    model = create_model({**cfg, "model": {**cfg["model"], "image": {**cfg["model"]["image"], "pretrained": False}}},
+                         tokenizer=tokenizer)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise CheckpointError(f"{folder / MODEL_FILE} holds tensors this model does not have: {unexpected[:5]}…")

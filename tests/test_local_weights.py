@@ -121,3 +121,21 @@ def test_text_weights_of_another_shape_or_a_missing_folder_are_refused(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         TextEncoder(name=str(tmp_path / "empty"), pretrained=True)
+
+
+def test_a_checkpoint_loads_without_the_weights_file_its_model_started_from(tmp_path):
+    from shared_models.checkpoint import load_checkpoint, save_checkpoint
+    from shared_models.config import compose
+    from shared_models.factory import create_model
+
+    image = OmegaConf.to_container(OmegaConf.load(PROJECT / "configs/model/tiny.yaml").image)
+    torch.manual_seed(6)
+    start = ImageEncoder(**image).model
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()}, tmp_path / "start.safetensors")
+    cfg = compose(["model=tiny", f"model.image.pretrained={tmp_path / 'start.safetensors'}"])
+    model = create_model(cfg)
+    same_parameters(start, model.image_encoder.model)
+    folder = save_checkpoint(tmp_path / "checkpoint", model, cfg, step=0)
+    (tmp_path / "start.safetensors").unlink()   # evaluated on another machine: the checkpoint holds the weights
+    loaded, _ = load_checkpoint(folder)
+    same_parameters(model.image_encoder.model, loaded.image_encoder.model)
