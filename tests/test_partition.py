@@ -136,3 +136,32 @@ def test_unknown_strategy_and_too_few_patients_are_clear_errors():
     with pytest.raises(ValueError, match="cannot fill"):
         partition(make_studies(3), 5, cfg("iid"), seed=0)
     assert set(STRATEGIES) == {"iid", "dirichlet", "quantity", "scanner", "natural"}
+
+
+@pytest.mark.parametrize("strategy", ["natural", "iid"])
+def test_studies_without_report_are_counted_per_site_and_a_site_left_with_none_is_named(strategy, caplog):
+    studies = make_studies(60, sites=["north", "south", "east"])
+    # east has no notes at all; one north study lacks its report
+    first_north = next(s.study_id for s in studies if s.site == "north")
+    studies = [dataclasses.replace(s, has_report=False) if s.site == "east" or s.study_id == first_north else s
+               for s in studies]
+    with caplog.at_level("WARNING", logger="simulations.partition"):
+        sites = partition(studies, 2, cfg(strategy), seed=0)
+    assert "east" in caplog.text and "no study with a usable report" in caplog.text
+    assert "north" not in caplog.text and "south" not in caplog.text
+    pretrained = sorted(s for site in sites for s in site.studies)
+    assert pretrained == sorted(s.study_id for s in studies if s.has_report)
+    if strategy == "natural":
+        assert [s.name for s in sites] == ["north", "south"]   # east takes no part in the federation
+    table = composition(sites, studies)
+    east = sum(s.site == "east" for s in studies)
+    assert table["east"] == {"studies": 0, "patients": 0, "scanner": None, "finding_mix": {}, "without_report": east}
+    assert sum(row["without_report"] for row in table.values()) == east + 1
+    assert sum(row["studies"] for row in table.values()) == len(pretrained)
+    assert "| east | 0 | 0 | %d |" % east in composition_markdown(table)
+
+
+def test_no_study_with_a_report_is_a_clear_error():
+    studies = [dataclasses.replace(s, has_report=False) for s in make_studies(10)]
+    with pytest.raises(ValueError, match="none of the .* training studies has a usable report"):
+        partition(studies, 2, cfg("iid"), seed=0)
