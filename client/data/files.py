@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_module
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from client.data.errors import Rejected
@@ -27,22 +27,39 @@ from client.data.errors import Rejected
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
-def resolve_inside(base: Path, listed: str, allow_outside: bool = False) -> Path:
+def resolve_inside(base: Path, listed: str, allow_outside: bool = False, folders: dict | None = None) -> Path:
     """The real path of `listed` (relative to `base`, or absolute) when it stays inside `base`.
 
     Raises Rejected("outside_root") for `..` that climbs out, an absolute path elsewhere, or a
     symlink anywhere on the way that leads out; `allow_outside` lifts this (shared storage).
     A path that does not exist resolves as far as it can: the open reports it missing.
+    `folders` caches the real path of each folder for one pass over a layout (thousands of images
+    share a folder); what is then read is checked again on the open descriptor (open_regular).
     """
     if "\x00" in listed:
         raise Rejected("nul_bytes", f"the path {listed!r} contains a NUL byte")
-    base = Path(os.path.realpath(base))
-    candidate = Path(listed) if os.path.isabs(listed) else base / PurePosixPath(listed.replace("\\", "/"))
-    real = Path(os.path.realpath(candidate))
-    if allow_outside or real == base or real.is_relative_to(base):
-        return real
+    folders = folders if folders is not None else {}
+    base = os.fspath(base)
+    base = folders.get(base) or folders.setdefault(base, os.path.realpath(base))
+    path = listed if os.path.isabs(listed) else os.path.join(base, listed.replace("\\", "/"))
+    # `..` and `.` are resolved by realpath itself, symlink by symlink, never by cutting the text.
+    real = os.path.realpath(path) if "/." in path else _realpath(path, folders)
+    if allow_outside or real == base or real.startswith(base.rstrip("/") + "/"):
+        return Path(real)
     raise Rejected("outside_root", f"{listed} resolves to {real}, outside {base}; list files inside the data "
                                    "folder, or pass --allow-outside-root if the data lives on shared storage")
+
+
+def _realpath(path: str, folders: dict) -> str:
+    """os.path.realpath, with the real path of the folder taken from `folders` when known."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", "..") or not folder:
+        return os.path.realpath(path)
+    real_folder = folders.get(folder)
+    if real_folder is None:         # one lstat a new folder: its parents are known already
+        real_folder = folders[folder] = _realpath(folder, folders)
+    real = os.path.join(real_folder, name)
+    return os.path.realpath(real) if os.path.islink(real) else real
 
 
 def check_regular(path: Path, max_bytes: int | None = None, too_large: str = "too_large") -> os.stat_result:

@@ -155,6 +155,7 @@ class Indexer:
         self.reports = Counter()                    # read (ok or rejected) / unchanged
         self.problems: list[Problem] = list(getattr(layout, "problems", []))
         self.inside = None if getattr(layout, "allow_outside_root", False) else layout.root
+        self.folders: dict[str, str] = {}          # real path of each folder, for this run only
 
     def load_known(self, session) -> None:
         shard_sizes = self.cache.shard_sizes() if self.cache.directory.is_dir() else {}
@@ -372,7 +373,7 @@ class Indexer:
                 "unreadable_path", f"{record.path}: the file name is not valid UTF-8 (shown as \\xNN); rename the file"))
         try:
             # Inside the root, a regular file (a pipe would block, a device never end), of a size worth reading.
-            path = resolve_inside(self.layout.root, record.path, self.inside is None)
+            path = resolve_inside(self.layout.root, record.path, self.inside is None, self.folders)
             stat = check_regular(path, max_file_bytes(self.max_pixels))
         except Rejected as failure:
             return self.finish(session, record, known, fields, failure)
@@ -390,7 +391,7 @@ class Indexer:
         if record.mask_path is None:
             return None
         try:
-            resolve_inside(self.layout.root, record.mask_path, self.inside is None)
+            resolve_inside(self.layout.root, record.mask_path, self.inside is None, self.folders)
         except Rejected as failure:
             self.problems.append(Problem(failure.code, record.path, None, f"mask_path left out: {failure.detail}"))
             return None

@@ -264,11 +264,12 @@ class FolderReports:
 
     def __init__(self, base: Path, allow_outside: bool = False):
         self.base, self.allow_outside = Path(os.path.realpath(base)), allow_outside
+        self.folders: dict[str, str] = {}    # real path of each folder (the read re-checks what it opened)
 
     def read(self, key: str, max_bytes: int = MAX_REPORT_BYTES) -> bytes | None:
         for listed in (key, str(PurePosixPath(key).relative_to("files"))):
             try:
-                path = resolve_inside(self.base, listed, self.allow_outside)
+                path = resolve_inside(self.base, listed, self.allow_outside, self.folders)
                 return read_bounded(path, max_bytes, "report_too_large",
                                     inside=None if self.allow_outside else self.base)
             except Rejected as error:
