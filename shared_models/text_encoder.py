@@ -1,7 +1,6 @@
 """Text encoder: any Hugging Face encoder -> token, sentence and report embeddings plus word weights."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,6 @@ class TextFeatures:
     word_weights: torch.Tensor      # [B, L] last layer's CLS attention, head-averaged, 0 on padding
     sentence_embeds: torch.Tensor | None = None   # [B, S, D] mean over each sentence's tokens
     sentence_mask: torch.Tensor | None = None     # [B, S] True where the sentence has tokens
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def local_model_folder(name: str) -> str | None:
