@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from omegaconf import DictConfig, OmegaConf
 
 from server.aggregation import COMBINERS, ROBUST_QUORUM
-from shared_models.transfer import TRANSFER_DTYPES
+from shared_models.transfer import check_transfer_dtype
 
 Params = dict[str, np.ndarray]
 
@@ -86,6 +86,11 @@ def run_config_problems(cfg: DictConfig) -> list[str]:
     _check(problems, fed, "max_examples_weight", low=1, optional=True)
     _check(problems, fed, "examples_growth_factor", low=1, optional=True)
     _check(problems, fed, "examples_weight_factor", low=1, optional=True)
+    _check(problems, fed, "privacy.max_epsilon", low=0, low_open=True, optional=True)
+    _check(problems, fed, "privacy.max_delta", low=0, low_open=True, high=1, optional=True)
+    if not isinstance(OmegaConf.select(fed, "keep_optimizer_state", default=False), bool):
+        problems.append(f"federation.keep_optimizer_state={OmegaConf.select(fed, 'keep_optimizer_state')!r} must be "
+                        "true or false")
     if OmegaConf.select(fed, "update_norm_action") not in ("clip", "reject"):
         problems.append(f"federation.update_norm_action={OmegaConf.select(fed, 'update_norm_action')!r} must be "
                         "clip or reject")
@@ -101,9 +106,10 @@ def run_config_problems(cfg: DictConfig) -> list[str]:
             and int(fed.min_sites) < ROBUST_QUORUM[strategy]:
         problems.append(f"federation.strategy={strategy} needs federation.min_sites >= {ROBUST_QUORUM[strategy]} "
                         f"(got {fed.min_sites}): with fewer sites it trims nothing and is a plain mean")
-    if OmegaConf.select(fed, "transfer_dtype") not in TRANSFER_DTYPES:
-        problems.append(f"federation.transfer_dtype={OmegaConf.select(fed, 'transfer_dtype')!r} must be one of "
-                        f"{list(TRANSFER_DTYPES)}")
+    try:
+        check_transfer_dtype(OmegaConf.select(fed, "transfer_dtype"))
+    except ValueError as err:
+        problems.append(str(err))
     if not isinstance(OmegaConf.select(fed, "resume"), bool):
         problems.append(f"federation.resume={OmegaConf.select(fed, 'resume')!r} must be true or false")
     if (name := OmegaConf.select(fed, "run_name")) is not None and (problem := run_name_problem(name)):
