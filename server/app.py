@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shared_models.privacy_config import ONE_SITE_PER_ROUND, validate_federation_privacy
 from server.aggregation import ROBUST_QUORUM, Aggregator
-from server.central_dp import dp_fedavg
+from server.central_dp import CentralDp
 from server.checkpoints import discard_after, load_latest_valid, save_round
 from server.influence import HISTORY_ROUNDS, Bounds, bound_influence, reference_norm
 from server.registry import Registry
@@ -133,7 +133,8 @@ class Federation:
         self.bounds = Bounds.from_config(self.fed)
         self.norm_history: list[float] = []   # each round's reference update norm (server.influence)
         self._site_names: SiteNames | None = None
-        self.central_dp = OmegaConf.select(cfg, "privacy.central_dp")
+        central = OmegaConf.select(cfg, "privacy.central_dp")
+        self.central_dp = CentralDp.from_config(central) if central else None
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
         self.connected_nodes: int | None = None   # at the current round's start: each site's share of the rounds
         self.model = initial_model(cfg)
@@ -199,6 +200,8 @@ class Federation:
         connected = wait_for_sites(self.grid, self.fed)
         self.connected_nodes = len(connected)
         nodes = sites_of_round(self.fed.strategy, connected, round_)
+        if self.central_dp:   # site_fraction < 1: each site asked with that probability (secret coins)
+            nodes = self.central_dp.sample_sites(nodes)
         exchange_round = self._secure_exchange if self.secagg else self._exchange
         nodes, accepted, bytes_sent, bytes_received = exchange_round(round_, params, nodes)
 
@@ -222,13 +225,14 @@ class Federation:
                                f"from round {round_ - 1} with federation.resume=true")
 
         if self.central_dp:
-            params = dp_fedavg(params, [r.update for r in accepted],
-                               float(self.central_dp.clipping_norm), float(self.central_dp.noise_multiplier))
+            params = self.central_dp.aggregate(params, [r.update for r in accepted], len(connected))
         elif self.secagg:   # one update: the sites' example-weighted mean, all the server ever sees
             params = self.aggregator(params, [(accepted[0].update, sum(r.weight for r in accepted))])
         else:
             params = self.aggregator(params, [(r.update, r.weight) for r in accepted])
         metrics = _weighted_metrics(accepted)
+        if self.central_dp:   # central epsilon after this round and of one round (server/central_dp.py)
+            metrics.update(self.central_dp.round_metrics(round_))
         seconds = time.monotonic() - started
         meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
                 "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,

@@ -63,7 +63,13 @@ def validate_federation_privacy(cfg) -> None:
         )
     if central is not None:
         _positive(central, "clipping_norm", f"{where}: privacy.central_dp")
-        _positive(central, "noise_multiplier", f"{where}: privacy.central_dp", allow_zero=True)
+        # no zero: a noiseless DP-FedAvg is not private, and its accountant's epsilon would be infinite
+        _positive(central, "noise_multiplier", f"{where}: privacy.central_dp")
+        fraction, delta = central.get("site_fraction", 1.0), central.get("delta", 1e-5)
+        if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
+            raise ValueError(f"{where}: privacy.central_dp.site_fraction must be in (0, 1], got {fraction!r}")
+        if not (isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 < delta < 1):
+            raise ValueError(f"{where}: privacy.central_dp.delta must be in (0, 1), got {delta!r}")
         if strategy not in MEAN_STRATEGIES:
             raise ValueError(
                 f"{where} with federation.strategy={strategy}: Flower's server-side fixed-clipping DP wrapper adds "

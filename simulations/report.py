@@ -156,6 +156,8 @@ def write_report(run_dir: Path, summary: dict, sites_markdown: str) -> Path:
     schedule = "; ".join(f"{arm} ({summary['schedule'][arm]['steps']} steps along one model): {terms}"
                          for arm, terms in never.items())
     epsilon = ", ".join(f"{site} {e:.2f}" for site, e in summary["epsilon"].items()) or "DP off"
+    if summary.get("central_epsilon") is not None:   # site-level DP-FedAvg at the server
+        epsilon += f"; central (per site) {summary['central_epsilon']:.2f}"
     text = f"""# Simulation report
 
 {final_table(summary)}

@@ -333,6 +333,9 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         "bytes": {"to_sites": sum(r["global"]["bytes_sent"] for r in rounds),
                   "to_server": sum(r["global"]["bytes_received"] for r in rounds)},
         "epsilon": epsilon,
+        # site-level DP-FedAvg's epsilon after the last round (server/central_dp.py); None without central DP
+        "central_epsilon": next((r["global"]["central_epsilon"] for r in reversed(rounds)
+                                 if "central_epsilon" in r["global"]), None),
         "schedule": schedule,
         "flower": {"run_id": record.get("run-id"), "status": record["status"], "client_resources": vars(resources)},
     }
