@@ -1,6 +1,7 @@
 """Linear probe on frozen features: class-balanced logistic regression (full-batch L-BFGS) per label set."""
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from evaluation.metrics import multiclass_accuracy, per_label_auc, spread
 from evaluation.sampling import sample_fraction
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,6 +159,10 @@ class ProbeTargets:
     test_rows: np.ndarray
 
 
+# A label column written in words is binary too.
+YES_NO = {"yes": 1.0, "true": 1.0, "positive": 1.0, "no": 0.0, "false": 0.0, "negative": 0.0}
+
+
 def label_column(split, name: str, uncertain: str) -> list:
     """Per row of `split` (an EvalSet) the value of label `name`, None where unknown. CheXpert names come
     from the label matrix (uncertain already mapped; the phantom's truth), other columns from the
@@ -166,6 +173,7 @@ def label_column(split, name: str, uncertain: str) -> list:
     if name in CHEXPERT_LABELS:
         return [None if math.isnan(v) else float(v) for v in split.labels[:, CHEXPERT_LABELS.index(name)]]
     values = [row.get(name) for row in split.label_values] if split.label_values else [None] * len(split)
+    values = [YES_NO.get(v.casefold(), v) if isinstance(v, str) else v for v in values]
     values = [uncertain_value(v, uncertain) if isinstance(v, float) else v for v in values]
     return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
 
@@ -239,6 +247,8 @@ def probe_targets(train, test, requested: Sequence[str] | None, uncertain: str) 
                 raise ValueError(f"probe label {summary(name)}: the {split_name} split has "
                                  f"{'no' if not _classes(values) else 'one'} class only; a probe needs both "
                                  "(or for a multi-class column, at least two) in each split")
+    for name in columns:
+        log.info("probe label %s", summary(name))
     multiclass = [n for n, (tr, te) in columns.items() if not is_binary(tr + te)]
     if not multiclass:
         names = list(columns)

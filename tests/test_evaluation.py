@@ -642,7 +642,7 @@ def messy_manifest(tiny_setup):
     (root / "masks").mkdir()
     patients = sorted({str(s["subject_id"]) for s in truth.values()})
     header = ["image_path", "report", "patient_id", "study_id", "split", "site", "covid", "smoker", "pattern",
-              "mask_path"]
+              "ventilated", "mask_path"]
     rows, images, seen = [], [], {}
     for number, (study_id, study) in enumerate(sorted(truth.items())):
         p = patients.index(str(study["subject_id"]))
@@ -669,7 +669,7 @@ def messy_manifest(tiny_setup):
             images.append({"image": dicom, "study": study_id, "split": split, "site": site, "report": bool(report),
                            "covid": covid, "mask": mask_path})
             rows.append([f"img/{dicom}.dcm", report, subject, study_id, split, site, covid, "1",
-                         ["normal", "abnormal", "unclear"][number % 3], mask_path])
+                         ["normal", "abnormal", "unclear"][number % 3], ["No", "yes", ""][seen[split] % 3], mask_path])
     import csv
     with open(root / "manifest.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
@@ -720,19 +720,22 @@ def test_manifest_probe_refuses_unusable_labels_naming_column_and_counts(messy_m
                                          % n_train):
         probe_targets(train, test, ["smoker"], "ones")
     with pytest.raises(ValueError, match=r"probe label 'Pneumothorax': no image .* label columns here: covid, "
-                                         r"pattern, smoker"):
+                                         r"pattern, smoker, ventilated"):
         probe_targets(train, test, ["Pneumothorax"], "ones")
     with pytest.raises(ValueError, match=r"probe a multi-class column alone: probe.labels=\[pattern\]"):
         probe_targets(train, test, ["covid", "pattern"], "ones")
     with pytest.raises(ValueError, match=r"no label has both classes in both splits: 'covid' \(train: \d+ positive"):
-        probe_targets(train, test.rows(np.array([k for k, v in enumerate(test.label_values) if v["covid"] != 0.0])),
-                      None, "ones")
+        positives = [k for k, v in enumerate(test.label_values) if v["covid"] != 0.0 and v["ventilated"] != "No"]
+        probe_targets(train, test.rows(np.array(positives)), None, "ones")
     multiclass = probe_targets(train, test, ["pattern"], "ones")
     assert multiclass.multiclass and multiclass.names == ["abnormal", "normal", "unclear"]
     assert [multiclass.names[c] for c in multiclass.train_y] == [train.label_values[k]["pattern"]
                                                                  for k in multiclass.train_rows]
+    words = probe_targets(train, test, ["ventilated"], "ones")   # yes / no is binary; blank unknown
+    assert not words.multiclass and set(np.unique(words.train_y)) == {0.0, 1.0}
     covid = probe_targets(train, test, None, "ones")   # no request: every binary label usable in both splits
-    assert covid.names == ["covid"] and len(covid.train_rows) == sum(v["covid"] is not None for v in train.label_values)
+    assert covid.names == ["covid", "ventilated"] and len(covid.train_rows) == sum(
+        v["covid"] is not None or v["ventilated"] is not None for v in train.label_values)
 
 
 def test_blank_mask_path_is_no_mask_and_empty_marker_an_empty_mask(messy_manifest, tiny_setup, tmp_path):
