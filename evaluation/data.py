@@ -166,7 +166,18 @@ def attach_masks(eval_set: EvalSet, data_cfg, catalog: Path, target: str) -> Eva
         by_image: dict[str, Mask] = {r.image_id: r.mask for r in
                                      read_phantom(root, eval_set.meta["split"], target, check_files=False)}
     else:
-        by_image = {i: mask for i, row in rows.items() if (mask := manifest_mask(root, row[3])) is not None}
+        by_image, refused = {}, []
+        for image_id, row in rows.items():
+            try:
+                mask = manifest_mask(root, row[3])
+            except ValueError as error:   # this image only: it is left out of segmentation
+                refused.append(f"{image_id}: {error}")
+                continue
+            if mask is not None:
+                by_image[image_id] = mask
+        if refused:
+            log.warning("%d mask_path value(s) refused, their images are left out of segmentation, e.g. %s",
+                        len(refused), refused[0])
     if not by_image:
         raise ValueError(f"segmentation needs masks; no image of split {eval_set.meta['split']!r} in {root} has "
                          f"one (use the phantom, a manifest with a mask_path column — blank means no mask, "

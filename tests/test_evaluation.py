@@ -792,3 +792,16 @@ def test_studies_without_report_leave_pretraining_not_evaluation_and_their_site_
     assert sum(row["studies"] for row in table.values()) == len({i["study"] for i in train if i["report"]})
     assert table["north"]["without_report"] == len({i["study"] for i in train if i["site"] == "north" and not i["report"]})
     assert "| east | 0 | 0 |" in composition_markdown(table)
+
+
+def test_manifest_mask_path_blank_empty_file_and_outside(tmp_path):
+    from evaluation.data import manifest_mask
+
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "data" / "m.png")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "outside.png")
+    assert manifest_mask(tmp_path / "data", "") is None and manifest_mask(tmp_path / "data", None) is None
+    assert not manifest_mask(tmp_path / "data", " empty ").array(shape=(4, 4)).any()
+    assert manifest_mask(tmp_path / "data", "m.png").array().all()
+    with pytest.raises(ValueError, match="outside the data folder"):
+        manifest_mask(tmp_path / "data", "../outside.png")
