@@ -216,10 +216,9 @@ def probe_targets(train, test, requested: Sequence[str] | None, uncertain: str) 
 
     Blanks are unknown. A label with no value, or a split in which it has a single class, stops here
     with a message naming the column and its counts (an empty probe used to fail inside L-BFGS)."""
-    every_row = np.arange(len(train)), np.arange(len(test))
     if "classes" in train.meta:   # COVIDx: one class per image from its benchmark reader
         return ProbeTargets(list(train.meta["classes"]), train.meta["class_ids"], test.meta["class_ids"], True,
-                            *every_row)
+                            np.arange(len(train)), np.arange(len(test)))
     available = sorted(set(label_names_in(train)) | set(label_names_in(test)))
     columns = {}
     for name in list(requested or available):
@@ -265,7 +264,7 @@ def probe_targets(train, test, requested: Sequence[str] | None, uncertain: str) 
     return ProbeTargets(classes, ids(tr, train_rows), ids(te, test_rows), True, train_rows, test_rows)
 
 
-def _known_rows(train_y: np.ndarray, test_y: np.ndarray, names, *_) -> tuple:
+def _known_rows(train_y: np.ndarray, test_y: np.ndarray, names: list[str]) -> ProbeTargets:
     """Only the rows with at least one known label: a row with none adds nothing to the loss or the AUC,
     and `train_images` then counts the images the probe learns from."""
     rows = [np.flatnonzero(~np.isnan(y).all(axis=1)) for y in (train_y, test_y)]
