@@ -199,6 +199,8 @@ def _evaluate(cfg: DictConfig, tasks: list[str], run_dir: Path, data_name: str |
         train, test = load_benchmark(cfg.data, size, cfg.uncertain, masks="segmentation" in tasks)
     else:
         train, test = catalog_splits(cfg, size, masks="segmentation" in tasks)
+    if tasks == ["segmentation"]:   # `images` then counts what it uses: the images with a mask
+        train, test = train.with_masks(), test.with_masks()
     shared = set(train.patient_ids) & set(test.patient_ids)
     if shared:
         raise ValueError(f"the train and test splits share {len(shared)} patients; choose disjoint splits")

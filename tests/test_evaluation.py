@@ -758,6 +758,8 @@ def test_blank_mask_path_is_no_mask_and_empty_marker_an_empty_mask(messy_manifes
     assert len(with_masks) == sum(1 for i in images if i["split"] == "train" and i["mask"]) < len(train)
     results = evaluate(cfg, tmp_path / "seg")
     assert results["segmentation"]["1.0"]["train_images"] == [len(with_masks)]
+    assert results["images"] == {split: sum(1 for i in images if i["split"] == split and i["mask"])
+                                 for split in ("train", "test")}
 
 
 def test_studies_without_report_leave_pretraining_not_evaluation_and_their_site_is_named(
