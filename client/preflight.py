@@ -94,13 +94,56 @@ def _fleet_client(site: dict):
 
 
 def check_node(site: dict) -> str:
-    """Ask the SuperLink's Fleet API to activate this node, then deactivate it: proves the port is Flower's and
-    the key is registered. Returns what it learned, in words."""
+    """Whether the SuperLink knows this site's node key, asked without changing anything: an activation request
+    with a heartbeat interval of 0. The SuperLink (flwr 1.41) looks the key up first, then checks the interval, so
+    a registered key is answered "invalid heartbeat interval" (code 2003) and an unknown one "failed to activate"
+    (2004); either way no node goes online. A plain activation could not tell: an unknown key and a node still
+    held online both get 2004. Also proves the port is Flower's Fleet API. Returns what it learned, in words."""
     client, key = _fleet_client(site)
     try:
-        return _activate_and_deactivate(client, key, site)
+        return _probe_registration(client, key, site)
     finally:
         client.close()
+
+
+def _probe_registration(client, key, site: dict) -> str:
+    import httpx
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    address = str(site["superlink"])
+    try:
+        reply = client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(key.public_key()),
+                                                        heartbeat_interval=0))
+    except httpx.HTTPStatusError as err:
+        status = err.response.status_code
+        error = FlowerError.from_json(err.response.text)
+        code = int(error.code) if error is not None else None
+        if code == 2003:
+            return "node key registered"
+        if code == 2004:
+            raise unregistered(site) from err
+        if status in (404, 405):
+            raise PermanentError(f"{address} speaks HTTPS but is not Flower's Fleet API (HTTP {status}); fix: set "
+                                 "superlink: to the port flower-superlink --port listens on") from err
+        if status == 401:
+            raise PermanentError(f"the SuperLink refused this node's signed request (HTTP 401); fix: check this "
+                                 "machine's clock and that node_private_key is this site's kit key") from err
+        detail = error.message if error is not None else err.response.text[:200]
+        raise TransientError(f"the SuperLink answered HTTP {status}: {detail}") from err
+    except httpx.HTTPError as err:
+        if "CERTIFICATE_VERIFY_FAILED" in str(err):
+            raise wrong_certificate(address, site["root_certificates"], str(err)) from err
+        if "WRONG_VERSION_NUMBER" in str(err):
+            raise not_tls(address) from err
+        raise TransientError(f"SuperLink at {address}: {err}") from err
+    # A SuperLink that took interval 0 has activated the node: undo that.
+    try:
+        client.DeactivateNode(DeactivateNodeRequest(node_id=reply.node_id))
+    except httpx.HTTPError:
+        pass
+    return f"node key registered (node id {reply.node_id})"
 
 
 def deactivate_node(site: dict, node_id: int | None) -> None:
@@ -125,58 +168,18 @@ def deactivate_node(site: dict, node_id: int | None) -> None:
               "heartbeats", file=sys.stderr, flush=True)
 
 
-def _activate_and_deactivate(client, key, site: dict) -> str:
-    import httpx
-    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
-    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
-    from flwr.supercore.error import FlowerError
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
-    address = str(site["superlink"])
-    try:
-        reply = client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(key.public_key()),
-                                                        heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
-    except httpx.HTTPStatusError as err:
-        status, text = err.response.status_code, err.response.text
-        error = FlowerError.from_json(text)
-        detail = error.message if error is not None else text[:200]
-        if "No SuperNode found" in detail:
-            raise unregistered(site) from err
-        if "could not be activated" in detail:
-            return ("node key registered (the SuperLink holds this node as online now: another client/run.py for "
-                    "this site runs, or a crashed session lapses within ~60 s)")
-        if status in (404, 405):
-            raise PermanentError(f"{address} speaks HTTPS but is not Flower's Fleet API (HTTP {status}); fix: set "
-                                 "superlink: to the port flower-superlink --port listens on") from err
-        if status == 401:
-            raise PermanentError(f"the SuperLink refused this node's signed request ({detail}); fix: check this "
-                                 "machine's clock and that node_private_key is this site's kit key") from err
-        raise TransientError(f"the SuperLink answered HTTP {status}: {detail}") from err
-    except httpx.HTTPError as err:
-        if "CERTIFICATE_VERIFY_FAILED" in str(err):
-            raise wrong_certificate(address, site["root_certificates"], str(err)) from err
-        if "WRONG_VERSION_NUMBER" in str(err):
-            raise not_tls(address) from err
-        raise TransientError(f"SuperLink at {address}: {err}") from err
-    try:
-        client.DeactivateNode(DeactivateNodeRequest(node_id=reply.node_id))
-    except httpx.HTTPError:
-        pass
-    return f"node key registered (node id {reply.node_id})"
-
-
 def check_superlink(site: dict) -> str:
     """Every check, in order; what the last one learned. Raises PermanentError or TransientError."""
     check_tls(str(site["superlink"]), site["root_certificates"])
     return check_node(site)
 
 
-# What the SuperNode logs for the failures above (it exits 1 for all of them; only its log names the reason).
+# What the SuperNode logs for the failures above (it exits 1 for all of them; only its log names the reason). An
+# unknown key is logged as "Failed to activate SuperNode", as is a node still held online: check_node tells them apart.
 PERMANENT_LOG_MARKS = {
     "CERTIFICATE_VERIFY_FAILED": lambda site, line: wrong_certificate(str(site["superlink"]), site["root_certificates"],
                                                                       line.strip()[-200:]),
     "WRONG_VERSION_NUMBER": lambda site, line: not_tls(str(site["superlink"])),
-    "No SuperNode found with the given public key": lambda site, line: unregistered(site),
 }
 
 

@@ -18,7 +18,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script: make the `client` package importable
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from client.preflight import TransientError, check_superlink, deactivate_node, permanent_failure  # noqa: E402
+from client.preflight import (TransientError, check_node, check_superlink, deactivate_node,  # noqa: E402
+                              permanent_failure)
 from client.site import SITE_DIR, SiteConfigError, data_paths, load_site, site_file  # noqa: E402
 
 
@@ -150,10 +151,12 @@ def _pass_on(stream, seen: list, classify) -> None:
 
 
 def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...] = RESTART_DELAYS_S,
-              settled_s: float = SETTLED_S, classify=None, after_kill=None, stop_grace_s: float = STOP_GRACE_S) -> int:
+              settled_s: float = SETTLED_S, classify=None, after_kill=None, stop_grace_s: float = STOP_GRACE_S,
+              recheck=None) -> int:
     """Run the SuperNode as a child, forward SIGTERM/SIGINT/SIGHUP to it, and restart it with backoff when it
     exits because it could not connect or be activated; its exit code once it stops for good. `classify(line)`
-    names a permanent failure in a log line (an error whose message says the fix): then no restart. A child still
+    names a permanent failure in a log line (an error whose message says the fix): then no restart; `recheck()`
+    runs before each restart and raises SiteConfigError when one would not help. A child still
     running `stop_grace_s` after a forwarded signal is killed and `after_kill(node_id)` called (node id from its
     log, None if it never connected)."""
     stopping = threading.Event()
@@ -195,6 +198,12 @@ def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...]
             return code or 1
         if code == 0 or not seen[0] or stopping.is_set():
             return 128 - code if code < 0 else code
+        if recheck is not None:
+            try:
+                recheck()
+            except SiteConfigError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return code
         if time.monotonic() - started > settled_s:
             failures = 0
         if failures >= len(delays):
@@ -209,6 +218,15 @@ def supervise(command: list[str], env: dict[str, str], delays: tuple[float, ...]
               f"{failures + 1} of {len(delays) + 1}", flush=True)
         if stopping.wait(delay):
             return code
+
+
+def recheck(site: dict) -> None:
+    """Before a restart: raise PermanentError if the SuperLink does not know the node key (a refused activation
+    also means a node still held online, which a retry fixes); a SuperLink that cannot be asked now is retried."""
+    try:
+        check_node(site)
+    except TransientError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return supervise(command, env, RESTART_DELAYS_S if delays is None else tuple(float(d) for d in delays),
                          classify=lambda line: permanent_failure(site, line),
-                         after_kill=lambda node_id: deactivate_node(site, node_id))
+                         after_kill=lambda node_id: deactivate_node(site, node_id), recheck=lambda: recheck(site))
     finally:
         warm.terminate()
         try:

@@ -307,9 +307,11 @@ cd "$FLWR_HOME"   # not a folder holding a {federation}/ folder: flwr would take
 status=0
 if [ "$#" -eq 0 ]; then set -- $(cd "$KIT/nodes" && ls *.pub | sed 's/\\.pub$//'); fi
 for site in "$@"; do
-  if out=$(flwr supernode register "$KIT/nodes/$site.pub" {federation} --name "$site" --format json 2>&1); then
-    echo "$site: $out"
-  elif echo "$out" | grep -qi "already"; then
+  # flwr exits 0 even when it fails with --format json: read its answer
+  out=$(flwr supernode register "$KIT/nodes/$site.pub" {federation} --name "$site" --format json 2>&1)
+  if echo "$out" | grep -q '"success": true'; then
+    echo "$site: registered, $(echo "$out" | grep -o '"node-id": [0-9]*')"
+  elif echo "$out" | grep -qi "already in use"; then
     echo "$site: already registered"
   else
     echo "$site: registration failed: $out" >&2; status=1

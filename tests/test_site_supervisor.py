@@ -47,17 +47,35 @@ def test_supervisor_gives_up_after_its_delays_with_the_supernode_exit_code(tmp_p
 
 
 def test_a_permanent_failure_in_the_log_is_not_retried(tmp_path, capsys):
-    """A key the SuperLink does not know also exits with the restartable code: the log line says it is permanent."""
+    """A wrong CA also exits with the restartable code: the log line says it is permanent."""
     from client.preflight import permanent_failure
 
-    script = ('print("ERROR: Failed to initialize the connection. No SuperNode found with the given public key.");'
+    script = ('print("ERROR: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer");'
               f'print("ERROR: {RESTARTABLE}"); import sys; open({str(tmp_path / "starts")!r}, "a").write("x"); sys.exit(1)')
-    site = {"name": "A", "node_private_key": "/keys/node_key", "superlink": "h:1", "root_certificates": "ca.crt"}
+    site = {"name": "A", "node_private_key": "/keys/node_key", "superlink": "h:1", "root_certificates": "/kit/ca.crt"}
     code = supervise([sys.executable, "-c", script], dict(os.environ), delays=(0.01,) * 5,
                      classify=lambda line: permanent_failure(site, line))
     assert code == 1 and (tmp_path / "starts").read_text() == "x"  # one start, no restart
     err = capsys.readouterr().err
-    assert "does not know this site's node key /keys/node_key" in err and "register_nodes.sh A" in err
+    assert "CERTIFICATE_VERIFY_FAILED" in err and "root_certificates must be the ca.crt of this federation's kit" in err
+
+
+def test_a_refused_activation_of_an_unknown_key_is_not_retried(tmp_path, capsys):
+    """An unknown key and a node still held online both log 'Failed to activate': the recheck tells them apart."""
+    from client.preflight import unregistered
+
+    site = {"name": "C", "node_private_key": "/keys/node_key"}
+    asked = []
+
+    def recheck():
+        asked.append(1)
+        if len(asked) == 2:  # the first refusal was a session still held online; then the key is unregistered
+            raise unregistered(site)
+
+    code = supervise(_fake_supernode(tmp_path, failures=99, then=0), dict(os.environ), delays=(0.01,) * 5,
+                     recheck=recheck)
+    assert code == 1 and (tmp_path / "starts").read_text() == "2" and len(asked) == 2
+    assert "register_nodes.sh C" in capsys.readouterr().err
 
 
 def test_other_exit_codes_are_not_retried(tmp_path):
