@@ -140,26 +140,6 @@ class SiteReply:
     notes: list[str] = field(default_factory=list)
 
 
-def validate_update(update: Params, reference: Params) -> list[str]:
-    """Everything wrong with a site's decoded arrays compared with the global shared parameters (empty: fine)."""
-    problems = []
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing:
-        problems.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} parameter(s): {', '.join(extra[:5])}")
-    for name in sorted(set(update) & set(reference)):
-        value, ref = np.asarray(update[name]), reference[name]
-        if value.shape != ref.shape:
-            problems.append(f"{name}: shape {value.shape}, expected {ref.shape}")
-        elif value.dtype != ref.dtype:
-            problems.append(f"{name}: dtype {value.dtype}, expected {ref.dtype}")
-        elif np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            problems.append(f"{name}: {int((~np.isfinite(value)).sum())} NaN/Inf value(s)")
-    return problems
-
-
 def _wire_dtypes(ref: np.ndarray) -> set[np.dtype]:
     """The dtypes an array may travel in: its own, or float16 for a floating one (`federation.transfer_dtype`)."""
     return {ref.dtype, np.dtype(np.float16)} if np.issubdtype(ref.dtype, np.floating) else {ref.dtype}
@@ -185,10 +165,13 @@ def _read_array(name: str, array, ref: np.ndarray) -> tuple[np.ndarray | None, s
         value = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:   # whatever the bytes are, the reply is rejected, not the ServerApp stopped
         return None, f"{name}: unreadable array ({type(err).__name__}: {err})"
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+        return None, f"{name}: {int((~np.isfinite(value)).sum())} NaN/Inf value(s)"
     return value.astype(ref.dtype) if value.dtype != ref.dtype else value, None
 
 
-def _read_arrays(record: ArrayRecord, reference: Params) -> tuple[Params, list[str]]:
+def read_arrays(record: ArrayRecord, reference: Params) -> tuple[Params, list[str]]:
+    """(the arrays that passed, as the global dtypes; everything wrong with the record against `reference`)."""
     problems, update = [], {}
     names = list(record.keys())
     if not all(isinstance(name, str) for name in names):
@@ -204,8 +187,6 @@ def _read_arrays(record: ArrayRecord, reference: Params) -> tuple[Params, list[s
         problems.insert(0, f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}")
     if extra:
         problems.insert(0, f"unexpected {len(extra)} parameter(s): {', '.join(extra[:5])}")
-    if not problems:
-        problems = validate_update(update, reference)   # now only NaN/Inf can be left
     return update, problems
 
 
@@ -273,7 +254,7 @@ def read_reply(reply: Message, node: int, reference: Params) -> tuple[SiteReply 
         return None, label, [f"site record {sorted(map(str, site))} must hold one `name`"] if set(site) != {"name"} else [problem]
     label = name
     examples, metrics, problems = read_metrics(dict(content["metrics"]))
-    update, array_problems = _read_arrays(content["arrays"], reference)
+    update, array_problems = read_arrays(content["arrays"], reference)
     problems += array_problems
     if problems:
         return None, label, problems

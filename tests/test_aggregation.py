@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from omegaconf import OmegaConf
 
 from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
@@ -18,10 +19,11 @@ from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
 from server.rounds import hybridmed_stage, round_config, site_rounds, sites_of_round, total_local_steps
 from server.runs import main as runs_main
-from server.validation import validate_update
+from server.validation import read_arrays
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
 from shared_models.sharing import shared_parameter_names, sharing_settings
+from shared_models.transfer import contiguous
 from simulations.deployment import phantom_site_fields
 
 
@@ -88,22 +90,24 @@ def test_aggregator_from_config_rejects_unknown_strategy():
         Aggregator.from_config(fed)
 
 
-def test_validate_update_names_every_problem():
+def test_read_arrays_names_every_problem():
     reference = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32), "c": np.zeros(1, np.float32)}
-    update = {
-        "a": np.array([[0, np.nan], [np.inf, 0]], np.float32),
-        "b": np.zeros(4, np.float32),
-        "x": np.zeros(1, np.float32),
-    }
-    problems = validate_update(update, reference)
+
+    def record(arrays):
+        return ArrayRecord({k: Array(contiguous(v)) for k, v in arrays.items()})
+
+    _, problems = read_arrays(record({"a": np.array([[0, np.nan], [np.inf, 0]], np.float32), "b": np.zeros(4, np.float32),
+                                      "x": np.zeros(1, np.float32)}), reference)
     text = "\n".join(problems)
     assert "missing 1 parameter(s): c" in text
     assert "unexpected 1 parameter(s): x" in text
     assert "b: shape (4,), expected (3,)" in text
     assert "a: 2 NaN/Inf" in text
-    assert validate_update({"b": np.zeros(3, np.float64), "a": reference["a"], "c": reference["c"]}, reference) == [
+    assert read_arrays(record({"b": np.zeros(3, np.float64), "a": reference["a"], "c": reference["c"]}), reference)[1] == [
         "b: dtype float64, expected float32"]
-    assert validate_update(dict(reference), reference) == []
+    # float16 on the wire is widened back to the global dtype
+    update, problems = read_arrays(record({k: v.astype(np.float16) for k, v in reference.items()}), reference)
+    assert problems == [] and all(update[k].dtype == np.float32 for k in reference)
 
 
 def test_checkpoint_falls_back_when_newest_is_truncated(tmp_path, caplog):
