@@ -172,6 +172,18 @@ def test_a_run_name_that_leaves_state_dir_is_refused_and_nothing_is_written_outs
     assert files_under(tmp_path) == {"data", "site.yaml"} and not Path("/abs/path").exists()
 
 
+def test_local_state_that_resolves_outside_state_dir_is_refused(tmp_path):
+    from client.federated import _local_file
+
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    state.mkdir()
+    outside.mkdir()
+    assert _local_file({"state_dir": str(state)}, "r") == (state / "runs" / "r" / "local.safetensors").resolve()
+    (state / "runs").symlink_to(outside)   # a link planted in state_dir: the site still never writes through it
+    with pytest.raises(PolicyRefused, match="outside this site's state_dir"):
+        _local_file({"state_dir": str(state)}, "r")
+
+
 def test_a_run_name_override_is_checked_at_the_site(tmp_path):
     site = write_site(tmp_path, policy=OPEN)
     for override in ("federation.run_name=..", "federation.run_name=" + "b" * 65):
