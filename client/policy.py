@@ -35,8 +35,8 @@ GROUPS = ("model", "objective", "privacy", "train", "federation")
 COORDINATOR_ONLY = ("federation.output_dir", "federation.registry")
 # train.* keys that are the site's business (its cores, its files), not the run's hyperparameters.
 SITE_TRAIN_KEYS = ("train.resume_from", "train.threads", "train.num_workers")
-# model.* keys that would change what the site runs beyond its accepted presets: a hub name or folder of weights,
-# downloaded pretrained weights.
+# model.* keys that would change what the site runs beyond its accepted presets: the architecture's name, a hub
+# name, folder or file of weights to load from the site's disk.
 MODEL_IDENTITY = ("model.name", "model.text.name", "model.image.pretrained", "model.text.pretrained",
                   "model.image.timm_name")
 # The last part of a key that names a folder, file, database or URL of the site's.
