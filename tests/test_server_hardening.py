@@ -65,7 +65,10 @@ class ReplyGrid:
         def body(node):
             make = self.replies[node]
             return make(self.sent) if isinstance(make, Replying) else make()
-        return [reply_from(int(i[3:]), body(int(i[3:])), self.src.get(int(i[3:]))) for i in ids]
+        # replies arrive in the order `replies` lists the nodes (the first claim of a name wins)
+        order = list(self.replies)
+        nodes = sorted((int(i[3:]) for i in ids), key=order.index)
+        return [reply_from(node, body(node), self.src.get(node)) for node in nodes]
 
 
 class Replying:
