@@ -131,7 +131,7 @@ class LocalSimulation:
     it, by PID."""
 
     linger_s = 120.0   # how long Flower may take to finish a run after the ServerApp has recorded its end
-    stop_s = 3.0       # how long the processes get to end on SIGTERM before SIGKILL (Ctrl-C must stop within 5 s)
+    stop_s = 1.5       # how long the processes get to end on SIGTERM before SIGKILL (Ctrl-C must stop within 5 s)
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -177,6 +177,7 @@ class LocalSimulation:
         with signals_held():
             self.note_processes()
             pids = [pid for pid, started in self.seen.items() if start_time(pid) == started]
+            began = time.monotonic()
             for sig, wait_s in ((signal.SIGTERM, self.stop_s), (signal.SIGKILL, 1.0)):
                 for pid in pids:
                     try:
@@ -188,6 +189,8 @@ class LocalSimulation:
                     self.process.poll()
                     time.sleep(0.05)
                 pids = [pid for pid in pids if _alive(pid)]
+                log.info("%s sent; %d processes left after %.1f s", signal.Signals(sig).name, len(pids),
+                         time.monotonic() - began)
                 if not pids:
                     break
             self.process.wait()
