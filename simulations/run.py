@@ -71,13 +71,10 @@ def write_site_files(folder: Path, sites: list[Site], cfg: DictConfig, data: Pre
 
 
 def site_data(cfg: DictConfig, data: PreparedData) -> dict:
-    """A virtual site's `data` section: the run's data settings, resolved (the run has indexed them already)."""
-    section = {"root": str(Path(data.root).resolve()), "layout": str(cfg.data.layout),
-               "split": str(cfg.partition.split), "index": False}
-    for key in ("reports", "manifest"):
-        if cfg.data.get(key):
-            section[key] = str(cfg.data[key]) if key == "manifest" else str(Path(cfg.data[key]).resolve())
-    return section
+    """A virtual site's `data` section, resolved. The run has indexed the data already (`index: false`), so the
+    site needs no reports or manifest location: its studies are in the catalog and cache named beside it."""
+    return {"root": str(Path(data.root).resolve()), "layout": str(cfg.data.layout),
+            "split": str(cfg.partition.split), "index": False}
 
 
 # ------------------------------------------------------------------------------- app overrides

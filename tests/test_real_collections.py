@@ -353,8 +353,9 @@ def test_mimic_cxr_dicom_release_simulates_as_documented(mimic_run, collections)
     overrides = (run_dir / "app_overrides.txt").read_text().split()
     assert not [o for o in overrides if o.lstrip("+~").startswith("data")]
     site = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "sites" / "0.yaml").read_text())))
-    assert site["data"]["layout"] == "mimic_cxr" and site["data"]["root"] == str(collections["mimic_cxr"])
-    assert site["data"]["reports"] == str(collections["reports_zip"])
+    assert site["data"] == {"root": str(collections["mimic_cxr"]), "layout": "mimic_cxr", "split": "train",
+                            "index": False}   # indexed by the run: its studies are in the catalog named beside
+    assert site["catalog"] == str(collections["mimic_cxr"] / "fedcxr-catalog.sqlite")
     trained = [json.loads(line) for name in summary["sites"] if (run_dir / "sites" / name / "outgoing.jsonl").is_file()
                for line in (run_dir / "sites" / name / "outgoing.jsonl").read_text().splitlines()]
     assert len(trained) == 1 and trained[0]["error"] is None   # cyclic: one site in the one round
@@ -396,16 +397,17 @@ def test_mimic_cxr_jpg_trains_centralized_as_documented(collections, tmp_path):
 
 # ------------------------------------------------------------------------------- evaluation commands
 RUNNER = """
-import json, runpy, sys, traceback
-outcomes = []
-for argv in json.loads(sys.argv[1]):
+import json, runpy, sys
+commands, outcomes_file, outcomes = json.loads(sys.argv[1]), sys.argv[2], []
+for argv in commands:
     sys.argv = ["evaluation/run.py", *argv]
     try:
         runpy.run_module("evaluation.run", run_name="__main__")
         outcomes.append(0)
     except SystemExit as exit:
         outcomes.append(exit.code if isinstance(exit.code, int) else 1)
-json.dump(outcomes, open(sys.argv[2] if len(sys.argv) > 2 else "outcomes.json", "w"))
+with open(outcomes_file, "w") as handle:
+    json.dump(outcomes, handle)
 """
 
 
