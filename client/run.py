@@ -39,8 +39,9 @@ def index_data(site: dict) -> None:
 
     data = site["data"]
     catalog, cache = data_paths(site)
+    # allow_outside_root: the site's own opt-in for images or reports linked from shared storage outside its root
     code = data_main(["index", "--root", data["root"], "--layout", data["layout"], "--catalog", catalog,
-                      "--cache", str(cache)])
+                      "--cache", str(cache)] + (["--allow-outside-root"] if data.get("allow_outside_root") else []))
     if code:
         raise SiteConfigError(f"indexing {data['root']} failed (exit {code})")
 

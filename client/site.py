@@ -132,12 +132,14 @@ def _data(value, key):
     return (_path(value.get("root"), f"{key}.root") if value.get("root") is not None else f"{key}.root is missing") \
         or _one_of(tuple(LAYOUTS))(value.get("layout"), f"{key}.layout") \
         or (None if value.get("split") is None or isinstance(value["split"], str) else f"{key}.split must be text") \
-        or (None if isinstance(value.get("index", True), bool) else f"{key}.index must be true or false")
+        or (None if isinstance(value.get("index", True), bool) else f"{key}.index must be true or false") \
+        or (None if isinstance(value.get("allow_outside_root", False), bool)
+            else f"{key}.allow_outside_root must be true or false")
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-DATA_KEYS = ("root", "layout", "split", "index")
+DATA_KEYS = ("root", "layout", "split", "index", "allow_outside_root")
 # Every key a site file may hold and its check (a function returning what is wrong, or None). A key not here is
 # reported: a misspelt `policy` must not silently leave a site without one.
 SCHEMA = {

@@ -87,7 +87,8 @@ def prepare_catalog(data_cfg) -> tuple[Path, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; point data.root at the dataset folder")
     options = {"manifest": data_cfg.manifest} if data_cfg.layout == "manifest" else {}
-    layout = open_layout(data_cfg.layout, root, data_cfg.get("reports"), **options)
+    layout = open_layout(data_cfg.layout, root, data_cfg.get("reports"),
+                         allow_outside_root=bool(data_cfg.get("allow_outside_root", False)), **options)
     views = list(data_cfg.views) if data_cfg.get("views") else None
     summary = index_data(layout, data_cfg.catalog, data_cfg.cache, views=views, max_pixels=data_cfg.max_pixels,
                          short_side=data_cfg.cache_short_side)

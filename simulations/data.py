@@ -39,7 +39,8 @@ def prepare_data(data_cfg: DictConfig) -> PreparedData:
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; set data.root to the folder holding the data")
     options = {"manifest": data_cfg.manifest} if data_cfg.get("manifest") else {}
-    layout = open_layout(data_cfg.layout, root, reports=data_cfg.get("reports"), **options)
+    layout = open_layout(data_cfg.layout, root, reports=data_cfg.get("reports"),
+                         allow_outside_root=bool(data_cfg.get("allow_outside_root", False)), **options)
     summary = index_data(
         layout,
         str(data_cfg.catalog),
