@@ -359,7 +359,8 @@ SITE_README = """\
    rounded patient count DP-SGD publishes); review `privacy` (epsilon/delta caps) and `policy` (DP-SGD required,
    noise floor, accepted models): a run can only tighten them.
 3. `python client/run.py --site {home}/site.yaml --dry-run` checks the site file, the TLS handshake against
-   `ca.crt`, that the address speaks Flower's Fleet API, and the data; then drop `--dry-run`.
+   `ca.crt`, that the address speaks Flower's Fleet API and that this key is registered; then drop `--dry-run`.
+   A permanent failure (wrong CA, wrong port, key not registered) stops it at once with the fix in one line.
 
 The SuperExec secret (`state/superexec.secret`) is made on first start: only the site's own ClientApp launcher
 may take training tasks from the SuperNode's local runtime API.

@@ -233,8 +233,18 @@ class Deployment:
                          "--format", "json")
         return str(json.loads(done.stdout)["run-id"])
 
+    def listed(self, run_id: str, attempts: int = 5) -> dict:
+        """Flower's record of the run. On a loaded machine the SuperLink's SQLite state sometimes answers
+        "database is locked" (flwr prints success: false and exits 0): asked again a few times."""
+        for attempt in range(attempts):
+            answer = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)
+            if answer.get("runs"):
+                return answer["runs"][0]
+            time.sleep(2)
+        raise RuntimeError(f"flwr ls {run_id} failed {attempts} times; last answer: {answer}")
+
     def status(self, run_id: str) -> str:
-        return json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]["status"]
+        return self.listed(run_id)["status"]
 
     def wait(self, run_id: str, timeout_s: float = 900, overrides: str = "") -> dict:
         """Wait until Flower records the run as finished; its record, with the ServerApp's log under "logs".
@@ -248,7 +258,7 @@ class Deployment:
             ended = _recorded_end(overrides, run_id)
             if ended or time.monotonic() - asked > (2 if ended is None else 20):
                 asked = time.monotonic()
-                listed = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
+                listed = self.listed(run_id)
                 if listed["status"].startswith("finished"):
                     listed["logs"] = self.flwr("log", run_id, CONNECTION, "--show", check=False).stdout
                     return listed
