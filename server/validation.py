@@ -28,6 +28,7 @@ MAX_METRIC_NAME = 64
 METRIC_LIMIT = 1e9          # |metric| above this is absurd (losses, seconds, epsilon) and would swamp round means
 MAX_EXAMPLES = 2**53        # above it a float no longer holds every integer
 REPLY_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "site": ConfigRecord}
+COUNTERS = ("num_batches_tracked",)   # the integer arrays training changes (BatchNorm's step counter)
 
 
 class RunConfigError(ValueError):
@@ -167,6 +168,13 @@ def _read_array(name: str, array, ref: np.ndarray) -> tuple[np.ndarray | None, s
         return None, f"{name}: unreadable array ({type(err).__name__}: {err})"
     if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
         return None, f"{name}: {int((~np.isfinite(value)).sum())} NaN/Inf value(s)"
+    if not np.issubdtype(value.dtype, np.floating):
+        # Integer arrays are not trained: step counters only grow, any other (ids, indices) stays as it was sent
+        if name.rsplit(".", 1)[-1] in COUNTERS:
+            if value.size and not (0 <= value.min() and value.max() <= MAX_EXAMPLES):
+                return None, f"{name}: step counter outside [0, 2**53]"
+        elif not np.array_equal(value, ref):
+            return None, f"{name}: an integer array training never changes differs from the global one"
     return value.astype(ref.dtype) if value.dtype != ref.dtype else value, None
 
 

@@ -105,6 +105,12 @@ def test_read_arrays_names_every_problem():
     assert "a: 2 NaN/Inf" in text
     assert read_arrays(record({"b": np.zeros(3, np.float64), "a": reference["a"], "c": reference["c"]}), reference)[1] == [
         "b: dtype float64, expected float32"]
+    # integer arrays: a step counter may grow, never go negative; any other stays as the global one
+    counters = {"bn.num_batches_tracked": np.array(4), "ids": np.arange(3)}
+    assert read_arrays(record({"bn.num_batches_tracked": np.array(9), "ids": np.arange(3)}), counters)[1] == []
+    assert read_arrays(record({"bn.num_batches_tracked": np.array(-1), "ids": np.array([0, 7, 2])}), counters)[1] == [
+        "bn.num_batches_tracked: step counter outside [0, 2**53]",
+        "ids: an integer array training never changes differs from the global one"]
     # float16 on the wire is widened back to the global dtype
     update, problems = read_arrays(record({k: v.astype(np.float16) for k, v in reference.items()}), reference)
     assert problems == [] and all(update[k].dtype == np.float32 for k in reference)

@@ -146,6 +146,8 @@ MALFORMED = {
     30: (lambda: with_raw_bias(content(site="T"), _npy_header_only((10**12,))),
          "enc.bias: shape (1000000000000,), expected (3,)"),
     31: (lambda: with_raw_bias(content(site="U"), b"garbage"), "enc.bias: unreadable array"),
+    32: (lambda: content(site="W", arrays=honest(1) | {"bn.num_batches_tracked": np.array(2**62)}),
+         "bn.num_batches_tracked: step counter outside [0, 2**53]"),
 }
 
 
@@ -203,7 +205,7 @@ def _poisoned_round(federation, strategy, *overrides):
     """Round 1 with 4 honest sites, one sending 1e30 everywhere and one claiming 1e15 examples for an update 40
     times an honest one; the same strategy on the honest sites alone, from a fresh server state."""
     honest_replies = {n: (lambda n=n: content(honest(n), site=f"h{n}")) for n in (1, 2, 3, 4)}
-    poison = {k: np.full_like(v, 1e30) if v.dtype != np.int64 else np.array(2**62, np.int64) for k, v in GLOBAL.items()}
+    poison = {k: np.full_like(v, 1e30) if v.dtype != np.int64 else np.array(7, np.int64) for k, v in GLOBAL.items()}
     heavy = {k: (GLOBAL[k] + 40 * (v - GLOBAL[k])).astype(v.dtype) if v.dtype != np.int64 else v for k, v in honest(5).items()}
     attacked = honest_replies | {5: lambda: content(poison, site="x"), 6: lambda: content(heavy, site="y", examples=1e15)}
     common = [f"federation.strategy={strategy}", "federation.min_sites=3", *overrides]
@@ -219,7 +221,6 @@ def test_one_poisoned_and_one_overweighted_site_move_the_model_at_most_k_plus_1_
     assert all(np.isfinite(v).all() for v in got.values())
     # each update is held to K x the round's median norm (an honest one), so a mean moves at most (K + 1) honest norms
     assert _norm(got, clean) <= (K + 1) * honest_norm, (_norm(got, clean), honest_norm)
-    assert abs(int(got["bn.num_batches_tracked"])) < 2**40 or strategy not in ("median", "trimmed_mean")
 
 
 def test_without_the_bounds_fedavg_is_taken_over(federation):
