@@ -257,10 +257,11 @@ def read_reply(reply: Message, node: int, reference: Params) -> tuple[SiteReply 
     if problems:
         return None, label, problems
     site = dict(content["site"])
-    name = site.get("name")
-    if set(site) != {"name"} or (problem := site_name_problem(name)):
-        return None, label, [f"site record {sorted(map(str, site))} must hold one `name`"] if set(site) != {"name"} else [problem]
-    label = name
+    if set(site) != {"name"}:
+        return None, label, [f"site record holds {sorted(map(str, site))[:5]}, expected one `name`"]
+    if problem := site_name_problem(site["name"]):
+        return None, label, [problem]
+    name = label = site["name"]
     examples, metrics, problems = read_metrics(dict(content["metrics"]))
     update, array_problems = read_arrays(content["arrays"], reference)
     problems += array_problems
