@@ -382,6 +382,17 @@ def test_the_papers_gpu_command_composes_for_the_apps(collections):
     assert cfg.data.root == str(collections["mimic_cxr"]) and cfg.data.layout == "mimic_cxr"
 
 
+def test_every_real_collection_command_in_the_simulation_docs_is_run_here():
+    """A real-collection command added to docs/simulation.md must get a test here too."""
+    commands = [c for module in ("simulations.run", "simulations.centralized") for c in doc_commands("simulation.md", module)
+                if re.search(r"data=(?!phantom)\w", c)]
+    run_here = {doc_command("simulation.md", "simulations.run", "mimic_cxr"),        # test_mimic_cxr_dicom_release_...
+                doc_command("simulation.md", "simulations.run", "manifest"),         # manifest_run (Ctrl-C, resume)
+                doc_command("simulation.md", "simulations.centralized", "mimic_cxr_jpg"),
+                *[c for c in commands if "model=vit_b16_bert" in c]}                 # composed only (GPU weights)
+    assert commands and set(commands) <= run_here, sorted(set(commands) - run_here)
+
+
 # ------------------------------------------------------------------ MIMIC-CXR-JPG centralized
 def test_mimic_cxr_jpg_trains_centralized_as_documented(collections, tmp_path):
     command = doc_command("simulation.md", "simulations.centralized", "mimic_cxr_jpg")
