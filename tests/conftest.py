@@ -44,3 +44,23 @@ def phantom_200(tmp_path_factory) -> tuple[Path, str, Path]:
     base = tmp_path_factory.mktemp("phantom_200")
     data = prepare_data(compose(["data=phantom", "data.studies=200", f"cache_dir={base}"]).data)
     return data.root, data.catalog, data.cache
+
+
+# End-to-end modules: real deployments on 127.0.0.1, Flower simulations, CLI runs that train. `pytest -m unit`
+# runs the rest in a few minutes; `make test` runs both. A test elsewhere can opt in with @pytest.mark.e2e.
+E2E_MODULES = {"test_federation", "test_faults", "test_secagg", "test_simulation", "test_privacy_simulation",
+               "test_privacy_sweep", "test_real_collections", "test_provision", "test_benchmarks",
+               "test_site_supervisor", "test_distributed", "test_privacy_audit"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end-to-end (deployments, simulations, CLI training runs)")
+    config.addinivalue_line("markers", "unit: everything else (added automatically)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e") is None and item.module.__name__.rsplit(".", 1)[-1] in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.unit)
