@@ -1,6 +1,7 @@
 """Local training: k optimizer steps of a pre-training model on a site's data (no Flower here)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from client import distributed
 
 
 @dataclass
@@ -28,6 +31,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     amp: bool = True
     num_workers: int = 0
+    nproc: int = 1  # processes (GPUs) of one site; batch_size stays the global batch, split over them
     log_every: int = 10
     seed: int = 0
     # Federated rounds continue one schedule across rounds: the cosine runs over total_steps
@@ -140,63 +144,65 @@ def train_steps(
 
     Step numbers given to the model (its objective schedules) continue from `settings.start_step`;
     `optimizer_state` (a previous `TrainResult.optimizer_state`) restores AdamW's moments on resume.
+    Inside a worker group (`client.distributed.run`) every rank trains its own patients on its own device under
+    DDP, and rank 0's history is the group's mean: the same run as one process with the same global batch.
     """
-    device = torch.device(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.training_device() if world > 1 else torch.device(device)
     model.to(device).train()
-    generator = seed_everything(settings.seed + settings.start_step)
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > settings.batch_size,
-        collate_fn=collate_fn,
-        num_workers=settings.num_workers,
-        generator=generator,
-        persistent_workers=settings.num_workers > 0,
-    )
+    # Ranks draw their own augmentation and dropout; DDP starts them from rank 0's weights.
+    generator = seed_everything(settings.seed + settings.start_step + 1_000_003 * rank)
+    loader = _loader(dataset, collate_fn, settings, generator, rank, world)
+    trained = distributed.wrap_model(model, device) if world > 1 else model
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     total_steps = settings.total_steps or (settings.start_step + settings.steps)
     use_amp = settings.amp and device.type == "cuda"
     batches = endless_batches(loader)
+    progress = progress and rank == 0
 
     history: list[dict[str, float]] = []
     examples = 0
     started = time.perf_counter()
     bar = tqdm(range(settings.steps), desc=description, disable=not progress, leave=False)
-    for i in bar:
-        step = settings.start_step + i
-        lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        terms_sum: dict[str, float] = {}
-        for _ in range(settings.grad_accum):
-            batch = move_to(next(batches), device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(batch, step=step)
-            loss = out["loss"]
-            if proximal_anchor is not None and settings.proximal_mu > 0:
-                loss = loss + proximal_penalty(model, proximal_anchor, settings.proximal_mu)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }; "
-                    "lower train.lr or check the data"
+    with distributed.gathering(model) if world > 1 else contextlib.nullcontext():
+        for i in bar:
+            step = settings.start_step + i
+            lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            terms_sum: dict[str, float] = {}
+            for micro in range(settings.grad_accum):
+                batch = move_to(next(batches), device)
+                # DDP all-reduces the gradients once, after the last micro-batch.
+                last = micro == settings.grad_accum - 1
+                with trained.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        out = trained(batch, step=step)
+                    loss = out["loss"]
+                    if proximal_anchor is not None and settings.proximal_mu > 0:
+                        loss = loss + proximal_penalty(model, proximal_anchor, settings.proximal_mu)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }; "
+                            "lower train.lr or check the data"
+                        )
+                    (loss / settings.grad_accum).backward()
+                examples += int(batch["images"].shape[0]) * world
+                for name, value in out.items():
+                    terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / settings.grad_accum
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], settings.grad_clip
                 )
-            (loss / settings.grad_accum).backward()
-            examples += int(batch["images"].shape[0])
-            for name, value in out.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / settings.grad_accum
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.grad is not None], settings.grad_clip
-            )
-        optimizer.step()
-        terms_sum["lr"] = lr
-        history.append(terms_sum)
-        if progress and (i % max(1, settings.log_every) == 0 or i == settings.steps - 1):
-            bar.set_postfix(loss=f"{terms_sum['loss']:.3f}")
+            optimizer.step()
+            terms_sum = distributed.mean_over_ranks(terms_sum)
+            terms_sum["lr"] = lr
+            history.append(terms_sum)
+            if progress and (i % max(1, settings.log_every) == 0 or i == settings.steps - 1):
+                bar.set_postfix(loss=f"{terms_sum['loss']:.3f}")
     seconds = time.perf_counter() - started
     return TrainResult(
         steps=settings.steps,
@@ -208,6 +214,26 @@ def train_steps(
         history=history,
         optimizer_state=optimizer.state_dict(),
     )
+
+
+def _loader(dataset: Dataset, collate_fn: Callable, settings: TrainSettings, generator: torch.Generator,
+            rank: int, world: int) -> DataLoader:
+    """One process: the whole data set shuffled. N processes: each rank its own patients (`PatientShardSampler`)
+    in batches of batch_size / N, full ones only, so that the gathered global batch is batch_size."""
+    common = dict(collate_fn=collate_fn, num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0)
+    if world == 1:
+        return DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
+                          drop_last=len(dataset) > settings.batch_size, generator=generator, **common)
+    if settings.batch_size % world:
+        raise ValueError(f"train.batch_size={settings.batch_size} (the global batch) does not split evenly over "
+                         f"train.nproc={world} processes; use a multiple of {world}")
+    local_batch = settings.batch_size // world
+    sampler = distributed.PatientShardSampler(distributed.patient_ids_of(dataset), rank, world, settings.seed)
+    if sampler.smallest < local_batch:  # every rank sees every shard's size, so all of them stop here
+        raise ValueError(f"a rank holds {sampler.smallest} images of its patients, fewer than its batch of "
+                         f"{local_batch} (train.batch_size={settings.batch_size} / nproc={world}); lower train.nproc "
+                         "or train.batch_size")
+    return DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True, **common)
 
 
 def _window_mean(history: list[dict[str, float]], first: bool, window: int | None = None) -> dict[str, float]:
