@@ -11,6 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from client import distributed
 from client.data.dataset import CxrDataset
 from client.data.transforms import augmentation_settings
 from client.trainer import TrainSettings, train_steps
@@ -65,6 +66,10 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
         dataset = CxrDataset(data.catalog, data.cache, split="train",
                              image_size=cfg.train.image_size or cfg.model.image.img_size,
                              augmentation=augmentation_settings(cfg.train))
+    nproc = int(cfg.train.get("nproc") or 1)
+    if nproc > 1 and not distributed.is_distributed():  # the data is ready: N ranks train it (docs/scale.md)
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # workers have no Hydra
+        return distributed.run(train_centralized, (resolved, run_dir, dataset, steps), nproc, run_id="centralized")
     model, start_step, optimizer_state = start_model(cfg)
     settings = TrainSettings.from_config(cfg.train, seed=cfg.seed, **({"steps": steps} if steps else {}))
     if start_step >= settings.steps:
@@ -79,6 +84,8 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
              cfg.model.name, cfg.objective.name)
     result = train_steps(model, dataset, partial(collate, tokenizer=model.tokenizer, max_length=max_length),
                          settings, device=pick_device(), description="centralized", optimizer_state=optimizer_state)
+    if not distributed.is_main():
+        return {}
     checkpoint = save_checkpoint(run_dir / "checkpoint", model, cfg, step=settings.total_steps)
     torch.save(result.optimizer_state, checkpoint / OPTIMIZER_FILE)
     summary = {
