@@ -19,7 +19,9 @@ still by a term of order canaries x delta). The best k of `guess_counts` is take
 Arms: no noise (clipping only), DP-SGD at each target epsilon, and a deliberately broken DP-SGD that claims the
 first target but adds a third of its noise (what calibrating to C instead of C + 2 C_b does at C_b = C).
 Writes audit.json, audit.md and audit.png (empirical lower bound against the accountant's epsilon) in the run
-directory. Not done here: the image-report re-linkage membership inference on the shared encoders.
+directory. `audits=[canary,relinkage]` (the default) also runs the image-report re-linkage membership inference on
+the project's model (simulations/relinkage_audit.py); its table joins audit.md and its arms audit.json's
+`relinkage`.
 """
 from __future__ import annotations
 
@@ -215,10 +217,34 @@ def flagged(row: dict) -> bool:
     return row["white_box"]["epsilon_lower_bound"] > row["accountant_epsilon"]
 
 
-def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict]) -> None:
+AUDITS = ("canary", "relinkage")
+
+
+def chosen_audits(cfg: DictConfig) -> list[str]:
+    audits = list(cfg.get("audits", ["canary"]))
+    unknown = sorted(set(audits) - set(AUDITS))
+    if not audits or unknown:
+        raise ValueError(f"audits={audits}: choose one or more of {list(AUDITS)}, e.g. 'audits=[canary,relinkage]'")
+    return audits
+
+
+def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict], relinkage: list[dict] | None = None) -> None:
+    """audit.json / audit.md (and audit.png with canary arms): `rows` the canary arms, `relinkage` the re-linkage's."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    (run_dir / "audit.json").write_text(json.dumps({"config": config, "arms": rows}, indent=2, default=str))
+    (run_dir / "audit.json").write_text(json.dumps({"config": config, "arms": rows, "relinkage": relinkage or []},
+                                                   indent=2, default=str))
+    lines = canary_markdown(cfg, rows) if rows else []
+    if relinkage:
+        from simulations.relinkage_audit import markdown
+
+        lines += ([""] if lines else []) + markdown(cfg, relinkage)
+    (run_dir / "audit.md").write_text("\n".join(lines) + "\n")
+    if rows:
+        plot(run_dir / "audit.png", rows)
+
+
+def canary_markdown(cfg: DictConfig, rows: list[dict]) -> list[str]:
     confidence = float(cfg.confidence)
     lines = [f"# Privacy audit: one-run canary audit of DP-SGD ({int(cfg.canaries)} canaries, {int(cfg.steps)} steps, "
              f"delta {float(cfg.delta):g}, confidence {confidence:.0%})", "",
@@ -231,9 +257,8 @@ def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict]) -> None:
                      f"{bb['epsilon_lower_bound']:.2f} ({bb['correct']}/{bb['guesses']}) | "
                      f"{'yes' if flagged(row) else 'no'} |")
     lines += ["", "flagged: the white-box lower bound exceeds the accountant's epsilon (the implementation leaks more "
-              "than it claims). The re-linkage membership inference of issue 26 is not part of this audit."]
-    (run_dir / "audit.md").write_text("\n".join(lines) + "\n")
-    plot(run_dir / "audit.png", rows)
+              "than it claims)."]
+    return lines
 
 
 def plot(path: Path, rows: list[dict]) -> None:
@@ -265,9 +290,15 @@ def main(cfg: DictConfig) -> None:
 
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(max(1, int(cfg.threads)))
-    rows = run_audit(cfg)
+    audits = chosen_audits(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_outputs(run_dir, cfg, rows)
+    rows = run_audit(cfg) if "canary" in audits else []
+    relinkage = None
+    if "relinkage" in audits:
+        from simulations.relinkage_audit import run_relinkage
+
+        relinkage = run_relinkage(cfg)
+    write_outputs(run_dir, cfg, rows, relinkage)
     print((run_dir / "audit.md").read_text())
 
 

@@ -37,3 +37,70 @@ def test_a_small_audit_finds_the_leak_without_noise_and_stays_under_the_accounta
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert [a["arm"] for a in saved["arms"]] == [r["arm"] for r in rows.values()] and saved["config"]["canaries"] == 600
     assert "| epsilon 2 |" in (tmp_path / "audit.md").read_text() and (tmp_path / "audit.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------- re-linkage audit
+def test_relinkage_maths_on_constructed_embeddings_with_known_answers():
+    import numpy as np
+
+    from simulations.relinkage_audit import (attack_summary, membership_auc, relinkage_scores, split_patients,
+                                             tpr_at_fpr)
+
+    assert relinkage_scores(np.eye(4), np.eye(4) * 3.0) == pytest.approx(np.ones(4))     # own report: cos 1, others 0
+    assert relinkage_scores(np.eye(3), np.eye(3)[[1, 2, 0]]) == pytest.approx(-np.ones(3))   # every pair swapped
+    rng = np.random.default_rng(0)
+    n, dim = 400, 64
+    texts = rng.standard_normal((n, dim))
+    is_member = np.arange(n) < n // 2
+    # members: the image embedding is (nearly) its own report's; non-members: unrelated to every report
+    images = np.where(is_member[:, None], texts + 0.01 * rng.standard_normal((n, dim)), rng.standard_normal((n, dim)))
+    perfect = attack_summary(relinkage_scores(images, texts), is_member, 0.01, 200, 0.95, 0)
+    assert perfect["auc"] == 1.0 and perfect["tpr_at_fpr"]["tpr"] == 1.0 and perfect["auc_ci"] == [1.0, 1.0]
+    independent = attack_summary(relinkage_scores(rng.standard_normal((n, dim)), texts), is_member, 0.01, 200, 0.95, 0)
+    assert 0.42 < independent["auc"] < 0.58
+    assert independent["auc_ci"][0] < 0.5 < independent["auc_ci"][1] and independent["tpr_at_fpr"]["tpr"] < 0.1
+    assert membership_auc([1.0, 1.0], [1.0]) == 0.5 and membership_auc([2.0, 0.0], [1.0]) == 0.5
+    assert membership_auc([3.0], [1.0, 2.0]) == 1.0 and membership_auc([0.0], [1.0, 2.0]) == 0.0
+    # 100 non-members scored 0..99: 1 % FPR allows one of them above the threshold (98)
+    point = tpr_at_fpr(np.array([98.5, 99.5, 50.0]), np.arange(100.0), 0.01)
+    assert point["tpr"] == pytest.approx(2 / 3) and point["fpr"] == 0.01 and point["meaningful"]
+    few = tpr_at_fpr(np.array([97.5, 99.5, 50.0]), np.arange(50.0) * 2, 0.01)   # 50: no false positive allowed
+    assert few["false_positives_allowed"] == 0 and few["tpr"] == pytest.approx(1 / 3) and not few["meaningful"]
+    members, nonmembers = split_patients([f"p{i % 30}" for i in range(90)], 10, 15, seed=1)
+    assert len(members) == 10 and len(nonmembers) == 15 and not members & nonmembers
+    with pytest.raises(ValueError, match="at most the collection's 30 patients"):
+        split_patients([f"p{i}" for i in range(30)], 20, 15, seed=1)
+
+
+def test_a_tiny_relinkage_audit_trains_each_arm_and_writes_its_table(phantom_200, tmp_path):
+    from pathlib import Path
+
+    from simulations.privacy_audit import chosen_audits
+    from simulations.relinkage_audit import run_relinkage
+
+    root = Path(phantom_200[0])
+    cfg = OmegaConf.create({
+        "audits": ["relinkage"], "delta": 1e-5, "confidence": 0.95,
+        "relinkage": {"overrides": ["data=phantom", "data.studies=200", f"cache_dir={root.parent.parent}",
+                                    "model=tiny_cnn", "objective=clip", "model.projection_head=linear",
+                                    "model.image.norm=group"],
+                      "members": 3, "nonmembers": 6, "steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
+                      "augment": False, "epsilons": [8], "clip": 1.0, "coupled_clip": 1.0, "per_study": "auto",
+                      "fpr": 0.01, "bootstrap": 50, "seed": 0}})
+    assert chosen_audits(cfg) == ["relinkage"]
+    with pytest.raises(ValueError, match="choose one or more of"):
+        chosen_audits(OmegaConf.create({"audits": ["relinkage", "canaries"]}))
+    rows = run_relinkage(cfg)
+    assert [r["arm"] for r in rows] == ["untrained", "no DP", "DP-SGD epsilon 8"]
+    for row in rows:
+        assert 0.0 <= row["auc_ci"][0] <= row["auc"] <= row["auc_ci"][1] <= 1.0
+        assert 0.0 <= row["tpr_at_fpr"]["tpr"] <= 1.0 and row["tpr_at_fpr"]["fpr"] <= 0.01
+        assert row["members"] >= 3 and row["nonmembers"] >= 6 and not row["tpr_at_fpr"]["meaningful"]
+    assert rows[1]["noise_multiplier"] == 0.0 and rows[2]["accountant_epsilon"] == pytest.approx(8.0, rel=0.02)
+    assert rows[2]["noise_multiplier"] > 0 and rows[0]["steps"] == 0 and rows[2]["steps"] == 2
+    write_outputs(tmp_path, cfg, [], rows)
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    assert saved["arms"] == [] and [r["arm"] for r in saved["relinkage"]] == [r["arm"] for r in rows]
+    table = (tmp_path / "audit.md").read_text()
+    assert "| DP-SGD epsilon 8 | 8.00 |" in table and "allows no false positive" in table
+    assert not (tmp_path / "audit.png").exists()       # the plot is the canary audit's
