@@ -8,7 +8,8 @@ import torch
 
 from shared_models.batch import collate
 from shared_models.config import compose
-from shared_models.factory import create_model
+from shared_models.factory import create_model, default_total_steps
+from shared_models.objectives.schedule import resolve_schedule
 from shared_models.synthetic_corpus import synthetic_reports
 from shared_models.vocab import CHEXPERT_LABELS, OBSERVATIONS, REGIONS, ZONE_ATLAS
 
@@ -53,10 +54,9 @@ def synthetic_samples(n: int, image_size: int, seed: int = 0) -> list[dict]:
 
 
 def all_terms_step(cfg) -> int:
-    """A step at which every scheduled term of the objective is active."""
-    schedule = cfg.objective.get("schedule", {}) or {}
-    starts = [int(v) for v in (schedule.get("start_step", {}) or {}).values()]
-    return max([0, int(schedule.get("stage2_step", 0)), *starts]) + 1
+    """A step at which every scheduled term of the objective is active in the model that `build` makes."""
+    schedule = resolve_schedule(cfg.objective, default_total_steps(cfg))
+    return max([0, schedule.stage2_step, *schedule.start_step.values()]) + 1
 
 
 def synchronize() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from shared_models.objectives.schedule import federation_steps, resolve_schedule
 from shared_models.privacy_config import ONE_SITE_PER_ROUND
 
 
@@ -33,7 +34,7 @@ def total_local_steps(fed: DictConfig, sites: int) -> int:
 
 def hybridmed_stage(cfg: DictConfig, start_step: int) -> int:
     """The HybridMED stage a round starting at `start_step` begins in, by the model's own step schedule."""
-    return 2 if start_step >= int(OmegaConf.select(cfg, "objective.schedule.stage2_step", default=0)) else 1
+    return resolve_schedule(cfg.objective, federation_steps(cfg)).hybridmed_stage(start_step)
 
 
 def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict[str, str],

@@ -40,12 +40,3 @@ def config_hash(section: DictConfig | dict | None) -> str:
     payload = json.dumps(section, sort_keys=True, default=str).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
-
-# What a site checks against the round message before training (federation helper; the tokenizer entry
-# hashes the tokenizer's spec: swap in shared_models.tokenizer.tokenizer_hash of the built one when wired).
-FINGERPRINTED = {"model": "model", "objective": "objective", "tokenizer": "model.text.tokenizer"}
-
-
-def fingerprints(cfg: DictConfig) -> dict[str, str]:
-    """Hashes of the model config, tokenizer and objective that the coordinator and every site must share."""
-    return {name: config_hash(OmegaConf.select(cfg, path)) for name, path in FINGERPRINTED.items()}

@@ -6,6 +6,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared_models.image_encoder import ImageEncoder
 from shared_models.model import PretrainModel
+from shared_models.objectives.schedule import federation_steps
 from shared_models.text_encoder import TextEncoder
 from shared_models.tokenizer import build_tokenizer
 
@@ -29,8 +30,11 @@ def create_text_encoder(text_cfg: dict, tokenizer: PreTrainedTokenizerBase) -> T
     )
 
 
-def create_model(cfg: DictConfig | dict, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainModel:
-    """`PretrainModel` for `cfg.model` + `cfg.objective`; pass `tokenizer` when it comes from a checkpoint."""
+def create_model(cfg: DictConfig | dict, tokenizer: PreTrainedTokenizerBase | None = None,
+                 total_steps: int | None = None) -> PretrainModel:
+    """`PretrainModel` for `cfg.model` + `cfg.objective`; pass `tokenizer` when it comes from a checkpoint.
+    `total_steps`: the run's steps that the objective's schedule spans; by default a federation's
+    (`rounds x local_steps`), the one run whose every process builds its model from the config alone."""
     model_cfg, objective = as_dict(cfg["model"]), as_dict(cfg["objective"])
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg["text"])
     return PretrainModel(
@@ -41,4 +45,9 @@ def create_model(cfg: DictConfig | dict, tokenizer: PreTrainedTokenizerBase | No
         projection_dim=model_cfg.get("projection_dim", 128),
         projection_head=model_cfg.get("projection_head", "linear"),
         projection_hidden_dim=model_cfg.get("projection_hidden_dim", 512),
+        total_steps=total_steps if total_steps is not None else default_total_steps(cfg),
     )
+
+
+def default_total_steps(cfg) -> int | None:
+    return federation_steps(cfg) if "federation" in cfg else None

@@ -1,8 +1,10 @@
-"""The pre-training model: encoders, projection heads and the enabled objectives, weighted and scheduled."""
+"""The pre-training model: encoders, projection heads and the enabled objectives, weighted and scheduled.
+
+The objectives themselves (config section, module, loss terms, what they read, whether they couple a batch's
+studies, when they start) are registered in shared_models/objectives/; this module loops over that registry."""
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,75 +12,21 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from shared_models.image_encoder import ImageEncoder, ImageFeatures
-from shared_models.objectives import (
-    GlobalContrastive,
-    ImpressionDecoder,
-    ImpressionGeneration,
-    PseudoSegmentation,
-    RegionSentenceAlignment,
-    SoftLabelContrastive,
-    TagRecognition,
-    TokenAlignment,
-)
+from shared_models.objectives.registry import objective_of_term, objectives
+from shared_models.objectives.schedule import resolve_schedule
 from shared_models.projection import create_projection_head
 from shared_models.text_encoder import TextEncoder, TextFeatures
 from shared_models.vocab import OBSERVATIONS
 
-# Loss terms and the objective module (config section) that produces each.
-TERM_MODULE = {
-    "global": "global",                          # image <-> report (ASG IRA, G2D)
-    "global_impression": "global_impression",    # image <-> impression, report when none (HybridMED L_CG)
-    "token": "token",                            # HybridMED L_CL
-    "summary": "impression",                     # HybridMED L_Sum
-    "caption": "impression",                     # HybridMED L_Cap
-    "distill": "impression",                     # HybridMED L_Dis
-    "region": "region",                          # ASG ARSA
-    "tag": "tag",                                # ASG IRL
-    "soft_label": "soft_label",                  # ASG ERL
-    "seg": "seg",                                # G2D pseudo segmentation
-}
 
-# The rows of a study that each batch-coupled term reads (`StackedInputs`' properties).
-COUPLED_ROWS = {
-    "global": ("image_emb", "report_emb"),
-    "global_impression": ("image_emb", "impression_emb"),
-    "soft_label": ("image_emb", "report_emb"),
-}
-
-# Builders of each objective module from its config section and the model holding the encoders.
-OBJECTIVE_BUILDERS: dict[str, Callable[[dict, "PretrainModel"], nn.Module]] = {
-    "global": lambda c, m: GlobalContrastive(c["temperature"]),
-    "global_impression": lambda c, m: GlobalContrastive(c["temperature"]),
-    "token": lambda c, m: TokenAlignment(c["temperature"]),
-    "impression": lambda c, m: ImpressionGeneration(
-        ImpressionDecoder(
-            vocab_size=len(m.tokenizer),
-            dim=m.projection_dim,
-            num_layers=c["layers"],
-            num_heads=c["heads"],
-            max_len=c["max_len"],
-            pad_id=m.tokenizer.pad_token_id,
-        ),
-        c["distill_temperature"],
-    ),
-    "region": lambda c, m: RegionSentenceAlignment(c["temperature"]),
-    "tag": lambda c, m: TagRecognition(m.projection_dim, len(OBSERVATIONS), c["layers"], c["heads"], c["uncertain"]),
-    "soft_label": lambda c, m: SoftLabelContrastive(c["temperature"], c["alpha"]),
-    "seg": lambda c, m: PseudoSegmentation(
-        m.image_encoder.pyramid_channels, c["quantile"], c["bce_weight"], c["width"]
-    ),
-}
-
-
-def term_start_steps(objective) -> dict[str, int]:
-    """The first optimizer step of each weighted term under `objective.schedule` (absent: step 0)."""
-    starts = (objective.get("schedule") or {}).get("start_step") or {}
-    return {term: int(starts.get(term, 0)) for term, weight in objective["lambdas"].items() if float(weight) > 0}
+def term_start_steps(objective, total_steps: int | None = None) -> dict[str, int]:
+    """The first optimizer step of each weighted term in a run of `total_steps` (objectives/schedule.py)."""
+    return resolve_schedule(objective, total_steps).start_step
 
 
 def terms_never_trained(objective, steps: int) -> dict[str, int]:
     """Weighted terms that a run of `steps` optimizer steps never trains (their start step is not below it)."""
-    return {term: start for term, start in term_start_steps(objective).items() if start >= steps}
+    return {term: start for term, start in term_start_steps(objective, steps).items() if start >= steps}
 
 
 def schedule_notice(objective, steps: int, trainer: str) -> str | None:
@@ -88,7 +36,8 @@ def schedule_notice(objective, steps: int, trainer: str) -> str | None:
         return None
     listed = ", ".join(f"{term} (from step {start})" for term, start in sorted(missed.items()))
     return (f"{trainer} trains {steps} steps, so these weighted terms of objective {objective.get('name', '')!r} "
-            f"never train: {listed}. Lower objective.schedule.stage2_step / warmup_steps, or train more steps")
+            f"never train: {listed}. Lower objective.schedule.stage2_step / warmup_steps, give them as fractions "
+            "of the run (stage2_at / warmup_at), or train more steps")
 
 
 class PretrainModel(nn.Module):
@@ -103,18 +52,21 @@ class PretrainModel(nn.Module):
         projection_dim: int = 128,
         projection_head: str = "linear",
         projection_hidden_dim: int = 512,
+        total_steps: int | None = None,
     ):
+        """`total_steps`: the run's optimizer steps, against which the schedule's fractions resolve."""
         super().__init__()
-        unknown = set(objective["lambdas"]) - set(TERM_MODULE)
+        known = objective_of_term()
+        unknown = set(objective["lambdas"]) - set(known)
         if unknown:
-            raise ValueError(f"objective.lambdas names unknown terms {sorted(unknown)}; known: {sorted(TERM_MODULE)}")
+            raise ValueError(f"objective.lambdas names unknown terms {sorted(unknown)}; known: {sorted(known)}")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.projection_dim = projection_dim
         self.lambdas = {term: float(w) for term, w in objective["lambdas"].items() if float(w) > 0}
-        self.stage2_step = int((objective.get("schedule") or {}).get("stage2_step", 0))
-        self.start_step = term_start_steps(objective)
+        self.objective_config = objective
+        self.plan_schedule(total_steps)
 
         # Global heads map to the contrastive space; token heads map patches, words and sentences to one
         # space shared by the local objectives and the decoders.
@@ -129,18 +81,23 @@ class PretrainModel(nn.Module):
                                                                        *self.text_projection.modules()]
         )
 
-        modules = sorted({TERM_MODULE[term] for term in self.lambdas})
+        modules = sorted({known[term].name for term in self.lambdas})
         missing = [m for m in modules if m not in objective]
         if missing:
             raise ValueError(f"objective enables terms of {missing} but has no config section for them")
-        self.objectives = nn.ModuleDict({m: OBJECTIVE_BUILDERS[m](dict(objective[m]), self) for m in modules})
+        registry = objectives()
+        self.objectives = nn.ModuleDict({m: registry[m].build(dict(objective[m]), self) for m in modules})
 
     # -- schedule -------------------------------------------------------------------------------
+    def plan_schedule(self, total_steps: int | None) -> None:
+        """Resolve `objective.schedule` for a run of `total_steps` (its fractions of the run become steps)."""
+        self.schedule = resolve_schedule(self.objective_config, total_steps)
+
     def active_terms(self, step: int) -> list[str]:
-        return [term for term in self.lambdas if step >= self.start_step.get(term, 0)]
+        return [term for term in self.lambdas if step >= self.schedule.start_step.get(term, 0)]
 
     def hybridmed_stage(self, step: int) -> int:
-        return 2 if step >= self.stage2_step else 1
+        return self.schedule.hybridmed_stage(step)
 
     # -- tag queries ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,7 +130,8 @@ class PretrainModel(nn.Module):
 
     def coupled_rows(self, terms) -> list[str]:
         """The encoder outputs of a study that the coupled `terms` read: a per-study pass can compute them."""
-        return list(dict.fromkeys(row for term in terms for row in COUPLED_ROWS.get(term, ())))
+        known = objective_of_term()
+        return list(dict.fromkeys(row for term in terms if known[term].coupled for row in known[term].inputs))
 
     def stacked_inputs(self, studies: list[StepInputs]) -> StackedInputs:
         """The coupled terms' inputs for the batch of `studies`, each encoded on its own (`StackedInputs`)."""
@@ -191,8 +149,9 @@ class PretrainModel(nn.Module):
         self.embed_tag_queries_once()
         inputs = inputs if inputs is not None else StepInputs(self, batch)
         out: dict[str, Tensor] = {}
-        for module in dict.fromkeys(TERM_MODULE[term] for term in terms_now):
-            computed = TERM_FUNCTIONS[module](self, inputs, step)
+        known = objective_of_term()
+        for objective in {known[term].name: known[term] for term in terms_now}.values():
+            computed = objective.loss(self, inputs, step)
             out.update({term: value for term, value in computed.items() if term in terms_now})
         out["loss"] = sum(self.lambdas[term] * out[term] for term in terms_now)
         return out
@@ -282,70 +241,3 @@ class StackedInputs:
     @cached_property
     def impression_emb(self) -> Tensor:
         return self._rows("impression_emb")
-
-
-def _global(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    return {"global": model.objectives["global"](s.image_emb, s.report_emb)}
-
-
-def _global_impression(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    return {"global_impression": model.objectives["global_impression"](s.image_emb, s.impression_emb)}
-
-
-def _token(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    loss = model.objectives["token"](
-        s.patch_tokens, s.image.patch_weights, s.findings_tokens, s.word_mask, s.findings.word_weights
-    )
-    return {"token": loss}
-
-
-def _impression(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    """On every row, studies lacking findings or impression masked out of the token means: no branch on the
-    batch's values, so the same code runs under DP-SGD's vmapped per-study gradients (no row: exact 0s)."""
-    b = s.batch
-    rows = b["has_findings"] & b["has_impression"]
-    # A row without findings would cross-attend to no token (NaN); give it the first one, its loss is masked.
-    findings_mask = b["findings_mask"].bool()
-    findings_mask = findings_mask | (~findings_mask.any(dim=1, keepdim=True) & (torch.arange(
-        findings_mask.shape[1], device=findings_mask.device) == 0))
-    # In stage 1 only the summary branch runs, so the image encoder is not needed for it.
-    stage = model.hybridmed_stage(step)
-    patches = s.patch_tokens if stage == 2 else s.findings_tokens.new_zeros(len(rows), 1, 1)
-    return model.objectives["impression"](
-        b["impression_ids"], b["impression_mask"] * rows[:, None], patches, s.findings_tokens, findings_mask, stage,
-    )
-
-
-def _region(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    h, w = s.image.grid_hw
-    grid = s.patch_tokens.transpose(1, 2).reshape(s.patch_tokens.shape[0], -1, h, w)
-    sentences = model.text_token_projection(s.report.sentence_embeds)
-    regions = s.batch["sentence_regions"].masked_fill(~s.report.sentence_mask, -1)
-    return {"region": model.objectives["region"](grid, s.batch["boxes"], sentences, regions)}
-
-
-def _tag(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    loss, _ = model.objectives["tag"](s.patch_tokens, s.batch["tags"])
-    return {"tag": loss}
-
-
-def _soft_label(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    return {"soft_label": model.objectives["soft_label"](s.image_emb, s.report_emb, s.batch["tags"])}
-
-
-def _seg(model: PretrainModel, s: StepInputs, step: int) -> dict[str, Tensor]:
-    image_hw = tuple(s.batch["images"].shape[-2:])
-    loss = model.objectives["seg"](s.image.pyramid, s.image.pool_attention, s.image.grid_hw, image_hw)
-    return {"seg": loss}
-
-
-TERM_FUNCTIONS: dict[str, Callable[[PretrainModel, StepInputs, int], dict[str, Tensor]]] = {
-    "global": _global,
-    "global_impression": _global_impression,
-    "token": _token,
-    "impression": _impression,
-    "region": _region,
-    "tag": _tag,
-    "soft_label": _soft_label,
-    "seg": _seg,
-}

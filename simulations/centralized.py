@@ -76,6 +76,7 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
         raise ValueError(f"train.resume_from is at step {start_step}, not before train.steps={settings.steps}; "
                          "raise train.steps to train further")
     settings = replace(settings, start_step=start_step, steps=settings.steps - start_step, total_steps=settings.steps)
+    model.plan_schedule(settings.total_steps)   # the objective's fractions are of this run's steps
     notice = schedule_notice(cfg.objective, settings.total_steps, "the centralized run")
     if notice:
         log.warning(notice)

@@ -230,7 +230,9 @@ def sites(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return compose(["federation.rounds=2", "federation.local_steps=2", "federation.batch_size=4"])
+    return compose(["federation.rounds=2", "federation.local_steps=2", "federation.batch_size=4",
+                    # absolute: the stage-2 terms and seg never start, every parameter trains every step
+                    "objective.schedule.stage2_step=1000", "objective.schedule.warmup_steps=200"])
 
 
 def _site(sites, name, tmp_path):

@@ -1,4 +1,6 @@
 """Encoders, tokenizer, collate, the composed pre-training model and parameter sharing (tiny random-init models)."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,10 @@ from shared_models.batch import collate
 from shared_models.config import compose
 from shared_models.factory import create_model
 from shared_models.image_encoder import ImageEncoder
-from shared_models.model import TERM_MODULE, schedule_notice, terms_never_trained
+from shared_models.model import schedule_notice, terms_never_trained
+from server.rounds import hybridmed_stage
+from shared_models.objectives.registry import objective_of_term, objectives
+from shared_models.objectives.schedule import federation_steps, resolve_schedule
 from shared_models.sharing import shared_parameter_names, split_state
 from shared_models.text_encoder import TextEncoder, sentence_means
 from shared_models.tokenizer import tokenizer_hash, train_wordpiece
@@ -240,7 +245,7 @@ def test_preset_total_is_weighted_sum(preset, batch):
 def test_schedules_switch_terms(hybrid):
     assert set(hybrid.active_terms(0)) == {"global", "summary", "region", "tag", "soft_label"}
     assert set(hybrid.active_terms(5)) == {"global", "summary", "region", "tag", "soft_label", "seg"}
-    assert set(hybrid.active_terms(10)) == set(TERM_MODULE)
+    assert set(hybrid.active_terms(10)) == set(objective_of_term())
     assert (hybrid.hybridmed_stage(9), hybrid.hybridmed_stage(10)) == (1, 2)
 
 
@@ -254,6 +259,84 @@ def test_terms_never_trained_are_those_starting_at_or_after_the_last_step():
     notice = schedule_notice(objective, 5, "each site")
     assert "seg (from step 5)" in notice and "token (from step 10)" in notice and "stage2_step" in notice
     assert schedule_notice(objective, 11, "each site") is None
+
+
+class ReadsRecorder:
+    """A batch's `StepInputs` that records which encoder outputs and batch keys a loss function reads."""
+
+    class Batch(dict):
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+    def __init__(self, inputs):
+        self._inputs, self.read = inputs, set()
+        self.batch = self.Batch(inputs.batch)
+        self.batch.read = set()
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._inputs, name)
+
+
+def test_each_registered_objective_reads_exactly_what_it_declares(hybrid, batch):
+    hybrid.embed_tag_queries_once()   # as `forward` does before any term
+    inputs = hybrid.step_inputs(batch)
+    for objective in objectives().values():
+        recorder = ReadsRecorder(inputs)
+        out = objective.loss(hybrid, recorder, 10)   # stage 2: every branch runs
+        assert set(out) == set(objective.terms), objective.name
+        assert recorder.read == set(objective.inputs), objective.name
+        assert recorder.batch.read == set(objective.batch), objective.name
+
+
+def test_the_default_schedule_is_a_fraction_of_the_run_resolved_once_from_its_total():
+    objective = compose(["objective=hybrid", "objective.schedule.stage2_at=0.4"]).objective
+    assert objective.schedule.stage2_step is None   # the default gives fractions, not steps
+    # centralized: 100 steps -> stage 2 at step 40, seg's warm-up (0.2) ends at 20
+    central = resolve_schedule(objective, 100)
+    assert (central.stage2_step, central.warmup_steps) == (40, 20)
+    assert (central.hybridmed_stage(39), central.hybridmed_stage(40)) == (1, 2)
+    assert central.start_step["token"] == central.start_step["caption"] == 40 and central.start_step["global"] == 0
+    # a federation of 10 rounds x 25 local steps: one schedule over the sites' continued steps -> step 100
+    fed = compose(["objective=hybrid", "federation.rounds=10", "federation.local_steps=25"])
+    assert federation_steps(fed) == 250 and resolve_schedule(fed.objective, 250).stage2_step == 100
+    assert [hybridmed_stage(fed, (r - 1) * 25) for r in (4, 5)] == [1, 2]   # the server's round config: round 5
+    # the sites' model, built from the same config, switches at the same step
+    model = create_model(compose([*FAST, "objective=hybrid", "federation.rounds=10", "federation.local_steps=25"]))
+    assert (model.hybridmed_stage(99), model.hybridmed_stage(100)) == (1, 2) and model.schedule.warmup_steps == 50
+    model.plan_schedule(100)   # the centralized run re-plans for its own total
+    assert model.hybridmed_stage(40) == 2 and "token" in model.active_terms(40) and "seg" in model.active_terms(20)
+    # every term trains in a run of any length: none is left out, however short
+    assert all(terms_never_trained(objective, steps) == {} for steps in (2, 7, 350))
+    assert all(schedule_notice(compose([f"objective={p}"]).objective, 3, "x") is None for p in ("hybridmed", "g2d"))
+
+
+def test_an_absolute_schedule_reproduces_the_old_switch_step_and_wins_over_the_fraction():
+    absolute = compose(["objective=hybrid", "objective.schedule.stage2_step=1000",
+                        "objective.schedule.warmup_steps=200"]).objective
+    schedule = resolve_schedule(absolute, 350)   # the fractions (0.4, 0.2) are still set: the steps win
+    assert (schedule.stage2_step, schedule.warmup_steps, schedule.start_step["distill"]) == (1000, 200, 1000)
+    assert terms_never_trained(absolute, 350) == {"global_impression": 1000, "token": 1000, "caption": 1000,
+                                                  "distill": 1000}
+    assert "never train" in schedule_notice(absolute, 350, "each site")
+    # a term pinned to its own step; the papers' hybridmed schedule without fractions
+    pinned = compose(["objective=hybrid", "+objective.schedule.start_step.tag=7"]).objective
+    assert resolve_schedule(pinned, 100).start_step["tag"] == 7
+    paper = compose(["objective=hybridmed", "objective.schedule.stage2_step=1000"]).objective
+    assert resolve_schedule(paper).stage2_step == 1000   # no fraction left: no total needed
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.schedule.stage2_at=1.5"], "in [0, 1]"),
+    (["+objective.schedule.stage2_start=3"], "unknown keys ['stage2_start']"),
+    (["+objective.schedule.start_step.nonsense=3"], "does not weight"),
+])
+def test_a_bad_schedule_is_refused_with_the_key_to_fix(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_schedule(compose(["objective=hybrid", *overrides]).objective, 100)
+    with pytest.raises(ValueError, match="no total was given"):
+        resolve_schedule(compose(["objective=hybrid"]).objective)
 
 
 def _gradient_owners(model, loss):

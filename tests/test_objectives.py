@@ -21,8 +21,8 @@ from shared_models.objectives import (
     region_features,
     soft_targets,
 )
-from shared_models.objectives.impression_decoder import distillation_kl, token_cross_entropy
-from shared_models.objectives.token_alignment import masked_quantiles
+from shared_models.objectives.impression import distillation_kl, token_cross_entropy
+from shared_models.objectives.token import masked_quantiles
 
 R2 = 1 / math.sqrt(2)
 
@@ -192,8 +192,8 @@ def test_stage_one_trains_summarisation_only():
     terms = ImpressionGeneration(decoder)(ids, mask, patches, findings, findings_mask, stage=1)
     assert set(terms) == {"summary"}
     terms["summary"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.summary_branch_parameters())
-    assert all(p.grad is None for p in decoder.caption_branch_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.branch_parameters("summary"))
+    assert all(p.grad is None for p in decoder.branch_parameters("caption"))
 
 
 def test_stage_two_freezes_the_summarisation_teacher():
@@ -209,7 +209,7 @@ def test_stage_two_freezes_the_summarisation_teacher():
     sum(terms.values()).backward()
     summary_params = list(decoder.named_branch_parameters("summary"))
     assert summary_params and all(p.grad is None for _, p in summary_params)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.caption_branch_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.branch_parameters("caption"))
     for layer in decoder.layers:
         for module in (layer.self_attention, layer.mlp):
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
@@ -401,3 +401,97 @@ def test_pseudo_segmentation_trains_the_decoder_not_the_attention():
     assert attention.grad is None
     assert all(p.grad is not None for p in objective.parameters())
     assert pyramid[0].grad.abs().sum() > 0
+
+
+# --- the registry: an objective is one module --------------------------------------------------------
+class PairModel(torch.nn.Module):
+    """Two linear towers and one registered contrastive term, as DP-SGD's clipping sees a model."""
+
+    def __init__(self, term: str):
+        super().__init__()
+        self.lambdas = {term: 1.0}
+        self.image, self.text = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+        self.pair = GlobalContrastive(0.5)
+
+    def active_terms(self, step: int) -> list[str]:
+        return list(self.lambdas)
+
+    def forward(self, batch: dict, step: int = 0) -> dict:
+        out = {term: self.pair(self.image(batch["x"]), self.text(batch["y"])) for term in self.lambdas}
+        return {**out, "loss": sum(self.lambdas[t] * out[t] for t in out)}
+
+
+@pytest.fixture
+def toy_objective():
+    """A toy coupled objective registered the way an objective module registers itself; removed afterwards."""
+    from shared_models.objectives.registry import register_objective, unregister_objective
+
+    @register_objective("toy_pair", build=lambda c, m: GlobalContrastive(c["temperature"]),
+                        inputs=("image_emb", "report_emb"), coupled=True, starts={"toy_pair": "warmup"})
+    def toy_pair_loss(model, s, step):
+        return {"toy_pair": model.objectives["toy_pair"](s.image_emb, s.report_emb)}
+
+    yield "toy_pair"
+    unregister_objective("toy_pair")
+
+
+def test_every_objective_module_registers_its_terms_config_section_and_coupling():
+    from shared_models.objectives.registry import coupled_terms, objective_of_term, objectives
+
+    assert {name: o.terms for name, o in objectives().items()} == {
+        "global": ("global",), "global_impression": ("global_impression",), "token": ("token",),
+        "impression": ("summary", "caption", "distill"), "region": ("region",), "tag": ("tag",),
+        "soft_label": ("soft_label",), "seg": ("seg",)}
+    assert coupled_terms() == {"global", "global_impression", "soft_label"}
+    # a coupled term reads only rows that the per-patient loop stacks (StackedInputs)
+    assert all(set(o.inputs) <= {"image_emb", "report_emb", "impression_emb"} for o in objectives().values()
+               if o.coupled)
+    assert objective_of_term()["caption"].name == "impression" and objective_of_term()["seg"].starts == {"seg": "warmup"}
+    # each module is named after its config section, except `global` (a Python keyword)
+    modules = {o.name: o.loss.__module__.rsplit(".", 1)[1] for o in objectives().values()}
+    assert {n for n, m in modules.items() if n != m} == {"global", "global_impression"}
+
+
+def test_a_registered_coupled_term_changes_dp_clipping_without_editing_it(toy_objective):
+    from client.privacy.clipping import ClipNorms, clipped_gradient_sum, split_terms
+    from shared_models.objectives.registry import unregister_objective
+
+    assert split_terms({toy_objective, "tag"}, 4) == ({toy_objective}, {"tag"})
+    assert split_terms({toy_objective, "tag"}, 1) == (set(), {"tag"})   # one study: no negatives, none coupled
+    g = torch.Generator().manual_seed(0)
+    samples = [{"x": torch.randn(6, generator=g), "y": torch.randn(5, generator=g)} for _ in range(5)]
+    collate_fn = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    torch.manual_seed(0)
+    model, never_binds = PairModel(toy_objective), ClipNorms(1e9, 1e9)
+    params = list(model.parameters())
+    # coupled: taken on the whole batch, so unclipped S(B)/n is the batch gradient
+    coupled = clipped_gradient_sum(model, samples, collate_fn, 0, never_binds, coupled_scale=5, per_study="loop")
+    expected = torch.autograd.grad(model(collate_fn(samples))["loss"], params)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in coupled.gradient]) / 5,
+                               torch.cat([g.flatten() for g in expected]), atol=1e-5, rtol=1e-4)
+    assert float(torch.cat([g.flatten() for g in coupled.gradient]).norm()) > 1e-3
+    # not registered any more: a per-patient term on one-study batches, whose contrastive gradient is 0
+    unregister_objective(toy_objective)
+    assert split_terms({toy_objective}, 4) == (set(), {toy_objective})
+    alone = clipped_gradient_sum(model, samples, collate_fn, 0, never_binds, coupled_scale=5, per_study="loop")
+    assert float(torch.cat([g.flatten() for g in alone.gradient]).norm()) < 1e-6
+
+
+def test_a_registered_objective_is_built_weighted_and_scheduled_by_the_model(toy_objective):
+    from benchmarks.common import synthetic_samples
+    from shared_models.batch import collate
+    from shared_models.config import compose
+    from shared_models.factory import create_model
+
+    torch.manual_seed(0)
+    cfg = compose(["model.image.img_size=64", "model.image.kwargs.depth=2", "model.text.max_length=48",
+                   "model.text.tokenizer.num_reports=300", "objective=clip", "+objective.lambdas.toy_pair=0.5",
+                   "+objective.toy_pair={temperature: 0.1}", "objective.schedule.warmup_steps=null",
+                   "+objective.schedule.warmup_at=0.5"])
+    model = create_model(cfg, total_steps=10)
+    assert isinstance(model.objectives["toy_pair"], GlobalContrastive) and model.objectives["toy_pair"].temperature == 0.1
+    assert model.active_terms(4) == ["global"] and model.active_terms(5) == ["global", "toy_pair"]
+    assert model.coupled_rows([toy_objective]) == ["image_emb", "report_emb"]
+    batch = collate(synthetic_samples(4, 64), model.tokenizer, max_length=48)
+    out = model(batch, step=5)
+    torch.testing.assert_close(out["loss"], out["global"] + 0.5 * out["toy_pair"])

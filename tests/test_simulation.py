@@ -22,7 +22,8 @@ def simulation(tmp_path_factory):
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
                "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", "probe.max_iter=20",
-               "federation.strategy=fedavg"]   # every site in every round (the default's cyclic asks one per round)
+               "federation.strategy=fedavg",   # every site in every round (the default's cyclic asks one per round)
+               "objective.schedule.stage2_step=1000", "objective.schedule.warmup_steps=200"]  # absolute: the notice
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"

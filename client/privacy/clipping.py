@@ -13,11 +13,20 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from client.privacy.disclosure import NonFiniteStep
+from shared_models.objectives.registry import coupled_terms as registered_coupled_terms
 
 # Terms whose value for one study depends on the other studies of the batch (in-batch negatives, soft
-# targets from the other studies' tags). Every other term of the hybrid objective is a function of one
-# study alone when the model runs on a batch of that study only.
-COUPLED_TERMS = frozenset({"global", "global_impression", "soft_label"})
+# targets from the other studies' tags), as each objective registers itself (`coupled`). Every other term
+# is a function of one study alone when the model runs on a batch of that study only. The clipping asks
+# the registry at every step (`split_terms`); this is the set registered when this module was imported.
+COUPLED_TERMS = registered_coupled_terms()
+
+
+def split_terms(terms: set[str], studies: int) -> tuple[set[str], set[str]]:
+    """A step's terms as (coupled, per-patient). With fewer than two studies there are no negatives: the
+    coupled terms are 0 with a 0 gradient, so none is taken."""
+    coupled = registered_coupled_terms()
+    return (terms & coupled if studies >= 2 else set()), terms - coupled
 
 
 class TrainableModel(Protocol):
@@ -304,9 +313,7 @@ def clipped_gradient_sum(
     terms: dict[str, float] = {}
     clipped = 0
     step_terms = set(model.active_terms(step))
-    # With fewer than two studies there are no negatives: the coupled terms are 0 with a 0 gradient.
-    coupled_terms = step_terms & COUPLED_TERMS if len(samples) >= 2 else set()
-    per_patient_terms = step_terms - COUPLED_TERMS
+    coupled_terms, per_patient_terms = split_terms(step_terms, len(samples))
     # The loop keeps each study's encoder outputs for the coupled terms (the model's `stacked_inputs`): their
     # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
     step_inputs = getattr(model, "step_inputs", None)

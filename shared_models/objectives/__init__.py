@@ -1,12 +1,12 @@
 """The pre-training objectives: small modules that turn encoder outputs into loss terms."""
 from .checks import values_checkable
 from .global_contrastive import GlobalContrastive, similarity_logits
-from .impression_decoder import BRANCHES, ImpressionDecoder, ImpressionGeneration
-from .pseudo_segmentation import PseudoSegmentation, SegmentationDecoder, dice_bce_loss, pseudo_masks
-from .region_sentence import RegionSentenceAlignment, region_features
+from .impression import BRANCHES, ImpressionDecoder, ImpressionGeneration
+from .seg import PseudoSegmentation, SegmentationDecoder, dice_bce_loss, pseudo_masks
+from .region import RegionSentenceAlignment, region_features
 from .soft_label import SoftLabelContrastive, soft_targets, tag_similarity
-from .tag_recognition import UNCERTAIN_TARGETS, TagRecognition
-from .token_alignment import TokenAlignment, clip_and_normalise_weights
+from .tag import UNCERTAIN_TARGETS, TagRecognition
+from .token import TokenAlignment, clip_and_normalise_weights
 
 __all__ = [
     "BRANCHES",

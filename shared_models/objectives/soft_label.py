@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .global_contrastive import similarity_logits
+from .registry import register_objective
 
 
 def tag_similarity(tags: Tensor) -> Tensor:
@@ -47,3 +48,10 @@ class SoftLabelContrastive(nn.Module):
         logits = similarity_logits(image_emb, text_emb, self.temperature)
         target = soft_targets(tags, self.alpha, self.eps)  # symmetric, so it serves both directions
         return (symmetric_kl(logits, target) + symmetric_kl(logits.T, target)) / 2
+
+
+@register_objective("soft_label", build=lambda c, m: SoftLabelContrastive(c["temperature"], c["alpha"]),
+                    inputs=("image_emb", "report_emb"), batch=("tags",), coupled=True)
+def soft_label_loss(model, s, step: int) -> dict[str, Tensor]:
+    """ASG ERL."""
+    return {"soft_label": model.objectives["soft_label"](s.image_emb, s.report_emb, s.batch["tags"])}

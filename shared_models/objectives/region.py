@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_models.objectives.checks import values_checkable
+from shared_models.objectives.registry import register_objective
 
 
 def valid_boxes(boxes: Tensor) -> Tensor:
@@ -94,3 +95,14 @@ class RegionSentenceAlignment(nn.Module):
         region_term = torch.where(named, region_loss, 0.0).sum() / named.sum().clamp_min(1)
         # With no usable sentence both sums are an exact 0 that still belongs to the graph.
         return (sentence_term + region_term) / 2
+
+
+@register_objective("region", build=lambda c, m: RegionSentenceAlignment(c["temperature"]),
+                    inputs=("image", "patch_tokens", "report"), batch=("sentence_regions", "boxes"))
+def region_loss(model, s, step: int) -> dict[str, Tensor]:
+    """ASG ARSA."""
+    h, w = s.image.grid_hw
+    grid = s.patch_tokens.transpose(1, 2).reshape(s.patch_tokens.shape[0], -1, h, w)
+    sentences = model.text_token_projection(s.report.sentence_embeds)
+    regions = s.batch["sentence_regions"].masked_fill(~s.report.sentence_mask, -1)
+    return {"region": model.objectives["region"](grid, s.batch["boxes"], sentences, regions)}

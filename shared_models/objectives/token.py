@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared_models.objectives.registry import register_objective
+
 
 def masked_quantiles(values: Tensor, mask: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
     """[B, 1] per q: each row's q-quantile over its valid entries, interpolated linearly as torch.nanquantile
@@ -99,3 +101,14 @@ class TokenAlignment(nn.Module):
         has_words = word_mask.any(dim=1)
         per_sample = (word_loss + patch_loss) * has_words
         return per_sample.sum() / has_words.sum().clamp_min(1)
+
+
+@register_objective("token", build=lambda c, m: TokenAlignment(c["temperature"]),
+                    inputs=("image", "patch_tokens", "findings", "findings_tokens", "word_mask"),
+                    starts={"token": "stage2"})
+def token_loss(model, s, step: int) -> dict[str, Tensor]:
+    """HybridMED L_CL."""
+    loss = model.objectives["token"](
+        s.patch_tokens, s.image.patch_weights, s.findings_tokens, s.word_mask, s.findings.word_weights
+    )
+    return {"token": loss}

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared_models.objectives.registry import register_objective
+
 
 @torch.no_grad()
 def pseudo_masks(
@@ -107,3 +109,12 @@ class PseudoSegmentation(nn.Module):
         target = pseudo_masks(attention, grid_hw, image_hw, self.quantile)
         logits = self.decoder(pyramid, out_size=image_hw)
         return dice_bce_loss(logits.float(), target, self.bce_weight)
+
+
+@register_objective("seg", build=lambda c, m: PseudoSegmentation(m.image_encoder.pyramid_channels, c["quantile"],
+                                                                 c["bce_weight"], c["width"]),
+                    inputs=("image",), batch=("images",), starts={"seg": "warmup"})
+def seg_loss(model, s, step: int) -> dict[str, Tensor]:
+    """G2D's pseudo segmentation, after the warm-up."""
+    image_hw = tuple(s.batch["images"].shape[-2:])
+    return {"seg": model.objectives["seg"](s.image.pyramid, s.image.pool_attention, s.image.grid_hw, image_hw)}

@@ -3,6 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared_models.objectives.registry import register_objective
+from shared_models.vocab import OBSERVATIONS
+
 # What an uncertain (-1) tag is trained as; None leaves it out of the loss.
 UNCERTAIN_TARGETS = {"ignore": None, "positive": 1.0, "negative": 0.0}
 
@@ -67,3 +70,12 @@ class TagRecognition(nn.Module):
         losses = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
         counted = counted.to(losses.dtype)
         return (losses * counted).sum() / counted.sum().clamp_min(1), logits
+
+
+@register_objective("tag", build=lambda c, m: TagRecognition(m.projection_dim, len(OBSERVATIONS), c["layers"],
+                                                             c["heads"], c["uncertain"]),
+                    inputs=("patch_tokens",), batch=("tags",))
+def tag_loss(model, s, step: int) -> dict[str, Tensor]:
+    """ASG IRL (its queries: `PretrainModel.refresh_tag_queries`)."""
+    loss, _ = model.objectives["tag"](s.patch_tokens, s.batch["tags"])
+    return {"tag": loss}

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from shared_models.objectives.checks import values_checkable
+from shared_models.objectives.registry import register_objective
 
 BRANCHES = ("caption", "summary")  # caption attends to image patches, summary to findings tokens
 
@@ -75,12 +76,6 @@ class ImpressionDecoder(nn.Module):
 
     def branch_parameters(self, branch: str) -> Iterator[nn.Parameter]:
         return (parameter for _, parameter in self.named_branch_parameters(branch))
-
-    def summary_branch_parameters(self) -> Iterator[nn.Parameter]:
-        return self.branch_parameters("summary")
-
-    def caption_branch_parameters(self) -> Iterator[nn.Parameter]:
-        return self.branch_parameters("caption")
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Everything both branches use: embeddings, self-attention, FFN, output head."""
@@ -167,3 +162,31 @@ class ImpressionGeneration(nn.Module):
             caption_logits, summary_logits.detach(), target_mask, self.distill_temperature
         )
         return terms
+
+
+def build_impression(c: dict, m) -> ImpressionGeneration:
+    decoder = ImpressionDecoder(vocab_size=len(m.tokenizer), dim=m.projection_dim, num_layers=c["layers"],
+                                num_heads=c["heads"], max_len=c["max_len"], pad_id=m.tokenizer.pad_token_id)
+    return ImpressionGeneration(decoder, c["distill_temperature"])
+
+
+@register_objective("impression", terms=("summary", "caption", "distill"), build=build_impression,
+                    inputs=("patch_tokens", "findings_tokens"),
+                    batch=("has_findings", "has_impression", "findings_mask", "impression_ids", "impression_mask"),
+                    starts={"caption": "stage2", "distill": "stage2"})
+def impression_loss(model, s, step: int) -> dict[str, Tensor]:
+    """HybridMED L_Sum, L_Cap, L_Dis. On every row, studies lacking findings or impression masked out of the
+    token means: no branch on the batch's values, so the same code runs under DP-SGD's vmapped per-study
+    gradients (no row: exact 0s)."""
+    b = s.batch
+    rows = b["has_findings"] & b["has_impression"]
+    # A row without findings would cross-attend to no token (NaN); give it the first one, its loss is masked.
+    findings_mask = b["findings_mask"].bool()
+    findings_mask = findings_mask | (~findings_mask.any(dim=1, keepdim=True) & (torch.arange(
+        findings_mask.shape[1], device=findings_mask.device) == 0))
+    # In stage 1 only the summary branch runs, so the image encoder is not needed for it.
+    stage = model.hybridmed_stage(step)
+    patches = s.patch_tokens if stage == 2 else s.findings_tokens.new_zeros(len(rows), 1, 1)
+    return model.objectives["impression"](
+        b["impression_ids"], b["impression_mask"] * rows[:, None], patches, s.findings_tokens, findings_mask, stage,
+    )
