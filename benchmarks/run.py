@@ -75,6 +75,13 @@ def _privacy(args) -> dict:
     return run(quick=args.quick)
 
 
+@section("scale")
+def _scale(args) -> dict:
+    from benchmarks.scale import run
+
+    return run(quick=args.quick)
+
+
 @section("memory")
 def _memory(args) -> dict:
     from benchmarks.memory import run

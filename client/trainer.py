@@ -148,6 +148,10 @@ def train_steps(
     DDP, and rank 0's history is the group's mean: the same run as one process with the same global batch.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    if settings.nproc != world:
+        raise ValueError(f"train.nproc={settings.nproc} but this process trains in a group of {world}: only "
+                         "`python -m simulations.centralized` starts the worker group; a federated site trains in "
+                         "one process (docs/scale.md)")
     device = distributed.training_device() if world > 1 else torch.device(device)
     model.to(device).train()
     # Ranks draw their own augmentation and dropout; DDP starts them from rank 0's weights.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -77,7 +78,8 @@ SETTINGS = TrainSettings(steps=2, batch_size=GLOBAL_BATCH, lr=1e-3, warmup_steps
 
 def train(model: nn.Module, samples: list[dict]) -> tuple[list[dict], dict[str, torch.Tensor]]:
     collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=MAX_LENGTH)
-    result = train_steps(model, samples, collate_fn, SETTINGS, progress=False)
+    settings = replace(SETTINGS, nproc=distributed.world_size())
+    result = train_steps(model, samples, collate_fn, settings, progress=False)
     return result.history, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -140,3 +142,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs, object
           f"max |weights| = {control_difference:.2e}")
     assert control_difference > 10 * 5e-5
 
+
+
+def test_nproc_outside_a_worker_group_is_refused():
+    """A federated site trains in one process: train.nproc=2 there must stop, not silently train on one."""
+    model = nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="simulations.centralized"):
+        train_steps(model, [], lambda rows: rows, replace(SETTINGS, nproc=2), progress=False)
