@@ -40,6 +40,11 @@ class TrainSettings:
     total_steps: int | None = None
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 over the shared parameters
 
+    def __post_init__(self):
+        if self.nproc < 1 or self.batch_size % self.nproc:
+            raise ValueError(f"train.batch_size={self.batch_size} (the global batch) must split evenly over "
+                             f"train.nproc={self.nproc} processes (nproc >= 1); use a multiple of nproc")
+
     @classmethod
     def from_config(cls, train_cfg, **overrides) -> "TrainSettings":
         known = {f for f in cls.__dataclass_fields__}
@@ -228,9 +233,6 @@ def _loader(dataset: Dataset, collate_fn: Callable, settings: TrainSettings, gen
     if world == 1:
         return DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
                           drop_last=len(dataset) > settings.batch_size, generator=generator, **common)
-    if settings.batch_size % world:
-        raise ValueError(f"train.batch_size={settings.batch_size} (the global batch) does not split evenly over "
-                         f"train.nproc={world} processes; use a multiple of {world}")
     local_batch = settings.batch_size // world
     sampler = distributed.PatientShardSampler(distributed.patient_ids_of(dataset), rank, world, settings.seed)
     if sampler.smallest < local_batch:  # every rank sees every shard's size, so all of them stop here

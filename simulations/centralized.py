@@ -68,6 +68,7 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
                              augmentation=augmentation_settings(cfg.train))
     nproc = int(cfg.train.get("nproc") or 1)
     if nproc > 1 and not distributed.is_distributed():  # the data is ready: N ranks train it (docs/scale.md)
+        TrainSettings.from_config(cfg.train, seed=cfg.seed)  # bad settings stop here, before N workers start
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # workers have no Hydra
         return distributed.run(train_centralized, (resolved, run_dir, dataset, steps), nproc, run_id="centralized")
     model, start_step, optimizer_state = start_model(cfg)
