@@ -149,3 +149,13 @@ def test_nproc_outside_a_worker_group_is_refused():
     model = nn.Linear(1, 1)
     with pytest.raises(ValueError, match="simulations.centralized"):
         train_steps(model, [], lambda rows: rows, replace(SETTINGS, nproc=2), progress=False)
+
+
+def test_dp_sgd_refuses_more_than_one_process():
+    """DP-SGD under DDP is not built: a DP run asked for 2 processes stops instead of training 1 without saying."""
+    from client.privacy.clipping import PrivacyError
+    from client.privacy.training import dp_train_steps
+
+    with pytest.raises(PrivacyError, match="train.nproc=2"):
+        dp_train_steps(nn.Linear(1, 1), [], lambda rows: rows, replace(SETTINGS, nproc=2), clip=None,
+                       noise_multiplier=1.0, sampler=None, progress=False)

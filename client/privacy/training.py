@@ -106,6 +106,9 @@ def dp_train_steps(
     require_group_norm(model)
     if settings.grad_accum != 1:
         raise PrivacyError(f"train.grad_accum={settings.grad_accum}: under DP-SGD one step is one Poisson batch; set 1")
+    if settings.nproc != 1:
+        raise PrivacyError(f"train.nproc={settings.nproc}: DP-SGD trains in one process (DP-SGD under DDP is not "
+                           "built, docs/scale.md); set train.nproc=1")
     device = torch.device(device)
     model.to(device).train()
     params = trainable_parameters(model)
