@@ -40,8 +40,11 @@ def index_data(site: dict) -> None:
     data = site["data"]
     catalog, cache = data_paths(site)
     # allow_outside_root: the site's own opt-in for images or reports linked from shared storage outside its root
+    options = (["--reports", str(data["reports"])] if data.get("reports") else []) \
+        + (["--manifest", str(data["manifest"])] if data.get("manifest") else []) \
+        + (["--allow-outside-root"] if data.get("allow_outside_root") else [])
     code = data_main(["index", "--root", data["root"], "--layout", data["layout"], "--catalog", catalog,
-                      "--cache", str(cache)] + (["--allow-outside-root"] if data.get("allow_outside_root") else []))
+                      "--cache", str(cache), *options])
     if code:
         raise SiteConfigError(f"indexing {data['root']} failed (exit {code})")
 

@@ -131,6 +131,8 @@ def _data(value, key):
         return f"{key}: unknown key(s) {unknown}; allowed: {list(DATA_KEYS)}"
     return (_path(value.get("root"), f"{key}.root") if value.get("root") is not None else f"{key}.root is missing") \
         or _one_of(tuple(LAYOUTS))(value.get("layout"), f"{key}.layout") \
+        or _path(value.get("reports"), f"{key}.reports") \
+        or _path(value.get("manifest"), f"{key}.manifest") \
         or (None if value.get("split") is None or isinstance(value["split"], str) else f"{key}.split must be text") \
         or (None if isinstance(value.get("index", True), bool) else f"{key}.index must be true or false") \
         or (None if isinstance(value.get("allow_outside_root", False), bool)
@@ -139,7 +141,7 @@ def _data(value, key):
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-DATA_KEYS = ("root", "layout", "split", "index", "allow_outside_root")
+DATA_KEYS = ("root", "layout", "reports", "manifest", "split", "index", "allow_outside_root")
 # Every key a site file may hold and its check (a function returning what is wrong, or None). A key not here is
 # reported: a misspelt `policy` must not silently leave a site without one.
 SCHEMA = {
@@ -173,6 +175,7 @@ def load_site(path: Path, check_files: bool = True) -> dict:
     for key in PATH_KEYS:
         site[key] = _absolute(site.get(key))
     site["data"]["root"] = _absolute(site["data"].get("root"))
+    site["data"]["reports"] = _absolute(site["data"].get("reports"))
     site["privacy"] = validate_caps(site["privacy"], f"{path}: privacy")
     site["policy"] = validate_policy(site.get("policy"), f"{path}: policy")
     site.setdefault("clientapp_launcher", DEFAULT_LAUNCHER)

@@ -64,3 +64,37 @@ def test_site_file_opt_in_must_be_a_boolean(tmp_path):
                     "privacy: {max_epsilon: 8.0, max_delta: 1.0e-5}\n")
     with pytest.raises(SiteConfigError, match="allow_outside_root must be true or false"):
         load_site(path, check_files=False)
+
+
+def test_site_file_names_its_manifest_and_reports(tmp_path, shared_dicom_dir):
+    """A hospital's export is `export.csv`, not manifest.csv; a MIMIC-JPG site's reports sit in a separate folder:
+    the site file says so and the index reads them."""
+    import client.run as run
+
+    root = tmp_path / "site"
+    root.mkdir()
+    shutil.copyfile(shared_dicom_dir / REAL_DICOM, root / "x.dcm")
+    (root / "export.csv").write_text("image_path,report,study_id,patient_id,split\n"
+                                     "x.dcm,FINDINGS: Clear lungs.,S1,P1,train\n")
+    site = {"name": "A", "data": {"root": str(root), "layout": "manifest", "manifest": "export.csv"},
+            "state_dir": str(tmp_path / "state"), "catalog": str(tmp_path / "c.sqlite"), "cache": str(tmp_path / "cache")}
+    run.index_data(site)
+    assert statuses(tmp_path / "c.sqlite") == {"x": ("ok", None)}
+
+    path = tmp_path / "A.yaml"
+    path.write_text(f"name: A\ndata: {{root: {root}, layout: mimic_cxr_jpg, reports: reports}}\n"
+                    f"superlink: 127.0.0.1:9092\nroot_certificates: {tmp_path}/ca.crt\n"
+                    f"node_private_key: {tmp_path}/k\nstate_dir: {tmp_path}/state\n"
+                    "privacy: {max_epsilon: 8.0, max_delta: 1.0e-5}\n")
+    loaded = load_site(path, check_files=False)
+    assert Path(loaded["data"]["reports"]).is_absolute()   # relative paths are from the project root, like root's
+    import client.data.__main__ as data_cli
+
+    seen = []
+    original = data_cli.main
+    data_cli.main = lambda argv: seen.append(argv) or 0
+    try:
+        run.index_data(loaded)
+    finally:
+        data_cli.main = original
+    assert seen[0][seen[0].index("--reports") + 1] == loaded["data"]["reports"]
