@@ -199,7 +199,7 @@ def markdown(cfg: DictConfig, rows: list[dict]) -> list[str]:
         lines.append(f"| {row['arm']} | {epsilon} | {noise} | {row['auc']:.3f} [{row['auc_ci'][0]:.3f}, "
                      f"{row['auc_ci'][1]:.3f}] | {row['tpr_at_fpr']['tpr']:.3f} | {row['member_margin_mean']:+.3f} / "
                      f"{row['nonmember_margin_mean']:+.3f} | {loss} | {row['seconds']:.0f} |")
-    lines += ["", "Score: cos(image, own report) minus the best cos with another report of the pool. "
-              + ("" if meaningful else f"With {first['nonmembers']} non-members the 1 % FPR point allows no false "
-                 f"positive at all (it needs >= {math.ceil(1 / float(rl.fpr))} non-members to mean 1 %). ")]
+    lines += ["", "Score: cos(image, own report) minus the best cos with another report of the pool."
+              + ("" if meaningful else f" With {first['nonmembers']} non-members the 1 % FPR point allows no false "
+                 f"positive at all (it needs >= {math.ceil(1 / float(rl.fpr))} non-members to mean 1 %).")]
     return lines
