@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from shared_models.config import is_run_name
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -25,7 +27,6 @@ REQUIREMENTS = ("dpsgd", "secagg")
 POLICY_DEFAULTS = {"require": ["dpsgd"], "min_noise_multiplier": None, "accepted_models": None,
                    "accepted_objectives": None}
 NO_POLICY = dict(POLICY_DEFAULTS, require=[])
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_OVERRIDES, MAX_OVERRIDE_CHARS = 512, 4096
 
@@ -82,7 +83,7 @@ def validate_policy(policy, where: str) -> dict:
 # -------------------------------------------------------------------------------------------- run name
 def check_run_name(name, what: str = "run") -> str:
     """A run name the site may use as a folder name under its state_dir (the coordinator sends it)."""
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+    if not is_run_name(name):
         raise PolicyRefused(f"{what} {name!r}: a run name must be 1-64 letters, digits, '.', '_' or '-' (not '.' "
                             "or '..'); it names a folder under this site's state_dir")
     return name

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,11 +16,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from omegaconf import DictConfig, OmegaConf
 
 from server.aggregation import COMBINERS, ROBUST_QUORUM
+from shared_models.config import is_run_name
 from shared_models.transfer import check_transfer_dtype
 
 Params = dict[str, np.ndarray]
 
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_SITE_NAME = 64
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
@@ -38,7 +37,7 @@ class RunConfigError(ValueError):
 # ------------------------------------------------------------------------------------------ run configuration
 def run_name_problem(name) -> str | None:
     """Why `name` cannot name a run (it becomes a folder at the coordinator and at every site), or None."""
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+    if not is_run_name(name):
         return (f"federation.run_name={name!r} must be 1-64 letters, digits, '.', '_' or '-' (and not '.' or '..'): "
                 "it names a folder at the coordinator and at every site")
     return None

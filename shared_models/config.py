@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,12 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# A run's name becomes a folder at the coordinator and under every site's state_dir: both ends check it with this.
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_run_name(name) -> bool:
+    return isinstance(name, str) and RUN_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
