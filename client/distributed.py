@@ -108,28 +108,44 @@ class _GatherRows(torch.autograd.Function):
     1/N of it, which would reweight the coupled terms against the per-study ones)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor) -> Tensor:
+    def forward(ctx, rows: Tensor, counts: Sequence[int] | None) -> Tensor:
+        ctx.counts = counts
+        return _all_gather(rows, counts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        if ctx.counts is None:
+            return grad.chunk(dist.get_world_size())[dist.get_rank()], None
+        start = sum(ctx.counts[:dist.get_rank()])
+        return grad[start:start + ctx.counts[dist.get_rank()]], None
+
+
+def _all_gather(rows: Tensor, counts: Sequence[int] | None) -> Tensor:
+    """Every rank's rows in rank order; `counts` (each rank's row count, known to all) lets them differ."""
+    if counts is None:
         parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, rows.contiguous())
         return torch.cat(parts)
+    if len(rows) != counts[dist.get_rank()]:
+        raise ValueError(f"rank {dist.get_rank()} holds {len(rows)} rows, its share says {counts[dist.get_rank()]}")
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))  # all_gather needs one shape on every rank
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
-
-def gather_rows(rows: Tensor) -> Tensor:
-    """[B_local, ...] -> [N x B_local, ...], every rank's rows in rank order; gradients flow to each rank's own
-    rows. Ranks must hold the same number of rows (the trainer's drop_last shards see to it)."""
+def gather_rows(rows: Tensor, counts: Sequence[int] | None = None) -> Tensor:
+    """[B_local, ...] -> [sum of B_local, ...], every rank's rows in rank order; gradients flow to each rank's own
+    rows. Without `counts` ranks must hold the same number of rows (the trainer's drop_last shards see to it);
+    DP-SGD's shares of a Poisson batch differ by one and pass their sizes."""
     if not is_distributed():
         return rows
     if rows.requires_grad:
-        return _GatherRows.apply(rows)
-    parts = [torch.empty_like(rows) for _ in range(world_size())]
-    dist.all_gather(parts, rows.contiguous())
-    return torch.cat(parts)
+        return _GatherRows.apply(rows, counts)
+    return _all_gather(rows, counts)
 
 
 COUPLED_MODULES = (GlobalContrastive, SoftLabelContrastive)  # every positional argument is one row per study
@@ -183,6 +199,46 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     stacked = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
     return dict(zip(names, (stacked / world_size()).tolist()))
+
+
+def all_reduce_(tensors: list[Tensor], mean: bool = False) -> list[Tensor]:
+    """Sum (or mean) each tensor over the ranks, in place, in one collective; a no-op without a group."""
+    if is_distributed() and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        if mean:
+            flat /= world_size()
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+    return tensors
+
+
+def broadcast_(tensors: list[Tensor], src: int = 0) -> list[Tensor]:
+    """Overwrite each tensor with rank `src`'s, in place, one collective per dtype; a no-op without a group."""
+    if is_distributed():
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            group = [t.data for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))
+    return tensors
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` on every rank (pickled: for small things, e.g. a sampled batch's indices)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def contiguous_shares(count: int, world: int) -> list[range]:
+    """range(count) cut into `world` consecutive shares whose sizes differ by at most one, in rank order."""
+    base, extra = divmod(count, world)
+    starts = [r * base + min(r, extra) for r in range(world + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(world)]
 
 
 # -- the data: each rank its own patients ------------------------------------------------------------------

@@ -151,11 +151,134 @@ def test_nproc_outside_a_worker_group_is_refused():
         train_steps(model, [], lambda rows: rows, replace(SETTINGS, nproc=2), progress=False)
 
 
-def test_dp_sgd_refuses_more_than_one_process():
-    """DP-SGD under DDP is not built: a DP run asked for 2 processes stops instead of training 1 without saying."""
+def test_dp_sgd_refuses_more_processes_outside_a_worker_group():
+    """A DP run asked for 2 processes outside the worker group stops instead of training 1 without saying."""
     from client.privacy.clipping import PrivacyError
     from client.privacy.training import dp_train_steps
 
-    with pytest.raises(PrivacyError, match="train.nproc=2"):
+    with pytest.raises(PrivacyError, match="train.nproc=2 but this process trains in a group of 1"):
         dp_train_steps(nn.Linear(1, 1), [], lambda rows: rows, replace(SETTINGS, nproc=2), clip=None,
                        noise_multiplier=1.0, sampler=None, progress=False)
+
+
+# -- DP-SGD on 2 ranks: the 1-process S(B), one noise draw, one ledger charge ---------------------------------
+DP_BATCH = 7   # shares of 4 and 3: the gather of uneven shares is exercised
+DP_CLIP = (0.02, 0.01)  # C, C_b: small enough that every per-patient summand and the coupled gradient are clipped
+
+
+def dp_model():
+    from tests.test_privacy import HYBRID_FAST
+    return without_dropout(create_model(compose([*HYBRID_FAST, f"model.image.img_size={SIZE}"])))
+
+
+def dp_sum(model, samples, clip, per_study, group_counts=None):
+    from client.privacy.clipping import clipped_gradient_sum
+    collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=48)
+    summed = clipped_gradient_sum(model, samples, collate_fn, 0, clip, coupled_scale=DP_BATCH, per_study=per_study,
+                                  group_counts=group_counts)
+    return torch.cat([g.flatten() for g in summed.gradient])
+
+
+def across_ranks(flat: torch.Tensor) -> float:
+    """max |this rank's tensor - rank 0's| over the ranks."""
+    theirs = distributed.broadcast_([flat.clone()])[0]
+    gap = torch.tensor([float((flat - theirs).abs().max())])
+    torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
+    return float(gap)
+
+
+def dp_on_ranks(weights: dict, samples: list[dict], site: dict) -> dict | None:
+    """A worker: (a) the clipped sum of this rank's share, both per-patient methods; (b) one noised gradient with
+    C, C_b tiny (nearly all noise); (c) a 2-step DP round with a ledger."""
+    from client.privacy import ClipNorms, dp_train_round
+    from client.privacy.sampling import secret_generator
+    from client.privacy.training import private_gradient
+    from tests.test_privacy import ToyPatients, TwoTower, toy_collate
+
+    model = dp_model()
+    model.load_state_dict(weights)
+    model.eval()   # fixed masks: the 1-process sum and the ranks' see one function
+    shares = distributed.contiguous_shares(len(samples), distributed.world_size())
+    mine = [samples[i] for i in shares[distributed.rank()]]
+    out = {}
+    for per_study in ("vmap", "loop"):
+        flat = dp_sum(model, mine, ClipNorms(*DP_CLIP), per_study, group_counts=[len(s) for s in shares])
+        out["sum", per_study] = flat, across_ranks(flat)
+
+    tiny = ClipNorms(1e-4, 1e-4)
+    noise_std = 1.0 * tiny.sensitivity
+    collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=48)
+    gradient, _ = private_gradient(model, samples, collate_fn, 0, tiny, 1.0, list(model.parameters()), noise_std,
+                                   secret_generator())
+    flat = torch.cat([g.flatten() for g in gradient]).double()
+    out["noise"] = float(flat.pow(2).mean()) / noise_std ** 2, flat.numel(), across_ranks(flat.float())
+
+    class Gathered(TwoTower):   # the toy's objectives as submodules, where `gathering` finds them
+        def __init__(self, lambdas):
+            super().__init__(lambdas)
+            self.objectives = nn.ModuleDict(self.COUPLED)
+
+    torch.manual_seed(0)
+    toy = Gathered({"tag": 1.0, "global": 1.0})
+    start = torch.cat([p.detach().flatten() for p in toy.parameters()])
+    settings = TrainSettings(steps=2, batch_size=4, lr=1e-2, warmup_steps=0, amp=False, grad_clip=None, nproc=2)
+    dpsgd = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "coupled_max_grad_norm": 0.5}
+    result = dp_train_round(toy, ToyPatients(24), toy_collate, settings, dpsgd, site, "run-a", 1, planned_steps=2)
+    end = torch.cat([p.detach().flatten() for p in toy.parameters()])
+    out["round"] = result, float((end - start).abs().max()), across_ranks(end)
+    return out if distributed.is_main() else None
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory):
+    from client.privacy import ClipNorms
+    samples = [make_sample(i) for i in range(DP_BATCH)]
+    torch.manual_seed(0)
+    model = dp_model().eval()
+    single = {m: dp_sum(model, samples, ClipNorms(*DP_CLIP), m) for m in ("vmap", "loop")}
+    single["unclipped coupled"] = dp_sum(model, samples, ClipNorms(DP_CLIP[0], 1e9), "vmap")
+    site = {"name": "A", "ledger": str(tmp_path_factory.mktemp("dp") / "ledger.sqlite"),
+            "privacy": {"max_epsilon": 50.0, "max_delta": 1e-5}, "public_patient_count": 12}
+    return single, distributed.run(dp_on_ranks, (model.state_dict(), samples, site), nproc=2), site
+
+
+@pytest.mark.parametrize("per_study", ["vmap", "loop"])
+def test_dp_clipped_sum_on_two_ranks_is_the_one_process_sum(dp_runs, per_study):
+    """Shares of 4 and 3 patients, the coupled terms (hybrid: global, soft_label, ...) gathered and clipped once
+    over the global batch: the 1-process S(B) on every rank."""
+    single, ranks, _ = dp_runs
+    flat, rank_gap = ranks["sum", per_study]
+    difference = float((flat - single[per_study]).abs().max())
+    print(f"DP S(B) {per_study}: max |2 ranks - 1 process| = {difference:.2e} (|S(B)|max {single[per_study].abs().max():.2e}),"
+          f" between ranks {rank_gap:.1e}")
+    assert rank_gap == 0.0
+    assert difference < 1e-6
+    # the coupled clip is active (C_b moves S(B)), so a per-rank clip of the coupled part would show
+    assert float((single["vmap"] - single["unclipped coupled"]).abs().max()) > 100 * 1e-6
+
+
+def test_dp_noise_is_added_once_for_the_group(dp_runs):
+    """One step on 2 ranks with C = C_b = 1e-4: the data's part of the gradient has norm <= 3e-4 over ~1e5+
+    coordinates, so the per-coordinate variance is the noise's: sigma^2 (C + 2 C_b)^2 for one draw, twice that if
+    each rank added its own. The estimate over d coordinates has relative s.d. sqrt(2/d) (< 1 % here)."""
+    _, ranks, _ = dp_runs
+    ratio, coordinates, rank_gap = ranks["noise"]
+    print(f"DP noise on 2 ranks: variance / (sigma (C + 2 C_b))^2 = {ratio:.4f} over {coordinates} coordinates "
+          f"(one draw: 1, one per rank: 2)")
+    assert coordinates > 50_000
+    assert rank_gap == 0.0   # every rank steps with the same (rank 0's, broadcast) gradient
+    assert abs(ratio - 1.0) < 0.1
+
+
+def test_dp_round_on_two_ranks_charges_the_ledger_once_at_the_global_rate(dp_runs):
+    from client.privacy import PrivacyLedger
+    _, ranks, site = dp_runs
+    result, moved, rank_gap = ranks["round"]
+    assert result.sample_rate == pytest.approx(4 / 12)   # the global batch over the public count, not 2 / 12
+    assert result.train.steps == 2 and moved > 1e-4 and rank_gap == 0.0   # trained, one model on both ranks
+    ledger = PrivacyLedger(site["ledger"], "A")
+    try:
+        assert [(r.run_id, r.round) for r in ledger.rows()] == [("run-a", 1)]
+        assert ledger.history() == [(1.0, pytest.approx(4 / 12), 2)]
+    finally:
+        ledger.close()

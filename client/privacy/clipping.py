@@ -5,6 +5,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from client import distributed
 from client.privacy.disclosure import NonFiniteStep
 from shared_models.objectives.registry import coupled_terms as registered_coupled_terms
 
@@ -290,6 +292,7 @@ def clipped_gradient_sum(
     autocast: Callable[[], object] = nullcontext,
     per_study: str = "auto",
     workers: int | None = None,
+    group_counts: Sequence[int] | None = None,
 ) -> ClippedSum:
     """S(B) = sum over patients of clip_C(grad of its per-patient terms on a batch of that study alone)
              + clip_{C_b}(coupled_scale * grad of the coupled terms on the whole batch).
@@ -305,6 +308,11 @@ def clipped_gradient_sum(
     (a model with `step_inputs`) and takes the coupled terms' batch gradient through them: the same gradient as
     a second forward of the whole batch (the encoders see every study on its own: no BatchNorm), without that
     forward. `workers`: how many studies the loop takes at once on CPU (`loop_workers`; default: one per thread).
+
+    `group_counts`: under a process group, each rank's study count of one global batch (rank order), `samples`
+    being this rank's share. The per-patient summands are this rank's, summed over the ranks; the coupled terms
+    read every rank's rows (gathered) and their gradient, averaged over the ranks (the gather's backward sums N
+    copies), is the global batch's, clipped once as a whole: every rank returns the 1-process S(B).
     """
     check_per_study(per_study)
     per_study = per_study_method(model, per_study)
@@ -313,7 +321,8 @@ def clipped_gradient_sum(
     terms: dict[str, float] = {}
     clipped = 0
     step_terms = set(model.active_terms(step))
-    coupled_terms, per_patient_terms = split_terms(step_terms, len(samples))
+    studies = len(samples) if group_counts is None else sum(group_counts)
+    coupled_terms, per_patient_terms = split_terms(step_terms, studies)
     # The loop keeps each study's encoder outputs for the coupled terms (the model's `stacked_inputs`): their
     # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
     step_inputs = getattr(model, "step_inputs", None)
@@ -366,13 +375,25 @@ def clipped_gradient_sum(
             encoded = [inputs for _, inputs in sorted(encoded, key=lambda kept: kept[0])]
             terms.update({name: value / max(1, len(samples)) for name, value in sums.items()})
 
-    with only_terms(model, coupled_terms) as coupled:
+    if group_counts is not None:
+        distributed.all_reduce_(total)
+    gathered = (distributed.gathering(model, partial(distributed.gather_rows, counts=list(group_counts)))
+                if group_counts is not None else nullcontext())
+    with only_terms(model, coupled_terms) as coupled, gathered as modules:
+        if coupled and group_counts is not None and not modules:
+            raise PrivacyError(f"coupled terms {sorted(coupled)} on {len(group_counts)} processes, but the model has "
+                               "no contrastive objective module to gather the global batch through "
+                               "(client.distributed.COUPLED_MODULES): they would see one rank's rows")
         if coupled:
             if encoded:
                 grads, values = coupled_gradient_by_study(model, model.stacked_inputs(encoded), step, params,
                                                           autocast, workers)
             else:
                 grads, values = loss_gradient(model, batch, step, params, autocast)
+            if group_counts is not None:   # every rank's part of the one batch gradient, before its one clip
+                dense = [torch.zeros_like(t) for t in total]
+                add_scaled_(dense, grads, 1.0)
+                grads = distributed.all_reduce_(dense, mean=True)
             factor, _ = clip_factor(grads, clip.coupled, scale=coupled_scale)
             add_scaled_(total, grads, factor)
             terms.update({name: value for name, value in values.items() if name != "loss"})

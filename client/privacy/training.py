@@ -12,8 +12,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from client import distributed
 from client.privacy.accountant import ACCOUNTANTS, noise_for_target
 from client.privacy.clipping import (
+    ClippedSum,
     ClipNorms,
     PrivacyError,
     check_per_study,
@@ -82,6 +84,44 @@ def noisy_gradient(summed: list[torch.Tensor], noise_std: float, scale: float,
     return [torch.empty_like(g).normal_(0.0, noise_std, generator=generator).add_(g).div_(scale) for g in summed]
 
 
+def check_group(settings: TrainSettings) -> None:
+    """DP-SGD trains on train.nproc ranks only inside a worker group of that size (`distributed.run`)."""
+    if settings.nproc != distributed.world_size():
+        raise PrivacyError(f"train.nproc={settings.nproc} but this process trains in a group of "
+                           f"{distributed.world_size()}: DP-SGD on N processes runs inside the worker group "
+                           "`client.distributed.run` starts (docs/scale.md); set train.nproc=1 here")
+
+
+def private_gradient(model: nn.Module, samples: list[dict], collate_fn: Callable, step: int, clip: ClipNorms,
+                     scale: float, params: list[nn.Parameter], noise_std: float, generator: torch.Generator,
+                     **clipping) -> tuple[list[torch.Tensor], ClippedSum]:
+    """(S(B) + N(0, noise_std^2 I)) / scale for the Poisson batch `samples`, the same on every rank of a group.
+
+    In a group every rank holds the whole batch (rank 0 drew it) and clips a consecutive share of it; the
+    shares' clipped sums and the coupled terms' batch gradient are summed over the ranks (`clipped_gradient_sum`
+    with `group_counts`), so every rank holds the 1-process S(B). Rank 0 alone adds the noise, from its secret
+    generator, and broadcasts the noised gradient: one draw, never one per rank. A batch with fewer patients
+    than ranks is clipped by rank 0 alone, as one process would. Returns the gradient and this rank's ClippedSum
+    (its terms are its share's, for the site's log)."""
+    world = distributed.world_size()
+    if world == 1:
+        summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params, **clipping)
+        return noisy_gradient(summed.gradient, noise_std, scale, generator), summed
+    if len(samples) >= world:
+        shares = distributed.contiguous_shares(len(samples), world)
+        summed = clipped_gradient_sum(model, [samples[i] for i in shares[distributed.rank()]], collate_fn, step,
+                                      clip, scale, params, group_counts=[len(s) for s in shares], **clipping)
+    elif distributed.is_main():
+        summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params, **clipping)
+    else:
+        summed = ClippedSum([torch.zeros_like(p, dtype=torch.float32) for p in params], {}, 0)
+    if distributed.is_main():
+        gradient = noisy_gradient(summed.gradient, noise_std, scale, generator)
+    else:
+        gradient = [torch.empty_like(g) for g in summed.gradient]
+    return distributed.broadcast_(gradient), summed
+
+
 def dp_train_steps(
     model: nn.Module,
     dataset: Dataset,
@@ -106,12 +146,11 @@ def dp_train_steps(
     require_group_norm(model)
     if settings.grad_accum != 1:
         raise PrivacyError(f"train.grad_accum={settings.grad_accum}: under DP-SGD one step is one Poisson batch; set 1")
-    if settings.nproc != 1:
-        raise PrivacyError(f"train.nproc={settings.nproc}: DP-SGD trains in one process (DP-SGD under DDP is not "
-                           "built, docs/scale.md); set train.nproc=1")
-    device = torch.device(device)
+    check_group(settings)
+    device = distributed.training_device() if distributed.is_distributed() else torch.device(device)
     model.to(device).train()
     params = trainable_parameters(model)
+    distributed.broadcast_(params)  # the ranks step with one gradient from rank 0's weights: one model
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
     if optimizer_state is not None:  # AdamW's moments are post-processing of earlier noisy gradients
         optimizer.load_state_dict(optimizer_state)
@@ -134,12 +173,14 @@ def dp_train_steps(
             lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            samples = [dataset[j] for j in sampler.draw()]
+            # Rank 0 draws the global batch with its secret coins; every rank loads it and clips its share.
+            samples = [dataset[j] for j in distributed.broadcast_object(sampler.draw() if distributed.is_main()
+                                                                        else None)]
             examples += len(samples)
-            summed = clipped_gradient_sum(model, samples, collate_fn, step, clip, scale, params,
-                                          move=lambda batch: move_to(batch, device), autocast=autocast,
-                                          per_study=per_study)
-            for param, grad in zip(params, noisy_gradient(summed.gradient, noise_std, scale, noise_generator)):
+            gradient, summed = private_gradient(model, samples, collate_fn, step, clip, scale, params, noise_std,
+                                                noise_generator, move=lambda batch: move_to(batch, device),
+                                                autocast=autocast, per_study=per_study)
+            for param, grad in zip(params, gradient):
                 param.grad = grad.to(param.dtype)
             if proximal_anchor is not None and settings.proximal_mu > 0:
                 proximal_penalty(model, proximal_anchor, settings.proximal_mu).backward()
@@ -212,6 +253,16 @@ def public_patient_count(site: dict) -> int:
     return value
 
 
+def _charge(site: dict, run_id: str, round: int, spend: tuple, caps: dict, accountant: str) -> Charge | Exception:
+    ledger = PrivacyLedger(ledger_location(site), site["name"])
+    try:
+        return ledger.charge(run_id, round, spend, caps, accountant)
+    except Exception as error:  # noqa: BLE001 - handed to every rank, which raises it
+        return error
+    finally:
+        ledger.close()
+
+
 def dp_train_round(
     model: nn.Module,
     dataset: Dataset,
@@ -243,12 +294,13 @@ def dp_train_round(
         raise PrivacyError(f"max_delta={caps['max_delta']:g} is not below 1/patients = 1/{sampler.public_patients} "
                            "(the site's public_patient_count): such a delta allows leaking a whole patient; lower "
                            "the site's privacy.max_delta")
+    check_group(settings)  # before the charge: a round that cannot train must not spend budget
     noise = dp.noise(caps["max_delta"], sampler.sample_rate, planned_steps)
-    ledger = PrivacyLedger(ledger_location(site), site["name"])
-    try:
-        charge = ledger.charge(run_id, round, (noise, sampler.sample_rate, settings.steps), caps, dp.accountant)
-    finally:
-        ledger.close()
+    # One charge for the group, at the global batch's rate (every rank built the same sampler): rank 0's.
+    charge = distributed.broadcast_object(_charge(site, run_id, round, (noise, sampler.sample_rate, settings.steps),
+                                                  caps, dp.accountant) if distributed.is_main() else None)
+    if isinstance(charge, Exception):  # rank 0 refused (BudgetExceeded): every rank stops before training
+        raise charge
     result = dp_train_steps(model, dataset, collate_fn, settings, dp.clip, noise, sampler, device, proximal_anchor,
                             progress, description=f"site {site['name']} dp", optimizer_state=optimizer_state,
                             per_study=dp.per_study)
