@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.numpy import load_file, save
 
+from client import distributed
 from client.data.dataset import CxrDataset
 from client.data.scanner import apply_scanner, scanner_profile
 from client.data.transforms import augmentation_settings
@@ -230,6 +232,12 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     """
     started = time.perf_counter()
     settings = _settings(round_config, cfg)   # refused before anything is built or read
+    # The site file's `nproc` (the site's processes, one per GPU), not the coordinator's train.nproc.
+    settings = replace(settings, nproc=int(site.get("nproc") or 1))
+    if settings.nproc > 1 and not distributed.is_distributed():
+        # N workers, children of this process, each rebuild the model and data; rank 0's result is the reply
+        return distributed.run(train_round, (shared, round_config, site, run_id, cfg), settings.nproc,
+                               run_id=f"site-{site['name']}")
     local_file = _local_file(site, run_id)
     model = build_model(cfg)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
@@ -259,12 +267,13 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
         setup_s = time.perf_counter() - started
         trained = train_steps(model, dataset, collate_fn, settings, device=device, proximal_anchor=anchor,
                               progress=False, description=f"site {site['name']}", optimizer_state=optimizer_state)
-        if keep_optimizer:
+        if keep_optimizer and distributed.is_main():
             _save_optimizer_state(optimizer_file, trained.optimizer_state)
         metrics = {name: float(value) for name, value in trained.loss_mean.items()}
         metrics.update(steps=float(trained.steps), seconds=float(trained.seconds), setup_s=setup_s)
         examples = float(len(dataset))
 
     new_shared, local = split_state(model.cpu(), cfg)
-    _save_atomic(local_file, {k: v.detach().numpy().copy() for k, v in local.items()})
+    if distributed.is_main():   # the ranks hold one model: rank 0 keeps it
+        _save_atomic(local_file, {k: v.detach().numpy().copy() for k, v in local.items()})
     return {k: v.detach().numpy().copy() for k, v in new_shared.items()}, examples, metrics

@@ -150,6 +150,7 @@ SCHEMA = {
     "catalog": _path, "cache": _path, "ledger": _path,
     "supernode_port": _integer(1, 65535), "max_retries": _integer(0), "restart_delays_s": _delays,
     "clientapp_launcher": _one_of(LAUNCHERS, optional=True), "device": _device, "threads": _integer(1),
+    "nproc": _integer(1),
     "public_patient_count": _integer(1), "studies": _studies, "scanner": _scanner,
     "privacy": None, "policy": None,   # checked by validate_caps / validate_policy
 }

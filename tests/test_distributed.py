@@ -282,3 +282,32 @@ def test_dp_round_on_two_ranks_charges_the_ledger_once_at_the_global_rate(dp_run
         assert ledger.history() == [(1.0, pytest.approx(4 / 12), 2)]
     finally:
         ledger.close()
+
+
+def test_a_site_with_nproc_2_trains_a_dp_round_on_two_processes(tmp_path):
+    """The site file's `nproc: 2`: `train_round` (what the ClientApp calls) starts a 2-rank group, which trains the
+    DP round and charges the ledger once; rank 0's weights and public scalars are the reply."""
+    from client.federated import build_model, shared_arrays, train_round
+    from client.privacy import PrivacyLedger
+    from server.rounds import round_config
+    from shared_models.checkpoint import checkpoint_fingerprints
+    from simulations.deployment import phantom_site_fields
+
+    cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "federation.batch_size=2",
+                   *FAST[:3]])
+    model = build_model(cfg)
+    shared = shared_arrays(model, cfg)
+    site = dict(phantom_site_fields(tmp_path / "phantom")["A"], name="A", state_dir=str(tmp_path / "A"),
+                device="cpu", privacy={"max_epsilon": 8.0, "max_delta": 1e-5}, public_patient_count=10,
+                ledger=str(tmp_path / "ledger.sqlite"), nproc=2)
+    config = round_config(cfg, 1, "dp", checkpoint_fingerprints(cfg, model.tokenizer))
+    new_shared, examples, metrics = train_round(shared, config, site, "dp", cfg)
+    assert set(metrics) == {"epsilon", "epsilon_total", "delta", "noise_multiplier", "sample_rate", "steps"}
+    assert metrics["sample_rate"] == pytest.approx(2 / 10) and examples == pytest.approx(2.0)
+    assert any(not (new_shared[k] == shared[k]).all() for k in shared)
+    assert (tmp_path / "A" / "runs" / "dp" / "local.safetensors").is_file()
+    ledger = PrivacyLedger(site["ledger"], "A")
+    try:
+        assert [(r.run_id, r.round) for r in ledger.rows()] == [("dp", 1)]   # one charge for the two ranks
+    finally:
+        ledger.close()
