@@ -70,12 +70,16 @@ def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
 
         def transform(image: torch.Tensor, image_id: str) -> torch.Tensor:
             return apply_scanner(image, profile, image_id)
-    dataset = CxrDataset(catalog, cache, split=site["data"].get("split") or "train",
+    # A site trains on its `train` split, or on every study its data gives no split (an export without a split column)
+    split = site["data"].get("split") or ["train", None]
+    dataset = CxrDataset(catalog, cache, split=split,
                          image_size=int(cfg.model.image.img_size), augmentation=augmentation_settings(cfg.train),
                          study_ids=site.get("studies"), site_transform=transform)
     if len(dataset) == 0:
         raise ValueError(f"site {site['name']}: no usable training image in {catalog} (split "
-                         f"{site['data'].get('split') or 'train'}); index the site's data with python client/run.py")
+                         f"{site['data'].get('split') or 'train, or none given'}); index the site's data with "
+                         "python client/run.py and check python -m client.data summary --catalog "
+                         f"{catalog} (images by status, studies with a report, splits)")
     return dataset
 
 

@@ -225,6 +225,20 @@ def schedule_mismatch(schedule: dict) -> str | None:
             "steps to compare the same objective")
 
 
+def missing_split_hint(catalog_path, wanted: str) -> str:
+    """What to do when no study is in the pre-training split: usually the data has no split column at all."""
+    catalog = open_catalog(catalog_path, readonly=True)
+    try:
+        splits = {entry.split for entry in usable_studies(catalog, None, require_report=False)}
+    finally:
+        catalog.close()
+    if splits == {None}:
+        return ("no study has a split: add a `split` column to the manifest (train / validate / test, the same value "
+                "for every row of a patient). The simulation pre-trains on partition.split and evaluates on "
+                "eval_split's held-out patients")
+    return f"the data's splits are {sorted(s for s in splits if s)}: set partition.split to one of them"
+
+
 # ------------------------------------------------------------------------------------------ main
 def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict:
     """The whole simulation into `run_dir`; returns summary.json's content. `choices` are the config
@@ -242,7 +256,8 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     finally:
         catalog.close()
     if not studies:
-        raise ValueError(f"{data.catalog} has no usable studies in split {cfg.partition.split!r}; check partition.split")
+        raise ValueError(f"{data.catalog} has no usable studies in split {cfg.partition.split!r}; "
+                         + missing_split_hint(data.catalog, str(cfg.partition.split)))
     sites = partition(studies, int(cfg.federation.sites), cfg.partition, int(cfg.seed), held_out)
     table = composition(sites, studies)
     save_partition(run_dir, sites, table)

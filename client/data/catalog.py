@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, or_, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -241,6 +241,14 @@ class StudyEntry:
     has_report: bool = True    # False: kept for image-only evaluation, left out of pre-training
 
 
+def in_split(split: str | None | list[str | None]):
+    """The SQL condition "the study's split is one of these"; None among them means "no split given" (a manifest
+    without a split column leaves every study's split empty)."""
+    names = [split] if isinstance(split, str) or split is None else list(split)
+    named = Study.split.in_([name for name in names if name is not None])
+    return or_(named, Study.split.is_(None)) if None in names else named
+
+
 def usable_studies(catalog: Catalog, split: str | list[str] | None = None,
                    require_report: bool = True) -> list[StudyEntry]:
     """Studies with at least one `ok` image (and a usable report unless `require_report=False`), by study id."""
@@ -253,7 +261,7 @@ def usable_studies(catalog: Catalog, split: str | list[str] | None = None,
         if require_report:
             query = query.where(Study.report_status == "ok")
         if split is not None:
-            query = query.where(Study.split.in_([split] if isinstance(split, str) else list(split)))
+            query = query.where(in_split(split))
         return [StudyEntry(patient, study, study_split, labels_as_floats(labels), list(tags or []), site, n,
                            report_status == "ok")
                 for patient, study, study_split, labels, tags, site, n, report_status in session.execute(query)]

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from torch.utils.data import Dataset
 
 from client.data.cache import ImageCache
-from client.data.catalog import Catalog, Image, Study, label_values, labels_as_floats, open_catalog
+from client.data.catalog import Catalog, Image, Study, in_split, label_values, labels_as_floats, open_catalog
 from client.data.transforms import EvalTransform, TrainTransform
 from shared_models.vocab import OBSERVATIONS, REGIONS, ZONE_ATLAS
 
@@ -91,7 +91,7 @@ class CxrDataset(Dataset):
         if self.require_report:
             query = query.where(Study.report_status == "ok")
         if split is not None:
-            query = query.where(Study.split.in_([split] if isinstance(split, str) else list(split)))
+            query = query.where(in_split(split))
         if study_ids is not None:
             query = query.where(Study.id.in_(list(study_ids)))
         if patient_ids is not None:
