@@ -135,7 +135,7 @@ def mask_on_model_grid(mask: np.ndarray, crop: tuple[int, int, int, int], cache_
 EMPTY_MASK = "EMPTY"   # a manifest's mask_path for "segmented, nothing there"; a blank one means no mask
 
 
-def manifest_mask(root: Path, mask_path: str | None) -> PngMask | None:
+def manifest_mask(root: Path, mask_path: str | None, allow_outside_root: bool = False) -> PngMask | None:
     """A manifest row's mask: None for a blank mask_path (no mask: left out of segmentation), the empty
     mask for EMPTY, else the PNG file, which must lie inside the data folder."""
     mask_path = (mask_path or "").strip()
@@ -143,10 +143,14 @@ def manifest_mask(root: Path, mask_path: str | None) -> PngMask | None:
         return None
     if mask_path.upper() == EMPTY_MASK:
         return PngMask(())
-    path = (root / mask_path).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise ValueError(f"mask_path {mask_path!r} resolves outside the data folder {root}; list masks inside it")
-    return PngMask((path,))
+    from client.data.errors import Rejected
+    from client.data.files import resolve_inside
+
+    try:   # the data layer's one rule for listed paths (and the site's shared-storage opt-in)
+        return PngMask((resolve_inside(Path(root), mask_path, allow_outside_root),))
+    except Rejected as rejected:
+        raise ValueError(f"mask_path {mask_path!r} is refused, outside the data folder {root}: "
+                         f"{rejected.detail}") from None
 
 
 def attach_masks(eval_set: EvalSet, data_cfg, catalog: Path, target: str) -> EvalSet:
@@ -170,7 +174,7 @@ def attach_masks(eval_set: EvalSet, data_cfg, catalog: Path, target: str) -> Eva
         by_image, refused = {}, []
         for image_id, row in rows.items():
             try:
-                mask = manifest_mask(root, row[3])
+                mask = manifest_mask(root, row[3], bool(data_cfg.get("allow_outside_root", False)))
             except ValueError as error:   # this image only: it is left out of segmentation
                 refused.append(f"{image_id}: {error}")
                 continue

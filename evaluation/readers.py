@@ -61,6 +61,21 @@ class RleMask(Mask):
         return mask
 
 
+MAX_MASK_BYTES = 256 * 2**20
+
+
+def _regular_file(path: Path):
+    """An open handle on a mask file through the data layer's bounded reader: a pipe or device listed as a mask
+    is refused (ValueError, that image only) instead of blocking the evaluation."""
+    from client.data.errors import Rejected
+    from client.data.files import open_regular
+
+    try:
+        return open_regular(Path(path), MAX_MASK_BYTES)
+    except Rejected as rejected:
+        raise ValueError(f"mask {path}: {rejected.detail}") from None
+
+
 @dataclass(frozen=True)
 class PngMask(Mask):
     """Union of 0/255 PNG masks; with no files, an empty mask of the shape the caller gives (the image's)."""
@@ -76,7 +91,8 @@ class PngMask(Mask):
             return np.zeros(shape, dtype=bool)
         mask = None
         for path in self.paths:
-            layer = np.asarray(Image.open(path).convert("L")) > 127
+            with _regular_file(path) as handle:
+                layer = np.asarray(Image.open(handle).convert("L")) > 127
             if mask is not None and layer.shape != mask.shape:
                 raise ValueError(f"mask {path} is {layer.shape}, other masks of the image are {mask.shape}")
             mask = layer if mask is None else mask | layer

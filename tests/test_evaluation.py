@@ -807,3 +807,15 @@ def test_manifest_mask_path_blank_empty_file_and_outside(tmp_path):
     assert manifest_mask(tmp_path / "data", "m.png").array().all()
     with pytest.raises(ValueError, match="outside the data folder"):
         manifest_mask(tmp_path / "data", "../outside.png")
+
+
+@pytest.mark.timeout(60)
+def test_a_mask_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from evaluation.data import manifest_mask
+
+    (tmp_path / "data").mkdir()
+    os.mkfifo(tmp_path / "data" / "pipe.png")
+    with pytest.raises(ValueError, match="not a regular file|regular"):
+        manifest_mask(tmp_path / "data", "pipe.png").array()
