@@ -227,7 +227,12 @@ def test_loop_on_several_threads_sums_the_same_gradient_with_one_intra_op_thread
             assert len({ident for ident, _ in seen}) == 3 and len(seen) == 5
             assert {used for _, used in seen} == {1}
             assert torch.get_num_threads() == threads
-            torch.testing.assert_close(flat(three.gradient), flat(one.gradient), atol=2e-5, rtol=1e-5)
+            # float sums in another order (and matmuls blocked for another thread count): judged against the
+            # gradient's own scale, since an entry near zero may cancel to exactly 0 in one order only
+            scale = float(flat(one.gradient).abs().max())
+            gap = flat(three.gradient) - flat(one.gradient)
+            assert float(gap.norm()) <= 1e-5 * float(flat(one.gradient).norm())
+            assert float(gap.abs().max()) <= 1e-5 * scale
             assert three.clipped_patients == one.clipped_patients
             assert three.terms == pytest.approx(one.terms, rel=1e-6)
         assert one.clipped_patients == 5
