@@ -20,7 +20,7 @@ from client.data.catalog import CatalogError, Image, Study, open_catalog, usable
 from client.data.images import read_image
 from client.data.index import index_data
 from client.data.layouts import open_layout
-from data_fixtures import REPORT, chest_pixels, make_mimic, study_spec, write_dicom
+from helpers.data import REPORT, chest_pixels, make_mimic, study_spec, write_dicom
 
 PROJECT = Path(__file__).resolve().parents[1]
 

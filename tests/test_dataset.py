@@ -1,7 +1,5 @@
 """Cache, transforms and the torch Dataset: crop and resize, boxes that follow the geometry, no flips,
 sample shapes, and a 50-study phantom that round-trips through index and dataset."""
-import csv
-import gzip
 import json
 import math
 import pickle
@@ -18,7 +16,7 @@ from client.data.dataset import CxrDataset
 from client.data.index import index_data
 from client.data.layouts import open_layout
 from client.data.transforms import EvalTransform, TrainTransform, crop_matrix, transform_boxes, warp
-from data_fixtures import make_mimic, study_spec, write_csv
+from helpers.data import make_mimic, read_gz_csv, study_spec, write_csv
 from shared_models.vocab import CHEXPERT_LABELS, OBSERVATIONS, REGIONS, ZONE_ATLAS
 
 
@@ -226,11 +224,6 @@ def test_manifest_boxes_move_through_the_crop(tmp_path):
 
 # --- the phantom, end to end ----------------------------------------------------------------------
 
-def read_gz_csv(path):
-    with gzip.open(path, "rt", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_phantom_round_trips_through_index_and_dataset(tmp_path):
     phantom = pytest.importorskip("simulations.phantom")
     root = phantom.generate_phantom(tmp_path / "phantom", 50, seed=3, size=96)
@@ -240,8 +233,8 @@ def test_phantom_round_trips_through_index_and_dataset(tmp_path):
     assert summary["studies"] == 50 and summary["indexed"] == n_images
     assert set(summary["rejected"]) <= {"filtered_view"}
     csv_labels = {row["study_id"]: [float(row[n]) if row[n] else None for n in CHEXPERT_LABELS]
-                  for row in read_gz_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz")}
-    views = {row["dicom_id"]: row["ViewPosition"] for row in read_gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz")}
+                  for row in read_gz_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz")[1]}
+    views = {row["dicom_id"]: row["ViewPosition"] for row in read_gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz")[1]}
     catalog = open_catalog(tmp_path / "c.sqlite")
     with catalog.session() as session:
         studies = {s.id: s for s in session.scalars(select(Study))}

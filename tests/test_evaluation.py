@@ -535,7 +535,7 @@ def test_broken_checkpoint_gives_a_clear_error(tiny_setup):
 def _rsna_folder(root: Path) -> Path:
     """12 RSNA-style DICOMs (64 x 64): the 6 positives have a bright box at its CSV coordinates; one listed
     image is a zero-byte file."""
-    from tests.data_fixtures import write_dicom
+    from helpers.data import write_dicom
 
     lines = ["patientId,x,y,width,height,Target"]
     for i in range(12):

@@ -22,7 +22,7 @@ from client.data.catalog import Image, Study, open_catalog
 from client.data.errors import REASON_CODES
 from client.data.index import index_data
 from client.data.layouts import LayoutError, open_layout
-from data_fixtures import DX_SOP_CLASS, REPORT, chest_pixels, write_dicom
+from helpers.data import DX_SOP_CLASS, REPORT, chest_pixels, write_dicom
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HUGE = 20_000              # rows and columns the hostile headers claim: 400 M pixels, 800 MB as uint16

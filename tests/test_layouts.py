@@ -3,7 +3,7 @@ import pytest
 
 from client.data.errors import Rejected
 from client.data.layouts import LAYOUTS, LayoutError, decode_report, open_layout, view_allowed
-from data_fixtures import make_mimic, study_spec, write_csv
+from helpers.data import make_mimic, study_spec, write_csv
 
 
 def expected_labels(spec):

@@ -1,6 +1,4 @@
 """The synthetic phantom (layout, ids, DICOM variety, masks, reports, labels) and the scanner transform."""
-import csv
-import gzip
 import hashlib
 import json
 import re
@@ -16,6 +14,7 @@ from PIL import Image
 from client.data.images import read_image
 from client.data.scanner import ScannerProfile, apply_scanner, scanner_profile
 from shared_models.vocab import CHEXPERT_LABELS, OBSERVATIONS, REGIONS, ZONE_ATLAS
+from helpers.data import read_gz_csv
 from simulations.phantom import generate_phantom
 
 SIZE = 128
@@ -24,12 +23,6 @@ SIZE = 128
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
     return generate_phantom(tmp_path_factory.mktemp("phantom") / "p", studies=50, seed=7, size=SIZE)
-
-
-def read_gz_csv(path: Path) -> tuple[list[str], list[dict]]:
-    with gzip.open(path, "rt", newline="") as handle:
-        reader = csv.DictReader(handle)
-        return reader.fieldnames, list(reader)
 
 
 def truth_of(root: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Tiny MIMIC-CXR-style folders and manifests written by hand for the layout, index and dataset tests."""
+"""Tiny MIMIC-CXR-style folders, DICOMs and CSVs written by hand (layout, index, dataset, evaluation tests), and
+the gzipped-CSV reader the phantom and dataset tests check them with."""
 from __future__ import annotations
 
 import csv
@@ -65,6 +66,13 @@ def write_csv(path: Path, header: list[str], rows: list[list], gz: bool = False)
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def read_gz_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """A gzipped CSV's header and its rows as dicts."""
+    with gzip.open(path, "rt", newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
 
 
 def study_spec(n_studies: int = 4, images_per_study: int = 2) -> list[dict]:
