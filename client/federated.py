@@ -7,8 +7,8 @@ persists on the site's disk between rounds, keyed by run.
 from __future__ import annotations
 
 import logging
+import io
 import math
-import os
 import time
 from dataclasses import replace
 from functools import partial
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.numpy import load_file, save
 
 from client import distributed
 from client.data.dataset import CxrDataset
@@ -27,7 +26,8 @@ from client.policy import check_run_name, inside, planned_dp_steps
 from client.site import data_paths, resolve_device
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
-from shared_models.checkpoint import checkpoint_fingerprints
+from shared_models.checkpoint import (CheckpointError, checkpoint_fingerprints, hashed_tensors_bytes,
+                                      read_hashed_tensors, read_verified, write_atomic)
 from shared_models.factory import create_model
 from shared_models.model import PretrainModel
 from shared_models.sharing import split_state
@@ -91,32 +91,39 @@ def _local_file(site: dict, run_id: str) -> Path:
 OPTIMIZER_FILE = "optimizer.pt"  # beside local.safetensors: the site's AdamW moments, never sent
 
 
-def _load_optimizer_state(path: Path) -> dict | None:
-    """The AdamW moments this site ended its last round with (None in its first round of the run)."""
+def _load_optimizer_state(path: Path, expected_sha256: str | None) -> dict | None:
+    """The AdamW moments this site ended its last round with (None in its first round of the run). Their sha256
+    is recorded in local.safetensors, written after them: a round that stopped between the two loses the moments."""
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(io.BytesIO(read_verified(path, expected_sha256)), weights_only=True)
     except Exception as err:  # a torn or foreign file costs only the moments, never the round
         log.warning("%s unreadable (%s): this round's AdamW starts from zero moments", path, err)
         return None
 
 
-def _save_optimizer_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _save_optimizer_state(path: Path, state: dict) -> str:
+    """Write the moments through the one checkpoint writer; returns their sha256 for local.safetensors to record."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return write_atomic(path, buffer.getvalue())
 
 
-def _save_atomic(path: Path, params: Params) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(save({k: contiguous(v) for k, v in params.items()}))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _read_local_state(path: Path) -> tuple[Params, dict[str, str]]:
+    """(local-only arrays, header notes) of this run's local.safetensors; nothing before the run's first round."""
+    if not path.is_file():
+        return {}, {}
+    try:
+        return read_hashed_tensors(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; this site's local-only parameters for the run are lost: remove {path.parent} "
+                              "to restart them from the seed (the federation's shared parameters are not)") from None
+
+
+def _save_local_state(path: Path, params: Params, optimizer_sha256: str | None = None) -> None:
+    notes = {OPTIMIZER_FILE: optimizer_sha256} if optimizer_sha256 else {}
+    write_atomic(path, hashed_tensors_bytes({k: contiguous(v) for k, v in params.items()}, **notes))
 
 
 class RoundConfigError(ValueError):
@@ -212,11 +219,10 @@ def _settings(round_config: dict, cfg: DictConfig) -> TrainSettings:
     return _check_settings(settings)
 
 
-def _restore(model: PretrainModel, shared: Params, local_file: Path) -> None:
+def _restore(model: PretrainModel, shared: Params, local: Params) -> None:
     """Global shared parameters over this site's local-only ones (fresh from the seed in round 1)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    if local_file.is_file():
-        state.update({k: torch.from_numpy(v) for k, v in load_file(local_file).items()})
+    state.update({k: torch.from_numpy(v) for k, v in local.items()})
     unknown = set(shared) - set(state)
     if unknown:
         raise ValueError(f"the round's arrays name parameters this model does not have: {sorted(unknown)[:5]}")
@@ -245,7 +251,8 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     local_file = _local_file(site, run_id)
     model = build_model(cfg)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
-    _restore(model, shared, local_file)
+    saved_local, local_notes = _read_local_state(local_file)
+    _restore(model, shared, saved_local)
     if "tag" in model.objectives:  # tag queries follow the text encoder the federation just averaged
         model.refresh_tag_queries()
     dataset = site_dataset(site, cfg)
@@ -254,6 +261,7 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     device = resolve_device(site.get("device"))
 
     dpsgd = OmegaConf.select(cfg, "privacy.dpsgd")
+    optimizer_sha256 = None   # the moments kept for the next round, if any
     if dpsgd:
         from client.privacy import dp_train_round
 
@@ -267,17 +275,18 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     else:
         keep_optimizer = bool(OmegaConf.select(cfg, "federation.keep_optimizer_state", default=False))
         optimizer_file = local_file.with_name(OPTIMIZER_FILE)
-        optimizer_state = _load_optimizer_state(optimizer_file) if keep_optimizer else None
+        optimizer_state = (_load_optimizer_state(optimizer_file, local_notes.get(OPTIMIZER_FILE)) if keep_optimizer
+                           else None)
         setup_s = time.perf_counter() - started
         trained = train_steps(model, dataset, collate_fn, settings, device=device, proximal_anchor=anchor,
                               progress=False, description=f"site {site['name']}", optimizer_state=optimizer_state)
         if keep_optimizer and distributed.is_main():
-            _save_optimizer_state(optimizer_file, trained.optimizer_state)
+            optimizer_sha256 = _save_optimizer_state(optimizer_file, trained.optimizer_state)
         metrics = {name: float(value) for name, value in trained.loss_mean.items()}
         metrics.update(steps=float(trained.steps), seconds=float(trained.seconds), setup_s=setup_s)
         examples = float(len(dataset))
 
     new_shared, local = split_state(model.cpu(), cfg)
     if distributed.is_main():   # the ranks hold one model: rank 0 keeps it
-        _save_atomic(local_file, {k: v.detach().numpy().copy() for k, v in local.items()})
+        _save_local_state(local_file, {k: v.detach().numpy().copy() for k, v in local.items()}, optimizer_sha256)
     return {k: v.detach().numpy().copy() for k, v in new_shared.items()}, examples, metrics

@@ -1,14 +1,13 @@
 """Per-round checkpoints of the global shared parameters: atomic writes, hash-checked loads.
 
 Each round folder is also a `shared_models.checkpoint` folder (model.safetensors, tokenizer/, meta.json with
-the composed config and the shared names), so `load_checkpoint`, `evaluation.run` and the export read it.
+the composed config and the shared names), so `load_checkpoint`, `evaluation.run` and the export read it; it is
+written and read through that module's one writer (`write_folder`, `read_verified`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,13 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from shared_models.checkpoint import META_FILE, MODEL_FILE, TOKENIZER_DIR, read_verified, write_atomic, write_folder
 from shared_models.transfer import contiguous
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
 SERVER_STATE_FILE = "server_state.safetensors"  # FedAdam/FedYogi moments
-META_FILE = "meta.json"
-TOKENIZER_DIR = "tokenizer"
+__all__ = ["Checkpoint", "discard_after", "load_latest_valid", "round_dir", "save_round", "write_atomic"]
 
 
 @dataclass
@@ -38,22 +36,6 @@ class Checkpoint:
 
 def round_dir(run_dir: Path, round_: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{round_:04d}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` is either the old file or the complete new one, even after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_round(
@@ -74,14 +56,8 @@ def save_round(
     files = {MODEL_FILE: save_safetensors({k: contiguous(v) for k, v in params.items()})}
     if server_state:
         files[SERVER_STATE_FILE] = save_safetensors({k: contiguous(v) for k, v in server_state.items()})
-    for name, data in files.items():
-        write_atomic(folder / name, data)
-    meta = dict(meta, round=round_, sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
-    meta_bytes = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
-    write_atomic(folder / META_FILE, meta_bytes)
-
-    for name, data in [*files.items(), (META_FILE, meta_bytes)]:
-        write_atomic(latest / name, data)
+    meta = write_folder(folder, files, dict(meta, round=round_))
+    write_folder(latest, files, meta)
     for stale in {SERVER_STATE_FILE} - set(files):
         (latest / stale).unlink(missing_ok=True)
     return folder, meta
@@ -92,13 +68,8 @@ def _read_verified(folder: Path) -> Checkpoint:
     if not meta_path.is_file():
         raise ValueError(f"{meta_path} is missing (the round did not finish writing)")
     meta = json.loads(meta_path.read_text())
-    loaded = {}
-    for name, expected in meta["sha256"].items():
-        data = (folder / name).read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise ValueError(f"{folder / name} has sha256 {actual[:12]}…, meta.json says {expected[:12]}… (truncated or altered)")
-        loaded[name] = load_safetensors(data)
+    # every file meta.json lists is checked against its sha256 (CheckpointError, a ValueError, names the file)
+    loaded = {name: load_safetensors(read_verified(folder / name, expected)) for name, expected in meta["sha256"].items()}
     return Checkpoint(int(meta["round"]), folder, loaded[MODEL_FILE], meta, loaded.get(SERVER_STATE_FILE, {}))
 
 

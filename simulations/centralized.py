@@ -1,6 +1,7 @@
 """`python -m simulations.centralized`: pre-train on the pooled data — the yardstick for every federated run."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import replace
@@ -16,7 +17,7 @@ from client.data.dataset import CxrDataset
 from client.data.transforms import augmentation_settings
 from client.trainer import TrainSettings, train_steps
 from shared_models.batch import collate
-from shared_models.checkpoint import load_checkpoint, save_checkpoint
+from shared_models.checkpoint import load_checkpoint, read_verified, save_checkpoint
 from shared_models.config import config_hash, hydra_entry
 from shared_models.factory import create_model
 from shared_models.model import schedule_notice, terms_never_trained
@@ -29,7 +30,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-OPTIMIZER_FILE = "optimizer.pt"  # beside the checkpoint's files: AdamW moments for `train.resume_from`
+OPTIMIZER_FILE = "optimizer.pt"  # beside the checkpoint's files, hashed in its meta.json: AdamW moments for resuming
 
 
 def start_model(cfg: DictConfig) -> tuple[torch.nn.Module, int, dict | None]:
@@ -46,7 +47,10 @@ def start_model(cfg: DictConfig) -> tuple[torch.nn.Module, int, dict | None]:
         raise ValueError(f"train.resume_from={folder} has no step in meta.json (a federated checkpoint?); "
                          "resume only from a centralized run's checkpoint/")
     optimizer_file = Path(folder) / OPTIMIZER_FILE
-    optimizer_state = torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None
+    optimizer_state = None
+    if optimizer_file.is_file():  # a damaged one is refused (CheckpointError): deleting it restarts the moments
+        data = read_verified(optimizer_file, meta.get("sha256", {}).get(OPTIMIZER_FILE))
+        optimizer_state = torch.load(io.BytesIO(data), weights_only=True)
     if optimizer_state is None:
         log.warning("%s is missing: AdamW restarts its moments from zero", optimizer_file)
     return model, int(meta["step"]), optimizer_state
@@ -88,8 +92,10 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
                          settings, device=pick_device(), description="centralized", optimizer_state=optimizer_state)
     if not distributed.is_main():
         return {}
-    checkpoint = save_checkpoint(run_dir / "checkpoint", model, cfg, step=settings.total_steps)
-    torch.save(result.optimizer_state, checkpoint / OPTIMIZER_FILE)
+    moments = io.BytesIO()
+    torch.save(result.optimizer_state, moments)
+    save_checkpoint(run_dir / "checkpoint", model, cfg, step=settings.total_steps,
+                    extra_files={OPTIMIZER_FILE: moments.getvalue()})
     summary = {
         "steps": result.steps,
         "start_step": start_step,
