@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from client.data.errors import Rejected
+from client.data.files import resolve_inside
 from shared_models.config import is_run_name
 
 log = logging.getLogger(__name__)
@@ -90,11 +93,13 @@ def check_run_name(name, what: str = "run") -> str:
 
 
 def inside(folder, path) -> Path:
-    """`path` resolved, if it lies inside `folder`; PolicyRefused otherwise (the site writes only in its state_dir)."""
-    folder, resolved = Path(folder).resolve(), Path(path).resolve()
-    if not resolved.is_relative_to(folder):
-        raise PolicyRefused(f"{path} resolves to {resolved}, outside this site's state_dir {folder}: refused")
-    return resolved
+    """`path` resolved, if it lies inside `folder`; PolicyRefused otherwise (the site writes only in its state_dir).
+    The containment check is the data layer's (`resolve_inside`); only the refusal is the site's."""
+    try:
+        return resolve_inside(Path(folder), os.path.abspath(path))
+    except Rejected:
+        raise PolicyRefused(f"{path} resolves to {os.path.realpath(path)}, outside this site's state_dir "
+                            f"{os.path.realpath(folder)}: refused") from None
 
 
 # ------------------------------------------------------------------------------------------- overrides

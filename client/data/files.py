@@ -28,7 +28,8 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def resolve_inside(base: Path, listed: str, allow_outside: bool = False, folders: dict | None = None) -> Path:
-    """The real path of `listed` (relative to `base`, or absolute) when it stays inside `base`.
+    """The real path of `listed` (relative to `base`, or absolute) when it stays inside `base` (the site's one
+    containment check: its data files here, its state_dir through `client.policy.inside`).
 
     Raises Rejected("outside_root") for `..` that climbs out, an absolute path elsewhere, or a
     symlink anywhere on the way that leads out; `allow_outside` lifts this (shared storage).
