@@ -19,15 +19,16 @@ from safetensors.numpy import load_file
 
 from server.checkpoints import save_round
 from server.registry import Registry
-from simulations.deployment import Deployment, phantom_site_fields
-from simulations.flower import BIN, stage_app
+from simulations.flower import stage_app
+
+from helpers.deployment import deploy, needs_flwr
 
 TESTS = Path(__file__).resolve().parent
 # A dead site is left out when the round times out; the timeout must cover a live site's round on a busy machine.
 ROUND_TIMEOUT_S = 240
 BASE = (f"federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.1 federation.min_sites=1 "
         f"federation.round_timeout_s={ROUND_TIMEOUT_S}")
-deployed = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr's entry points are not installed")
+deployed = needs_flwr
 
 
 def _faulty_app(target: Path) -> Path:
@@ -41,9 +42,7 @@ def _faulty_app(target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults")
-    sites = phantom_site_fields(tmp_path_factory.getbasetemp() / "federation_phantom")  # shared with test_federation
-    with Deployment(folder, ["A", "B"], app=_faulty_app(folder / "app"), site_fields=sites) as dep:
+    with deploy(tmp_path_factory, "faults", app=lambda folder: _faulty_app(folder / "app")) as dep:
         dep.node_ids = {name: int(re.findall(r"SuperNode ID: (\d+)", dep.site_log(name))[-1]) for name in ("A", "B")}
         yield dep
 

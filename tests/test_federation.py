@@ -18,18 +18,19 @@ from server.rounds import round_config
 from shared_models.checkpoint import checkpoint_fingerprints, load_checkpoint
 from shared_models.config import compose
 from shared_models.sharing import shared_parameter_names, sharing_settings
-from simulations.deployment import Deployment, phantom_site_fields
-from simulations.flower import BIN, PROJECT_ROOT, free_port
+from simulations.deployment import Deployment
+from simulations.flower import PROJECT_ROOT, free_port
+
+from helpers.deployment import deploy, needs_flwr, phantom_sites
 
 OVERRIDES = "federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.1 federation.min_sites=2"
-pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr's entry points are not installed")
+pytestmark = needs_flwr
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    sites = phantom_site_fields(tmp_path_factory.getbasetemp() / "federation_phantom")
-    fields = {**sites, "C": dict(sites["A"], max_retries=1, restart_delays_s=[0.5])}  # C has a key, never registered
-    with Deployment(tmp_path_factory.mktemp("federation"), ["A", "B"], site_fields=fields, unregistered=["C"]) as dep:
+    unregistered = dict(phantom_sites(tmp_path_factory)["A"], max_retries=1, restart_delays_s=[0.5])  # a key, never registered
+    with deploy(tmp_path_factory, "federation", extra_sites={"C": unregistered}, unregistered=["C"]) as dep:
         yield dep
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from client.privacy import PrivacyLedger
+from helpers.deployment import needs_flwr
 from server.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr's entry points are not installed")
+pytestmark = needs_flwr
 
 DP_PUBLIC = {"epsilon", "epsilon_total", "delta", "noise_multiplier", "sample_rate", "steps", "examples"}
 

@@ -28,16 +28,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.deployment import needs_flwr
 from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 CR_DICOM = SHARED_DATA / "dicom" / "cr-chest-mono1-10bit-nometa.dcm"
 J2K_DICOM = SHARED_DATA / "dicom" / "dx-chest-mono2-j2k-16bit.dcm"
 IU_TGZ = SHARED_DATA / "iu-xray-reports" / "iu-reports-dev.tgz"
 pytestmark = [
     pytest.mark.skipif(not (CR_DICOM.is_file() and IU_TGZ.is_file()), reason="../shared/data is not present"),
-    pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr's entry points are not installed"),
+    needs_flwr,
 ]
 ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 # keys the doc commands leave at their defaults, set so that a run takes seconds: one round of one local step
