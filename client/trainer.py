@@ -6,7 +6,8 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from functools import partial
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -134,6 +135,22 @@ def proximal_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], mu: floa
     return 0.5 * mu * total
 
 
+TakeStep = Callable[[int], tuple[dict[str, float], int]]
+"""One step's gradient at step number `step`, left in the trained parameters' `.grad`; returns the step's loss
+terms (for the log) and the examples it used."""
+
+
+class StepStrategy(Protocol):
+    """How `train_steps` makes each step's gradient; the loop does the rest (lr schedule, clip, AdamW, log).
+
+    `bind` is entered once around all the steps: it checks the settings, sets up what the steps draw from (data,
+    seeds, the worker group) and yields the step. `proximal` is FedProx's penalty on the current weights (None
+    without one), whose gradient the step adds."""
+
+    def bind(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, settings: TrainSettings,
+             device: torch.device, proximal: Callable[[], torch.Tensor] | None) -> contextlib.AbstractContextManager[TakeStep]: ...
+
+
 def train_steps(
     model: nn.Module,
     dataset: Dataset,
@@ -144,75 +161,50 @@ def train_steps(
     progress: bool = True,
     description: str = "train",
     optimizer_state: dict | None = None,
+    strategy: StepStrategy | None = None,
 ) -> TrainResult:
     """Run `settings.steps` optimizer steps; returns per-term loss at start, end and on average.
 
-    Step numbers given to the model (its objective schedules) continue from `settings.start_step`;
-    `optimizer_state` (a previous `TrainResult.optimizer_state`) restores AdamW's moments on resume.
-    Inside a worker group (`client.distributed.run`) every rank trains its own patients on its own device under
-    DDP, and rank 0's history is the group's mean: the same run as one process with the same global batch.
+    Each step's gradient comes from `strategy`: by default `PlainStep` (the loss's gradient on a shuffled
+    batch); DP-SGD plugs in `client.privacy.training.PrivateStep`. Step numbers given to the model (its
+    objective schedules) continue from `settings.start_step`; `optimizer_state` (a previous
+    `TrainResult.optimizer_state`) restores AdamW's moments on resume. Inside a worker group
+    (`client.distributed.run`) every rank trains on its own device, and rank 0's history is the group's.
     """
-    rank, world = distributed.rank(), distributed.world_size()
-    if settings.nproc != world:
-        raise ValueError(f"train.nproc={settings.nproc} but this process trains in a group of {world}: only "
-                         "`python -m simulations.centralized` starts the worker group; a federated site trains in "
-                         "one process (docs/scale.md)")
-    device = distributed.training_device() if world > 1 else torch.device(device)
+    device = distributed.training_device() if distributed.is_distributed() else torch.device(device)
     model.to(device).train()
-    # Ranks draw their own augmentation and dropout; DDP starts them from rank 0's weights.
-    generator = seed_everything(settings.seed + settings.start_step + 1_000_003 * rank)
-    loader = _loader(dataset, collate_fn, settings, generator, rank, world)
-    trained = distributed.wrap_model(model, device) if world > 1 else model
-    optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    total_steps = settings.total_steps or (settings.start_step + settings.steps)
-    use_amp = settings.amp and device.type == "cuda"
-    batches = endless_batches(loader)
-    progress = progress and rank == 0
-
-    history: list[dict[str, float]] = []
-    examples = 0
-    started = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc=description, disable=not progress, leave=False)
-    with distributed.gathering(model) if world > 1 else contextlib.nullcontext():
+    proximal = None
+    if proximal_anchor is not None and settings.proximal_mu > 0:
+        proximal = partial(proximal_penalty, model, proximal_anchor, settings.proximal_mu)
+    strategy = strategy or PlainStep()
+    with strategy.bind(model, dataset, collate_fn, settings, device, proximal) as take_step:
+        optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        optimizer.zero_grad(set_to_none=True)
+        total_steps = settings.total_steps or (settings.start_step + settings.steps)
+        progress = progress and distributed.is_main()
+        history: list[dict[str, float]] = []
+        examples = 0
+        started = time.perf_counter()
+        bar = tqdm(range(settings.steps), desc=description, disable=not progress, leave=False)
         for i in bar:
             step = settings.start_step + i
             lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            terms_sum: dict[str, float] = {}
-            for micro in range(settings.grad_accum):
-                batch = move_to(next(batches), device)
-                # DDP all-reduces the gradients once, after the last micro-batch.
-                last = micro == settings.grad_accum - 1
-                with trained.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        out = trained(batch, step=step)
-                    loss = out["loss"]
-                    if proximal_anchor is not None and settings.proximal_mu > 0:
-                        loss = loss + proximal_penalty(model, proximal_anchor, settings.proximal_mu)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }; "
-                            "lower train.lr or check the data"
-                        )
-                    (loss / settings.grad_accum).backward()
-                examples += int(batch["images"].shape[0]) * world
-                for name, value in out.items():
-                    terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / settings.grad_accum
+            terms, used = take_step(step)
+            examples += used
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.grad is not None], settings.grad_clip
                 )
             optimizer.step()
-            terms_sum = distributed.mean_over_ranks(terms_sum)
-            terms_sum["lr"] = lr
-            history.append(terms_sum)
+            optimizer.zero_grad(set_to_none=True)
+            history.append({**terms, "lr": lr})
             if progress and (i % max(1, settings.log_every) == 0 or i == settings.steps - 1):
-                bar.set_postfix(loss=f"{terms_sum['loss']:.3f}")
-    seconds = time.perf_counter() - started
+                bar.set_postfix(loss=f"{terms['loss']:.3f}")
+        seconds = time.perf_counter() - started
     return TrainResult(
         steps=settings.steps,
         examples=examples,
@@ -223,6 +215,51 @@ def train_steps(
         history=history,
         optimizer_state=optimizer.state_dict(),
     )
+
+
+class PlainStep:
+    """The non-private step: `grad_accum` micro-batches of the shuffled data, each forward, loss (+ FedProx)
+    and backward. In a worker group each rank draws its own patients, augmentation and dropout, and DDP
+    (started from rank 0's weights) averages the ranks' gradients: the same step as one process with the
+    same global batch."""
+
+    @contextlib.contextmanager
+    def bind(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, settings: TrainSettings,
+             device: torch.device, proximal: Callable[[], torch.Tensor] | None) -> Iterator[TakeStep]:
+        rank, world = distributed.rank(), distributed.world_size()
+        if settings.nproc != world:
+            raise ValueError(f"train.nproc={settings.nproc} but this process trains in a group of {world}: only "
+                             "`python -m simulations.centralized` starts the worker group; a federated site trains "
+                             "in one process (docs/scale.md)")
+        generator = seed_everything(settings.seed + settings.start_step + 1_000_003 * rank)
+        batches = endless_batches(_loader(dataset, collate_fn, settings, generator, rank, world))
+        trained = distributed.wrap_model(model, device) if world > 1 else model
+        use_amp = settings.amp and device.type == "cuda"
+
+        def take_step(step: int) -> tuple[dict[str, float], int]:
+            terms: dict[str, float] = {}
+            examples = 0
+            for micro in range(settings.grad_accum):
+                batch = move_to(next(batches), device)
+                # DDP all-reduces the gradients once, after the last micro-batch.
+                last = micro == settings.grad_accum - 1
+                with trained.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        out = trained(batch, step=step)
+                    loss = out["loss"] if proximal is None else out["loss"] + proximal()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss at step {step}: { {k: float(v) for k, v in out.items()} }; "
+                            "lower train.lr or check the data"
+                        )
+                    (loss / settings.grad_accum).backward()
+                examples += int(batch["images"].shape[0]) * world
+                for name, value in out.items():
+                    terms[name] = terms.get(name, 0.0) + float(value.detach()) / settings.grad_accum
+            return distributed.mean_over_ranks(terms), examples
+
+        with distributed.gathering(model) if world > 1 else contextlib.nullcontext():
+            yield take_step
 
 
 def _loader(dataset: Dataset, collate_fn: Callable, settings: TrainSettings, generator: torch.Generator,

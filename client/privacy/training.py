@@ -1,16 +1,14 @@
 """Patient-level DP-SGD at a site: Poisson batches of patients, clipped gradient sum, Gaussian noise, the ledger."""
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from client import distributed
 from client.privacy.accountant import ACCOUNTANTS, noise_for_target
@@ -26,15 +24,7 @@ from client.privacy.clipping import (
 from client.privacy.ledger import Charge, PrivacyLedger
 from client.privacy.sampling import PatientSampler, secret_generator, secret_global_rng
 from client.site import effective_caps
-from client.trainer import (
-    TrainResult,
-    TrainSettings,
-    _window_mean,
-    build_optimizer,
-    cosine_lr,
-    move_to,
-    proximal_penalty,
-)
+from client.trainer import TakeStep, TrainResult, TrainSettings, move_to, train_steps
 
 
 @dataclass(frozen=True)
@@ -122,6 +112,58 @@ def private_gradient(model: nn.Module, samples: list[dict], collate_fn: Callable
     return distributed.broadcast_(gradient), summed
 
 
+@dataclass
+class PrivateStep:
+    """The DP-SGD step for `client.trainer.train_steps`: a Poisson batch of patients drawn with secret coins, its
+    clipped gradient sum S(B) (`clipped_gradient_sum`), Gaussian noise once, divided by the expected batch size:
+    gradient = (S(B) + N(0, (noise * sensitivity)^2 I)) / expected batch size.
+
+    Everything the loop does after it (AdamW, weight decay, the FedProx term towards the public global model, the
+    global-norm clip) only post-processes the noisy gradient. The loss terms it returns are data-derived and
+    unprotected: they are for the site's own log, never for a message. The ledger is charged before the steps, by
+    `dp_train_round`."""
+
+    clip: ClipNorms
+    noise_multiplier: float
+    sampler: PatientSampler
+    per_study: str = "auto"
+
+    @contextmanager
+    def bind(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, settings: TrainSettings,
+             device: torch.device, proximal: Callable[[], torch.Tensor] | None) -> Iterator[TakeStep]:
+        require_group_norm(model)
+        if settings.grad_accum != 1:
+            raise PrivacyError(f"train.grad_accum={settings.grad_accum}: under DP-SGD one step is one Poisson batch; "
+                               "set 1")
+        check_group(settings)
+        params = trainable_parameters(model)
+        distributed.broadcast_(params)  # the ranks step with one gradient from rank 0's weights: one model
+        scale = self.sampler.expected_batch_size
+        noise_std = self.noise_multiplier * self.clip.sensitivity  # calibrated to S(B)'s sensitivity
+        noise_generator = secret_generator(device)
+        use_amp = settings.amp and device.type == "cuda"
+
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
+
+        def take_step(step: int) -> tuple[dict[str, float], int]:
+            # Rank 0 draws the global batch with its secret coins; every rank loads it and clips its share.
+            drawn = distributed.broadcast_object(self.sampler.draw() if distributed.is_main() else None)
+            samples = [dataset[j] for j in drawn]
+            gradient, summed = private_gradient(model, samples, collate_fn, step, self.clip, scale, params, noise_std,
+                                                noise_generator, move=lambda batch: move_to(batch, device),
+                                                autocast=autocast, per_study=self.per_study)
+            for param, grad in zip(params, gradient):
+                param.grad = grad.to(param.dtype)
+            if proximal is not None:
+                proximal().backward()
+            return {**summed.terms, "patients": float(len(samples))}, len(samples)
+
+        # Dropout, augmentation and the vmap's masks draw from torch's global generators: secret for the round
+        with secret_global_rng():
+            yield take_step
+
+
 def dp_train_steps(
     model: nn.Module,
     dataset: Dataset,
@@ -137,65 +179,10 @@ def dp_train_steps(
     optimizer_state: dict | None = None,
     per_study: str = "auto",
 ) -> TrainResult:
-    """`settings.steps` DP-SGD steps: gradient = (S(B) + N(0, (noise * sensitivity)^2 I)) / expected batch size.
-
-    Everything after the noise (AdamW, weight decay, the FedProx term towards the public global model,
-    the global-norm clip) only post-processes the noisy gradient. The returned losses are data-derived
-    and unprotected: they are for the site's own log, never for a message.
-    """
-    require_group_norm(model)
-    if settings.grad_accum != 1:
-        raise PrivacyError(f"train.grad_accum={settings.grad_accum}: under DP-SGD one step is one Poisson batch; set 1")
-    check_group(settings)
-    device = distributed.training_device() if distributed.is_distributed() else torch.device(device)
-    model.to(device).train()
-    params = trainable_parameters(model)
-    distributed.broadcast_(params)  # the ranks step with one gradient from rank 0's weights: one model
-    optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
-    if optimizer_state is not None:  # AdamW's moments are post-processing of earlier noisy gradients
-        optimizer.load_state_dict(optimizer_state)
-    total_steps = settings.total_steps or (settings.start_step + settings.steps)
-    scale = sampler.expected_batch_size
-    noise_std = noise_multiplier * clip.sensitivity  # the noise is calibrated to S(B)'s sensitivity
-    noise_generator = secret_generator(device)
-    use_amp = settings.amp and device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
-
-    history: list[dict[str, float]] = []
-    examples = 0
-    started = time.perf_counter()
-    # Dropout, augmentation and the vmap's masks draw from torch's global generators: secret for the round
-    with secret_global_rng():
-        for i in tqdm(range(settings.steps), desc=description, disable=not progress, leave=False):
-            step = settings.start_step + i
-            lr = cosine_lr(step, total_steps, settings.warmup_steps, settings.lr, settings.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Rank 0 draws the global batch with its secret coins; every rank loads it and clips its share.
-            samples = [dataset[j] for j in distributed.broadcast_object(sampler.draw() if distributed.is_main()
-                                                                        else None)]
-            examples += len(samples)
-            gradient, summed = private_gradient(model, samples, collate_fn, step, clip, scale, params, noise_std,
-                                                noise_generator, move=lambda batch: move_to(batch, device),
-                                                autocast=autocast, per_study=per_study)
-            for param, grad in zip(params, gradient):
-                param.grad = grad.to(param.dtype)
-            if proximal_anchor is not None and settings.proximal_mu > 0:
-                proximal_penalty(model, proximal_anchor, settings.proximal_mu).backward()
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({**summed.terms, "lr": lr, "patients": float(len(samples))})
-    seconds = time.perf_counter() - started
-    return TrainResult(
-        steps=settings.steps, examples=examples, seconds=seconds,
-        loss_start=_window_mean(history, first=True), loss_end=_window_mean(history, first=False),
-        loss_mean=_window_mean(history, first=True, window=len(history)), history=history,
-        optimizer_state=optimizer.state_dict(),
-    )
+    """`settings.steps` DP-SGD steps: the trainer's loop with `PrivateStep`. The result's `examples` is the realised
+    number of sampled patients (site's log only)."""
+    return train_steps(model, dataset, collate_fn, settings, device, proximal_anchor, progress, description,
+                       optimizer_state, strategy=PrivateStep(clip, noise_multiplier, sampler, per_study))
 
 
 @dataclass
