@@ -1,13 +1,18 @@
-"""Combining the sites' shared parameters into the next global model (numpy only, no Flower)."""
+"""The arithmetic of the aggregation rules on numpy arrays: FedAvg's weighted mean, the robust median and trimmed
+mean, the server optimizers' step. server/strategy.py makes each rule a Flower strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 
 Params = dict[str, np.ndarray]
-Update = tuple[Params, float]  # (shared parameters, example weight)
+
+
+class Update(NamedTuple):
+    params: Params   # one site's shared parameters
+    weight: float    # its example weight (claimed, capped by server/influence.py)
 
 # Robust rules need a majority around the middle: fewer sites than this and they would trim nothing (the median of
 # two is their mean). The config is refused below it (server.validation) and so is a round that has fewer.
@@ -25,8 +30,11 @@ def _stack(updates: list[Update], name: str) -> np.ndarray:
 
 
 def _cast_like(combined: dict[str, np.ndarray], updates: list[Update]) -> Params:
+    """Back to each array's dtype; integer arrays (step counters) rounded, since a float64 mean of sevens can come
+    out at 6.999... and truncate to 6, depending on the order of the sites."""
     first = updates[0][0]
-    return {name: value.astype(first[name].dtype) for name, value in combined.items()}
+    return {name: (value if np.issubdtype(first[name].dtype, np.floating) else np.rint(value)).astype(first[name].dtype)
+            for name, value in combined.items()}
 
 
 def weighted_mean(updates: list[Update]) -> Params:
@@ -121,44 +129,3 @@ class ServerOptimizer:
         self.m = {k[2:]: v for k, v in state.items() if k.startswith("m.")}
         self.v = {k[2:]: v for k, v in state.items() if k.startswith("v.")}
         self.steps = int(state.get("steps", 0))
-
-
-# strategy name -> how the accepted updates become one set of parameters
-COMBINERS: dict[str, Callable[..., Params]] = {
-    "fedavg": weighted_mean,
-    "fedprox": weighted_mean,  # FedProx differs only in the sites' proximal term
-    "cyclic": weighted_mean,   # one site per round (server.rounds.sites_of_round): its update becomes the model
-    "fedadam": weighted_mean,
-    "fedyogi": weighted_mean,
-    "fedavgm": weighted_mean,
-    "median": coordinate_median,
-    "trimmed_mean": trimmed_mean,
-}
-SERVER_OPTIMIZERS = {"fedadam": "adam", "fedyogi": "yogi", "fedavgm": "momentum"}
-
-
-@dataclass
-class Aggregator:
-    """One federation's aggregation rule, built from the `federation` config group."""
-
-    strategy: str = "fedavg"
-    trim_fraction: float = 0.2
-    optimizer: ServerOptimizer | None = None
-
-    @classmethod
-    def from_config(cls, fed) -> "Aggregator":
-        if fed.strategy not in COMBINERS:
-            raise ValueError(f"federation.strategy={fed.strategy!r} is unknown; choose one of {sorted(COMBINERS)}")
-        optimizer = None
-        if fed.strategy in SERVER_OPTIMIZERS:
-            optimizer = ServerOptimizer(
-                SERVER_OPTIMIZERS[fed.strategy], lr=fed.server_lr, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau
-            )
-        return cls(fed.strategy, fed.trim_fraction, optimizer)
-
-    def __call__(self, global_params: Params, updates: list[Update]) -> Params:
-        if not updates:
-            raise ValueError("no valid update to aggregate")
-        combine = COMBINERS[self.strategy]
-        combined = combine(updates, self.trim_fraction) if combine is trimmed_mean else combine(updates)
-        return self.optimizer.step(global_params, combined) if self.optimizer else combined

@@ -1,9 +1,20 @@
-"""The coordinator's Flower ServerApp: sends rounds, checks and aggregates replies, checkpoints, records."""
+"""The coordinator's Flower ServerApp: the federation's strategy (server/strategy.py, Flower's strategy classes) run
+round by round; every reply checked and its influence bounded (server/trust_boundary.py); each round checkpointed
+and recorded in the run registry.
+
+The rounds are this module's loop (`Federation.run`), not Flower's `Strategy.start`, which counts rounds from 1 over
+`grid.send_and_receive` and so cannot: resume a run at round k with the server optimizer's moments and the sites'
+schedule in step; send the round to a site that (re)connects while replies are outstanding (`exchange`); ask a busy
+SuperLink again after a 500; tell which node asked a reply answers for when the SuperLink answers for a node that
+went away; record each refused reply and a skipped or too-small round; carry a SecAgg+ round (a four-stage workflow,
+not one configure/aggregate pair); or checkpoint each round with the optimizer state.
+"""
 from __future__ import annotations
 
 import logging
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -13,14 +24,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from shared_models.privacy_config import ONE_SITE_PER_ROUND, validate_federation_privacy
-from server.aggregation import ROBUST_QUORUM, Aggregator
+from shared_models.privacy_config import validate_federation_privacy
+from server.aggregation import Update
 from server.central_dp import CentralDp
 from server.checkpoints import discard_after, load_latest_valid, save_round
-from server.influence import HISTORY_ROUNDS, Bounds, bound_influence, reference_norm
+from server.influence import HISTORY_ROUNDS, Bounds
 from server.registry import Registry
 from server.secagg import secure_round
 from server.rounds import round_config, schedule_trainer, sites_of_round
+from server.strategy import strategy_from_config
+from server.trust_boundary import TrustBoundary
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose, config_hash
 from shared_models.export import export
@@ -28,8 +41,7 @@ from shared_models.factory import create_model
 from shared_models.model import schedule_notice
 from shared_models.sharing import split_state
 from shared_models.transfer import contiguous, encode_arrays
-from server.validation import (RunConfigError, SiteNames, SiteReply, read_metrics, read_reply, run_config_problems,
-                               site_name_problem)
+from server.validation import RunConfigError, SiteReply, run_config_problems
 
 log = logging.getLogger("fedcxr.server")
 app = ServerApp()
@@ -50,7 +62,7 @@ def exchange(grid: Grid, message_to, nodes: list[int], timeout_s: float, poll_s:
     With `admit_late`, a node that connects while replies are outstanding is sent the round too: a site restarted
     after a crash rejoins the round in progress instead of waiting for the next one. Returns (nodes asked,
     (node, reply) pairs): the node is the one asked, since the SuperLink itself answers for a node that has gone
-    away."""
+    away. Flower's `grid.send_and_receive` admits no late node, stops at a SuperLink's 500 and returns bare replies."""
     asked = list(nodes)
     node_of = dict(zip(grid.push_messages([message_to(node) for node in asked]), asked))
     pending = set(node_of)
@@ -119,6 +131,21 @@ def _weighted_metrics(accepted: list[SiteReply]) -> dict[str, float]:
     return means | {"examples": int(total) if float(total).is_integer() else total}   # the weights aggregation used
 
 
+@dataclass
+class RoundExchange:
+    """What one round's messaging produced: the nodes asked, the replies that passed the trust boundary, and the
+    bytes of parameters sent and received."""
+
+    asked: list[int]
+    accepted: list[SiteReply]
+    bytes_sent: int
+    bytes_received: int
+
+    def registry_fields(self) -> dict[str, int]:
+        return dict(sites_asked=len(self.asked), sites_accepted=len(self.accepted), bytes_sent=self.bytes_sent,
+                    bytes_received=self.bytes_received)
+
+
 class Federation:
     """One run: resume or start, then rounds until `federation.rounds`."""
 
@@ -129,10 +156,8 @@ class Federation:
         self.name = self.fed.run_name or time.strftime("%Y-%m-%d_%H-%M-%S")
         self.run_dir = Path(self.fed.output_dir) / self.name
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
-        self.aggregator = Aggregator.from_config(self.fed)
-        self.bounds = Bounds.from_config(self.fed)
-        self.norm_history: list[float] = []   # each round's reference update norm (server.influence)
-        self._site_names: SiteNames | None = None
+        self.strategy = strategy_from_config(self.fed)
+        self.trust = TrustBoundary(self.registry, self.name, Bounds.from_config(self.fed))
         central = OmegaConf.select(cfg, "privacy.central_dp")
         self.central_dp = CentralDp.from_config(central) if central else None
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
@@ -163,9 +188,8 @@ class Federation:
             raise RuntimeError(f"cannot resume {self.name}: model/tokenizer/objective changed since round "
                                f"{latest.round} ({latest.meta.get('fingerprints')} != {self.fingerprints})")
         discard_after(self.run_dir, latest.round)
-        if self.aggregator.optimizer is not None:
-            self.aggregator.optimizer.load_state_dict(latest.server_state)
-        self.norm_history = [float(n) for n in latest.meta.get("update_norms", [])]
+        self.strategy.load_server_state(latest.server_state)   # a server optimizer's moments
+        self.trust.norm_history = [float(n) for n in latest.meta.get("update_norms", [])]
         log.info("resuming run %s after its last complete round %d", self.name, latest.round)
         return latest.round + 1, latest.params
 
@@ -173,7 +197,7 @@ class Federation:
         start, params = self._starting_point()
         self.registry.start_run(self.name, self.flwr_run_id, int(self.fed.rounds), self.config, self.config_hash)
         try:
-            if params is None:
+            if params is None:   # encoder-only sharing: the parameters `model.sharing` sends (shared_models/sharing.py)
                 params = {k: v.detach().numpy().copy() for k, v in split_state(self.model, self.cfg)[0].items()}
             for round_ in range(start, int(self.fed.rounds) + 1):
                 params = self.round(round_, params)
@@ -185,13 +209,6 @@ class Federation:
         log.info("run %s finished: %d rounds, checkpoint at %s, encoders exported to %s", self.name, self.fed.rounds,
                  self.run_dir / "checkpoint", self.run_dir / "export")
 
-    @property
-    def site_names(self) -> SiteNames:
-        """Who is who in this run, read from the registry once the run is recorded there."""
-        if self._site_names is None:
-            self._site_names = SiteNames(self.registry, self.name)
-        return self._site_names
-
     def _round_config(self, round_: int) -> dict:
         return round_config(self.cfg, round_, self.name, self.fingerprints, self.connected_nodes)
 
@@ -202,56 +219,57 @@ class Federation:
         nodes = sites_of_round(self.fed.strategy, connected, round_)
         if self.central_dp:   # site_fraction < 1: each site asked with that probability (secret coins)
             nodes = self.central_dp.sample_sites(nodes)
-        exchange_round = self._secure_exchange if self.secagg else self._exchange
-        nodes, accepted, bytes_sent, bytes_received = exchange_round(round_, params, nodes)
-
-        round_fields = dict(sites_asked=len(nodes), sites_accepted=len(accepted), bytes_sent=bytes_sent,
-                            bytes_received=bytes_received)
-        if not accepted and self.fed.strategy in ONE_SITE_PER_ROUND:
+        exchanged = (self._secure_exchange if self.secagg else self._exchange)(round_, params, nodes)
+        accepted = exchanged.accepted
+        if not accepted and self.strategy.one_site_per_round:
             # The one site asked sent nothing usable (its rejection is recorded): the model stays as it was and
             # the next round asks the next site, as cyclic weight transfer passes over an absent institution.
             self.registry.add_round(self.name, round_, status="skipped", metrics={},
-                                    seconds=time.monotonic() - started, **round_fields)
+                                    seconds=time.monotonic() - started, **exchanged.registry_fields())
             log.warning("round %d/%d: node %s sent no valid update; the global model is unchanged and the next "
-                        "round asks the next site", round_, self.fed.rounds, nodes[0])
+                        "round asks the next site", round_, self.fed.rounds, exchanged.asked[0])
             return params
         # median and trimmed_mean need 3 updates to trim anything, whatever min_sites says
-        needed = max(int(self.fed.min_sites), ROBUST_QUORUM.get(self.fed.strategy, 0))
-        if len(accepted) < needed and self.fed.strategy not in ONE_SITE_PER_ROUND:
+        needed = max(int(self.fed.min_sites), self.strategy.quorum)
+        if len(accepted) < needed and not self.strategy.one_site_per_round:
             self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
-                                    seconds=time.monotonic() - started, **round_fields)
+                                    seconds=time.monotonic() - started, **exchanged.registry_fields())
             raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), {needed} needed (federation."
                                f"min_sites={self.fed.min_sites}, strategy {self.fed.strategy}); the run can resume "
                                f"from round {round_ - 1} with federation.resume=true")
 
-        if self.central_dp:
+        if self.central_dp:   # DP-FedAvg in the strategy's place (server/central_dp.py: why not Flower's wrapper)
             params = self.central_dp.aggregate(params, [r.update for r in accepted], len(connected))
         elif self.secagg:   # one update: the sites' example-weighted mean, all the server ever sees
-            params = self.aggregator(params, [(accepted[0].update, sum(r.weight for r in accepted))])
+            mean = Update(accepted[0].update, sum(r.weight for r in accepted))
+            params = self.strategy.aggregate_updates(params, [mean])
         else:
-            params = self.aggregator(params, [(r.update, r.weight) for r in accepted])
+            params = self.strategy.aggregate_updates(params, [Update(r.update, r.weight) for r in accepted])
         metrics = _weighted_metrics(accepted)
         if self.central_dp:   # central epsilon after this round and of one round (server/central_dp.py)
             metrics.update(self.central_dp.round_metrics(round_))
         seconds = time.monotonic() - started
+        self._checkpoint(round_, params, accepted, metrics)
+        self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds,
+                                **exchanged.registry_fields())
+        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        log.info("round %d/%d: %d/%d sites%s, %.1f s", round_, self.fed.rounds, len(accepted), len(exchanged.asked),
+                 loss, seconds)
+        return params
+
+    def _checkpoint(self, round_: int, params: dict[str, np.ndarray], accepted: list[SiteReply], metrics: dict) -> None:
         meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
                 "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
                 "sites": {r.site: r.examples for r in accepted}, "shared": sorted(params), "config": self.config,
                 "influence": {r.site: {"weight": r.weight, "update_norm": r.norm, "scale": r.scale, "notes": r.notes}
                               for r in accepted},
-                "update_norms": self.norm_history[-HISTORY_ROUNDS:]}
-        folder, written = save_round(self.run_dir, round_, params, meta,
-                                     self.aggregator.optimizer.state_dict() if self.aggregator.optimizer else None,
+                "update_norms": self.trust.norm_history[-HISTORY_ROUNDS:]}
+        folder, written = save_round(self.run_dir, round_, params, meta, self.strategy.server_state(),
                                      tokenizer=self.model.tokenizer)
         self.registry.add_checkpoint(self.name, round_, folder, written["sha256"]["model.safetensors"])
-        self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds, **round_fields)
-        loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-        log.info("round %d/%d: %d/%d sites%s, %.1f s", round_, self.fed.rounds, len(accepted), len(nodes), loss, seconds)
-        return params
 
-    def _exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]):
-        """Send the round to `nodes`, check each reply; (nodes asked, accepted `SiteReply`s, bytes sent, bytes
-        received)."""
+    def _exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]) -> RoundExchange:
+        """Send the round to `nodes` and pass each reply through the trust boundary."""
         wire = encode_arrays(params, self.fed.transfer_dtype)
         content = RecordDict({"arrays": to_record(wire), "config": ConfigRecord(self._round_config(round_))})
 
@@ -261,88 +279,24 @@ class Federation:
 
         # A cyclic round asks its one site only; the others wait for their turn.
         nodes, replies = exchange(self.grid, message_to, nodes, float(self.fed.round_timeout_s), float(self.fed.poll_s),
-                                  admit_late=self.fed.strategy not in ONE_SITE_PER_ROUND)
-        bytes_sent = len(nodes) * content["arrays"].count_bytes()
-        for node in sorted(set(nodes) - {node for node, _ in replies}):
-            self._reject(round_, f"node {node}", node, [f"no reply within {self.fed.round_timeout_s} s"])
+                                  admit_late=not self.strategy.one_site_per_round)
+        self.trust.reject_unanswered(round_, nodes, {node for node, _ in replies},
+                                     f"no reply within {self.fed.round_timeout_s} s")
         bytes_received = sum(reply.content["arrays"].count_bytes() for _, reply in replies if not reply.has_error()
                              and isinstance(reply.content.get("arrays"), ArrayRecord))
-        return nodes, self.accept(round_, params, replies), bytes_sent, bytes_received
+        return RoundExchange(nodes, self.trust.accept(round_, params, replies),
+                             len(nodes) * content["arrays"].count_bytes(), bytes_received)
 
-    def accept(self, round_: int, params: dict[str, np.ndarray], replies: list[tuple[int, Message]]) -> list[SiteReply]:
-        """The round's trust boundary: each (node asked, reply) is validated, its site name bound to its node, its
-        influence bounded (server.influence); every reply refused is recorded with its reasons, the rest go on."""
-        checked = []
-        for node, reply in replies:
-            if reply.has_error():
-                self._reject(round_, f"node {node}", node, [f"site refused or failed: {str(reply.error.reason)[:500]}"])
-                continue
-            site_reply, label, problems = read_reply(reply, node, params)
-            if not problems and (conflict := self.site_names.claim(round_, label, node, site_reply.examples)):
-                problems = [conflict]
-            if problems:
-                self._reject(round_, label, node, problems)
-                continue
-            checked.append(site_reply)
-        accepted, rejected = bound_influence(params, checked, self.norm_history, self.bounds,
-                                             self.site_names.first_examples)
-        for reply, problems in rejected:
-            self._reject(round_, reply.site, reply.node, problems)
-        self._record_accepted(round_, accepted)
-        return accepted
-
-    def _record_accepted(self, round_: int, accepted: list[SiteReply]) -> None:
-        for reply in accepted:
-            if reply.notes:
-                log.warning("round %d: site %s: %s", round_, reply.site, "; ".join(reply.notes))
-            self.registry.add_site_metrics(self.name, round_, reply.site, reply.node, reply.examples, reply.metrics)
-        if (norm := reference_norm(accepted)) is not None:
-            self.norm_history = (self.norm_history + [norm])[-HISTORY_ROUNDS:]
-
-    def _secure_exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]):
-        """As `_exchange`, under SecAgg+: every accepted entry carries the same update, the sites' weighted mean
-        (integer arrays keep their value); the bytes are those of the global parameters sent, masked replies are
-        not counted. Each site's name and metrics are checked, but its masked share is already in the mean: only
-        the mean's norm can be bounded (against max_update_norm and the last rounds')."""
+    def _secure_exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]) -> RoundExchange:
+        """As `_exchange`, under SecAgg+ (server/secagg.py): the bytes are those of the global parameters sent,
+        masked replies are not counted."""
         result = secure_round(self.grid, nodes, params, round_, self._round_config(round_), dict(self.secagg),
                               float(self.fed.round_timeout_s))
-        answered = {node for node, _, _ in result.sites}
-        for node in sorted(set(nodes) - answered):
-            self._reject(round_, f"node {node}", node, ["dropped out of the SecAgg+ round (refused, failed or no reply "
-                                                        f"within {self.fed.round_timeout_s} s per stage)"])
+        self.trust.reject_unanswered(round_, nodes, {site.node for site in result.sites},
+                                     "dropped out of the SecAgg+ round (refused, failed or no reply within "
+                                     f"{self.fed.round_timeout_s} s per stage)")
         sent = len(nodes) * sum(np.asarray(v).nbytes for v in params.values())
-        if result.mean_delta is None:
-            return nodes, [], sent, 0
-        mean = dict(params)
-        for name, delta in result.mean_delta.items():
-            mean[name] = (params[name].astype(np.float64) + delta).astype(params[name].dtype)
-        checked = []
-        for node, examples, metrics in result.sites:
-            site = metrics.pop("site", f"node {node}")
-            _, metrics, problems = read_metrics({**metrics, "examples": examples})
-            problems = ([problem] if (problem := site_name_problem(site)) else []) + problems
-            if not problems and (conflict := self.site_names.claim(round_, site, node, examples)):
-                problems = [conflict]
-            if problems:
-                self._reject(round_, str(site)[:64], node, problems + ["(its masked share is in the mean already)"])
-                continue
-            checked.append(SiteReply(site, node, mean, examples, metrics, weight=float(examples)))
-        if not checked:
-            return nodes, [], sent, 0
-        bounded, rejected = bound_influence(params, [SiteReply("mean", 0, mean, 1, {})], self.norm_history,
-                                            self.bounds, {})
-        if rejected:
-            self._reject(round_, "mean of the SecAgg+ round", 0, rejected[0][1])
-            return nodes, [], sent, 0
-        for reply in checked:
-            reply.update, reply.norm, reply.scale, reply.notes = (bounded[0].update, bounded[0].norm, bounded[0].scale,
-                                                                  bounded[0].notes)
-        self._record_accepted(round_, checked)
-        return nodes, checked, sent, 0
-
-    def _reject(self, round_: int, site: str, node: int, problems: list[str]) -> None:
-        log.warning("round %d: update from site %s rejected: %s", round_, site, "; ".join(problems))
-        self.registry.add_rejection(self.name, round_, site, node, problems)
+        return RoundExchange(nodes, self.trust.accept_secure(round_, params, result), sent, 0)
 
 
 @app.main()

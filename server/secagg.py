@@ -11,6 +11,7 @@ Integer arrays (BatchNorm's step counters, unused with a momentum) are left out 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -28,12 +29,20 @@ from flwr.serverapp import Grid
 from shared_models.transfer import SECAGG_MAX_WEIGHT_KEY, SECAGG_NAMES_KEY
 
 
+class SecureSite(NamedTuple):
+    """One site of a SecAgg+ round as the server sees it: its masked share is in the mean, these are in the clear."""
+
+    node: int
+    examples: int
+    metrics: dict
+
+
 @dataclass
 class SecureRound:
     """What a SecAgg+ round tells the server: the weighted mean change, and per site its examples and metrics."""
 
     mean_delta: dict[str, np.ndarray] | None
-    sites: list[tuple[int, int, dict]] = field(default_factory=list)    # (node, examples, metrics)
+    sites: list[SecureSite] = field(default_factory=list)
     failures: int = 0
 
 
@@ -89,5 +98,5 @@ def secure_round(grid: Grid, nodes: list[int], params: dict[str, np.ndarray], ro
     if not strategy.results:
         return SecureRound(None, failures=len(nodes))
     mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
-    sites = [(proxy.node_id, int(res.num_examples), dict(res.metrics)) for proxy, res in strategy.results]
+    sites = [SecureSite(proxy.node_id, int(res.num_examples), dict(res.metrics)) for proxy, res in strategy.results]
     return SecureRound(dict(zip(names, mean)), sites, failures=len(nodes) - len(sites))

@@ -15,7 +15,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
 
-from server.aggregation import COMBINERS, ROBUST_QUORUM
+from server.aggregation import ROBUST_QUORUM
+from server.strategy import STRATEGIES
 from shared_models.config import is_run_name
 from shared_models.transfer import check_transfer_dtype
 
@@ -95,8 +96,8 @@ def run_config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"federation.update_norm_action={OmegaConf.select(fed, 'update_norm_action')!r} must be "
                         "clip or reject")
     strategy = OmegaConf.select(fed, "strategy")
-    if strategy not in COMBINERS:
-        problems.append(f"federation.strategy={strategy!r} is unknown; choose one of {sorted(COMBINERS)}")
+    if strategy not in STRATEGIES:
+        problems.append(f"federation.strategy={strategy!r} is unknown; choose one of {sorted(STRATEGIES)}")
     if strategy == "trimmed_mean":
         fraction = _number(OmegaConf.select(fed, "trim_fraction"))
         if fraction is None or not 0 < fraction < 0.5:

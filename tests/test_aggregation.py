@@ -13,12 +13,13 @@ from omegaconf import OmegaConf
 from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
                               train_round)
 from client.site import SiteConfigError, effective_caps, validate_caps
-from server.aggregation import Aggregator, ServerOptimizer, coordinate_median, trimmed_mean, weighted_mean
+from server.aggregation import ServerOptimizer, coordinate_median, trimmed_mean, weighted_mean
 from server.central_dp import dp_fedavg
 from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
 from server.rounds import hybridmed_stage, round_config, site_rounds, sites_of_round, total_local_steps
 from server.runs import main as runs_main
+from server.strategy import strategy_from_config
 from server.validation import read_arrays
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
@@ -35,6 +36,13 @@ def test_weighted_mean_weights_by_examples():
     out = weighted_mean(_updates(([1.0, 2.0], 1), ([4.0, 8.0], 3)))
     np.testing.assert_allclose(out["w"], [(1 * 1 + 4 * 3) / 4, (2 * 1 + 8 * 3) / 4])
     assert out["w"].dtype == np.float32
+
+
+def test_weighted_mean_rounds_step_counters_instead_of_truncating():
+    # these weights give a float64 mean of 6.999999999999999 for three sevens
+    counters = [({"n": np.array(7, np.int64)}, w) for w in (100, 300, 200)]
+    out = weighted_mean(counters)["n"]
+    assert out.dtype == np.int64 and int(out) == 7
 
 
 def test_median_and_trimmed_mean_ignore_an_outlier():
@@ -84,10 +92,10 @@ def test_server_optimizer_state_survives_a_checkpoint():
     assert restored.steps == 2
 
 
-def test_aggregator_from_config_rejects_unknown_strategy():
+def test_strategy_from_config_rejects_unknown_strategy():
     fed = OmegaConf.create({"strategy": "fedsgd", "trim_fraction": 0.2})
     with pytest.raises(ValueError, match="fedsgd.*fedavg"):
-        Aggregator.from_config(fed)
+        strategy_from_config(fed)
 
 
 def test_read_arrays_names_every_problem():
@@ -378,7 +386,8 @@ def test_cyclic_asks_each_site_in_turn_and_its_budget_is_one_site_per_round():
     assert total_local_steps(cyclic.federation, 4) == 300 and total_local_steps(fedavg.federation, 4) == 1200
     # one site's update passes through the aggregator unchanged
     update = {"w": np.array([0.25, -1.5], np.float32)}
-    np.testing.assert_array_equal(Aggregator.from_config(cyclic.federation)({"w": np.zeros(2)}, [(update, 7)])["w"],
+    np.testing.assert_array_equal(strategy_from_config(cyclic.federation).aggregate_updates({"w": np.zeros(2)},
+                                                                                           [(update, 7)])["w"],
                                   update["w"])
 
 

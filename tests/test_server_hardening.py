@@ -252,7 +252,7 @@ def test_cyclic_holds_a_single_update_to_the_absolute_bound_and_to_the_last_roun
     params = fed.round(3, params)
     before = params
     params = fed.round(4, params)                 # history: 10, ~|honest|, ~|honest|: median ~1.3, not 10
-    history_median = sorted(fed.norm_history[:3])[1]
+    history_median = sorted(fed.trust.norm_history[:3])[1]
     assert _norm(params, before) == pytest.approx(K * history_median, rel=1e-4) and K * history_median < 10
     meta = load_latest_valid(fed.run_dir).meta
     assert meta["influence"]["x2"]["scale"] < 1e-28 and len(meta["update_norms"]) == 4
@@ -272,12 +272,12 @@ def test_a_site_weight_is_capped_by_its_first_claim_and_the_rounds_median():
 def test_secagg_sites_are_checked_and_the_mean_they_leave_is_bounded(federation, monkeypatch):
     """Under SecAgg+ the server sees one mean: each site's name and metrics are still checked and recorded, and the
     mean is held to max_update_norm (a site's masked share cannot be taken out of it)."""
-    from server.secagg import SecureRound
+    from server.secagg import SecureRound, SecureSite
 
     mean_delta = {k: np.full(v.shape, 1e30, np.float64) for k, v in GLOBAL.items() if v.dtype != np.int64}
     sites = [(1, 100, {"site": "A", "loss": 1.0}), (2, 120, {"site": "B", "loss": 2.0}),
              (3, 100, {"site": "A", "loss": 1.0}), (4, 100, {"site": "D", "loss": math.nan})]
-    monkeypatch.setattr(server.app, "secure_round", lambda *args: SecureRound(mean_delta, [(n, e, dict(m)) for n, e, m in sites]))
+    monkeypatch.setattr(server.app, "secure_round", lambda *args: SecureRound(mean_delta, [SecureSite(n, e, dict(m)) for n, e, m in sites]))
     fed = federation(ReplyGrid({n: None for n in (1, 2, 3, 4)}), "privacy=secagg", "federation.max_update_norm=2")
     params = fed.round(1, GLOBAL)
     assert _norm(params, GLOBAL) == pytest.approx(2, rel=1e-4)
@@ -355,3 +355,38 @@ def test_every_problem_is_named_at_once():
         server.app.check_supported(compose(["federation.lr=nan", "federation.batch_size=-1", "federation.local_steps=0",
                                             "federation.run_name=../x"]))
     assert str(refused.value).count("\n  - ") == 4
+
+
+# ------------------------------------------------------------------------------------------ Flower's own loop
+@pytest.mark.parametrize("strategy", ["fedadam", "trimmed_mean"])
+def test_a_strategy_gives_the_same_model_in_flowers_own_loop(strategy, monkeypatch):
+    """The ServerApp calls `aggregate_updates` on checked replies; Flower's `Strategy.start` sends Messages and
+    calls `aggregate_train`: the same rule gives the same model there (FedAdam's moments carrying across rounds)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.strategy import Update, strategy_from_config
+
+    for key, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():   # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    fed = compose([f"federation.strategy={strategy}", "federation.min_sites=3"]).federation
+    ours, flowers = strategy_from_config(fed), strategy_from_config(fed)
+
+    class MessageGrid:   # each node n answers the arrays it is sent moved by honest(n), weighted 100 n
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def send_and_receive(self, messages, timeout):
+            def answer(message):
+                node, sent = message.metadata.dst_node_id, {k: a.numpy() for k, a in message.content["arrays"].items()}
+                return reply_from(node, content(honest(node, sent), site=f"s{node}", examples=100.0 * node))
+            return [answer(m) for m in messages]
+
+    result = flowers.start(MessageGrid(), ArrayRecord({k: Array(contiguous(v)) for k, v in GLOBAL.items()}),
+                           num_rounds=2)
+    params = GLOBAL
+    for _ in range(2):
+        params = ours.aggregate_updates(params, [Update(honest(n, params), 100.0 * n) for n in (1, 2, 3)])
+    assert not np.allclose(params["enc.weight"], GLOBAL["enc.weight"])
+    for name, value in params.items():
+        np.testing.assert_allclose(result.arrays[name].numpy(), value, rtol=1e-6)   # nodes come back in any order
