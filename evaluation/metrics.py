@@ -105,10 +105,6 @@ def per_label_auc(labels, scores, names: Sequence[str]) -> tuple[dict[str, float
     return aucs, skipped
 
 
-def mean_of(values: dict[str, float]) -> float:
-    return float(np.mean(list(values.values()))) if values else math.nan
-
-
 def dice_per_image(pred, truth, convention: str = "empty_as_one") -> np.ndarray:
     """Dice of each image's binary masks ([N, H, W] or [N, 1, H, W]).
 

@@ -1,10 +1,8 @@
 """Readers for evaluation datasets in their own file formats, each returning a list of `Record`.
 
-Benchmarks: RSNA Pneumonia, SIIM-ACR Pneumothorax, CheXpert, COVIDx; plus MIMIC-CXR's official
-split with its CheXpert labels, the phantom's ground truth and the CSV manifest.
-
-The MIMIC-CXR, phantom and manifest readers read the files directly for now; they should move
-onto `client.data.layouts` once that lands, so both sides agree on paths and ids.
+Benchmarks: RSNA Pneumonia, SIIM-ACR Pneumothorax, CheXpert, COVIDx; plus the phantom's ground truth
+(its masks). MIMIC-CXR and CSV manifests are read as a site reads them, through `client.data.layouts` and
+the catalog (`evaluation.data`), so both sides agree on paths and ids.
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,13 +210,6 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         return [dict(zip(header, (v.strip() for v in row))) for row in reader if any(v.strip() for v in row)]
 
 
-def _find_table(root: Path, stem: str) -> Path:
-    for name in (f"{stem}.csv", f"{stem}.csv.gz"):
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(f"neither {stem}.csv nor {stem}.csv.gz found in {root}")
-
-
 def _label_value(text: str, path: Path, column: str) -> float:
     if text == "":
         return math.nan
@@ -347,31 +338,6 @@ def _mimic_image_path(root: Path, subject: str, study: str, dicom: str, ext: str
     return root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}{ext}"
 
 
-def read_mimic_cxr(root: Path, split: str = "test", uncertain: str = "ones", views: Sequence[str] | None = ("PA", "AP"),
-                   ext: str = ".dcm", check_files: bool = True) -> list[Record]:
-    """MIMIC-CXR official split (`mimic-cxr-2.0.0-split.csv[.gz]`) with the study's CheXpert labels
-    (`-chexpert.csv[.gz]`, uncertain mapped by policy) and the view filter from `-metadata.csv[.gz]`."""
-    root = Path(root)
-    uncertain_value(0.0, uncertain)
-    split_rows = _read_csv(_find_table(root, "mimic-cxr-2.0.0-split"), ["dicom_id", "study_id", "subject_id", "split"])
-    chexpert_path = _find_table(root, "mimic-cxr-2.0.0-chexpert")
-    labels = {row["study_id"]: {n: uncertain_value(_label_value(row[n], chexpert_path, n), uncertain)
-                                for n in CHEXPERT_LABELS}
-              for row in _read_csv(chexpert_path, ["subject_id", "study_id", *CHEXPERT_LABELS])}
-    view_of = {}
-    if views is not None:
-        view_of = {row["dicom_id"]: row["ViewPosition"].upper() for row in
-                   _read_csv(_find_table(root, "mimic-cxr-2.0.0-metadata"), ["dicom_id", "ViewPosition"])}
-    records = [Record(
-        image_path=_mimic_image_path(root, row["subject_id"], row["study_id"], row["dicom_id"], ext),
-        patient_id=row["subject_id"], image_id=row["dicom_id"], study_id=row["study_id"],
-        labels=dict(labels.get(row["study_id"], {})), split=row["split"],
-        meta={"view": view_of.get(row["dicom_id"], "")})
-        for row in split_rows
-        if row["split"] == split and (views is None or view_of.get(row["dicom_id"]) in views)]
-    return _check_files(records, check_files, str(root))
-
-
 def read_phantom(root: Path, split: str | Sequence[str] = "test", mask_target: str = MASK_TARGET_ANY,
                  check_files: bool = True) -> list[Record]:
     """The phantom's `ground_truth.json` for one split or several: study labels, and per image the union
@@ -398,39 +364,3 @@ def read_phantom(root: Path, split: str | Sequence[str] = "test", mask_target: s
                 labels={k: float(v) for k, v in study["labels"].items()}, mask=PngMask(masks), split=study["split"],
                 meta={"findings": ",".join(sorted({f["finding"] for f in study["findings"]}))}))
     return _check_files(records, check_files, str(truth_path))
-
-
-def read_manifest(manifest_csv: Path, root: Path | None = None, label_names: Sequence[str] = CHEXPERT_LABELS,
-                  split: str | None = None, uncertain: str = "ones", check_files: bool = True) -> list[Record]:
-    """The CSV manifest: image_path, optional patient_id, study_id, split, label columns named as in
-    `label_names` and `mask_path` (paths relative to `root`, default the CSV's folder)."""
-    manifest_csv = Path(manifest_csv)
-    root = Path(root) if root is not None else manifest_csv.parent
-    rows = _read_csv(manifest_csv, ["image_path"])
-    records = []
-    for line, row in enumerate(rows, start=2):
-        if split is not None and row.get("split", "") != split:
-            continue
-        image_id = row["image_path"]
-        # a blank mask_path is no mask (left out of segmentation), EMPTY an empty one
-        mask = None
-        if row.get("mask_path"):
-            mask = PngMask(() if row["mask_path"].upper() == "EMPTY" else (root / row["mask_path"],))
-        records.append(Record(
-            image_path=root / row["image_path"], patient_id=row.get("patient_id") or image_id, image_id=image_id,
-            study_id=row.get("study_id") or None, split=row.get("split") or None,
-            labels={n: uncertain_value(_label_value(row[n], manifest_csv, n), uncertain)
-                    for n in label_names if n in row},
-            mask=mask))
-    return _check_files(records, check_files, str(manifest_csv))
-
-
-READERS: dict[str, Callable[..., list[Record]]] = {
-    "rsna": read_rsna,
-    "siim": read_siim,
-    "chexpert": read_chexpert,
-    "covidx": read_covidx,
-    "mimic_cxr": read_mimic_cxr,
-    "phantom": read_phantom,
-    "manifest": read_manifest,
-}

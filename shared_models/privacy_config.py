@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 MECHANISMS = ("dpsgd", "central_dp", "secagg")
 # Strategies whose server step needs each site's update in the clear (order statistics of the updates).
-ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean", "krum", "multikrum", "bulyan"})
+ROBUST_STRATEGIES = frozenset({"median", "trimmed_mean"})
 # Strategies that ask one site per round, in turn (cyclic weight transfer: Chang et al. 2018, Sheller et al. 2020):
 # the global model continues from each site's update, so the sites' local steps add up in sequence instead of
 # being averaged in parallel. The server then sees each site's update on its own.

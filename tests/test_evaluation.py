@@ -245,6 +245,11 @@ def _write_gz(path, text):
 
 
 def test_mimic_reader_official_test_split(tmp_path):
+    """Evaluation reads MIMIC-CXR as a site does (client.data.layouts, then the catalog): the official test split,
+    frontal views only, the study's CheXpert labels with uncertain mapped by the evaluation's policy."""
+    from client.data.layouts import DEFAULT_VIEWS, open_layout, view_allowed
+
+    (tmp_path / "files").mkdir()
     blank = "," * 13
     _write_gz(tmp_path / "mimic-cxr-2.0.0-split.csv.gz",
               "dicom_id,study_id,subject_id,split\nd1,50000001,10000001,test\nd2,50000001,10000001,test\n"
@@ -255,10 +260,14 @@ def test_mimic_reader_official_test_split(tmp_path):
     header = "subject_id,study_id," + ",".join(CHEXPERT_LABELS)
     row = "10000001,50000001,-1.0" + blank   # Atelectasis uncertain, the rest blank
     (tmp_path / "mimic-cxr-2.0.0-chexpert.csv").write_text(f"{header}\n{row}\n")
-    records = readers.read_mimic_cxr(tmp_path, split="test", uncertain="zeros", check_files=False)
-    assert [r.image_id for r in records] == ["d1"]                 # the lateral view is filtered out
-    assert records[0].image_path == tmp_path / "files/p10/p10000001/s50000001/d1.dcm"
-    assert records[0].labels["Atelectasis"] == 0.0 and math.isnan(records[0].labels["Edema"])
+    studies = open_layout("mimic_cxr", tmp_path).studies()
+    records = [(study, image) for study in studies if study.split == "test" for image in study.images
+               if view_allowed(image.view, DEFAULT_VIEWS)]
+    assert [image.image_id for _, image in records] == ["d1"]      # the lateral view is filtered out
+    study, image = records[0]
+    assert tmp_path / image.path == tmp_path / "files/p10/p10000001/s50000001/d1.dcm"
+    labels = dict(zip(CHEXPERT_LABELS, study.labels))
+    assert readers.uncertain_value(labels["Atelectasis"], "zeros") == 0.0 and labels["Edema"] is None
 
 
 def test_phantom_reader_masks_per_target(tmp_path):
@@ -289,14 +298,20 @@ def test_phantom_reader_masks_per_target(tmp_path):
 
 
 def test_manifest_reader_labels_and_masks(tmp_path):
+    """A manifest evaluates as a site reads it (client.data.layouts): label columns by name, and the mask_path
+    column as evaluation.data reads it (a file, EMPTY for an empty mask, blank for none)."""
+    from client.data.layouts import open_layout
+    from evaluation.data import manifest_mask
+
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "m1.png")
     (tmp_path / "manifest.csv").write_text(
-        "image_path,patient_id,split,Pneumothorax,mask_path\nimg1.png,p1,test,1.0,m1.png\nimg2.png,p2,test,0.0,EMPTY\n"
-        "img3.png,p3,test,0.0,\n")
-    records = readers.read_manifest(tmp_path / "manifest.csv", label_names=["Pneumothorax"], check_files=False)
-    assert [r.labels for r in records] == [{"Pneumothorax": 1.0}, {"Pneumothorax": 0.0}, {"Pneumothorax": 0.0}]
-    assert records[0].mask.array().sum() == 16 and not records[1].mask.array(shape=(4, 4)).any()
-    assert records[2].mask is None   # blank: no mask, not an empty one
+        "image_path,patient_id,split,Pneumothorax,mask_path,report\nimg1.png,p1,test,1.0,m1.png,r\n"
+        "img2.png,p2,test,0.0,EMPTY,r\nimg3.png,p3,test,0.0,,r\n")
+    studies = open_layout("manifest", tmp_path).studies()
+    assert [study.labels for study in studies] == [{"Pneumothorax": 1.0}, {"Pneumothorax": 0.0}, {"Pneumothorax": 0.0}]
+    masks = [manifest_mask(tmp_path, study.images[0].mask_path) for study in studies]
+    assert masks[0].array().sum() == 16 and not masks[1].array(shape=(4, 4)).any()
+    assert masks[2] is None   # blank: no mask, not an empty one
 
 
 # ---------------------------------------------------------------------------------- linear probe

@@ -77,11 +77,6 @@ class ImpressionDecoder(nn.Module):
     def branch_parameters(self, branch: str) -> Iterator[nn.Parameter]:
         return (parameter for _, parameter in self.named_branch_parameters(branch))
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Everything both branches use: embeddings, self-attention, FFN, output head."""
-        owned = {id(p) for branch in BRANCHES for p in self.branch_parameters(branch)}
-        return (p for p in self.parameters() if id(p) not in owned)
-
     def forward(
         self, input_ids: Tensor, input_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str
     ) -> Tensor:
