@@ -147,7 +147,9 @@ class RoundExchange:
 
 
 class Federation:
-    """One run: resume or start, then rounds until `federation.rounds`."""
+    """One run: resume or start, then rounds until `federation.rounds`. A round waits for the sites, asks those the
+    strategy's turn names (`exchange`, or SecAgg+'s workflow), lets the trust boundary check the replies, has the
+    strategy combine them (or central DP in its place), then checkpoints and records the round."""
 
     def __init__(self, grid: Grid, cfg: DictConfig, flwr_run_id: int | None = None):
         check_supported(cfg)

@@ -1,9 +1,11 @@
 """Site-level DP-FedAvg at the coordinator with Flower's fixed-clipping primitives (privacy=central_dp), and its
 accountant.
 
-Flower's `DifferentialPrivacyServerSideFixedClipping` wraps a Flower `Strategy`; this ServerApp runs its own
-push/pull loop (refusals, validation, checkpoints), so it applies the same mechanism directly (McMahan et al.
-2018): each round every connected site is asked with probability `site_fraction` (Poisson, secret coins); each
+Flower's `DifferentialPrivacyServerSideFixedClipping` wraps a Flower `Strategy` and works on the round's Messages
+in `aggregate_train`, with a fixed number of sampled sites and NumPy's global generator for the noise; here the
+updates are the trust boundary's checked ones (server/trust_boundary.py), sites are Poisson-sampled and the noise
+comes from the OS's entropy, so the ServerApp applies the same mechanism directly in the strategy's place (McMahan
+et al. 2018): each round every connected site is asked with probability `site_fraction` (Poisson, secret coins); each
 accepted site's update (its parameters minus the global ones) is clipped to L2 norm `clipping_norm` over all
 floating shared arrays; Gaussian noise of std `noise_multiplier * clipping_norm` is added to their sum, and the sum
 is divided by the expected number of sites, `site_fraction * connected sites` (at a fraction of 1, the sites that

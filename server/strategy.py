@@ -27,6 +27,7 @@ from flwr.serverapp import strategy as flwr
 
 from server.aggregation import (ROBUST_QUORUM, Params, ServerOptimizer, Update, coordinate_median, trimmed_mean,
                                 weighted_mean)
+from shared_models.privacy_config import ONE_SITE_PER_ROUND
 from shared_models.transfer import contiguous
 
 WEIGHT_KEY = "examples"   # the metric a site's reply weights by (client/app.py)
@@ -35,9 +36,13 @@ WEIGHT_KEY = "examples"   # the metric a site's reply weights by (client/app.py)
 class ProjectRule:
     """The hook the ServerApp calls and what it reads from a rule; mixed in before the Flower class."""
 
-    name: str                      # the `federation.strategy` value
-    quorum = 1                     # the fewest accepted updates the rule can combine as meant
-    one_site_per_round = False     # cyclic weight transfer asks one site per round (server/rounds.py)
+    name: str          # the `federation.strategy` value
+    quorum = 1         # the fewest accepted updates the rule can combine as meant
+
+    @property
+    def one_site_per_round(self) -> bool:
+        """Cyclic weight transfer: one site asked per round (server/rounds.py), its update the model."""
+        return self.name in ONE_SITE_PER_ROUND
 
     def combine(self, updates: list[Update]) -> Params:
         return weighted_mean(updates)
@@ -91,7 +96,6 @@ class Cyclic(FedAvg):
     FedXgbCyclic is the same idea for XGBoost trees, not arrays."""
 
     name = "cyclic"
-    one_site_per_round = True
 
 
 class FedMedian(ProjectRule, flwr.FedMedian):
