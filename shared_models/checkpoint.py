@@ -124,7 +124,7 @@ def read_hashed_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[s
         header_length = int.from_bytes(data[:8], "little")
         notes = json.loads(data[8:8 + header_length]).get("__metadata__") or {}
         arrays = load_numpy_tensors(data)
-    except (ValueError, SafetensorError) as error:
+    except (ValueError, AttributeError, SafetensorError) as error:   # a header that is no JSON object, or torn
         raise CheckpointError(f"{path} is not a readable safetensors file ({error}): it is truncated or altered") from error
     expected = notes.get(HASH_KEY)
     if expected is not None and sha256(save_numpy_tensors(arrays)) != expected:
