@@ -7,7 +7,8 @@ import torch
 
 from benchmarks.common import (all_terms_step, build, interleaved, median_seconds, ratio_to, synthetic_samples,
                                train_step)
-from client.privacy.clipping import ClipNorms, clipped_gradient_sum, per_study_method, trainable_parameters
+from client.privacy.clipped_sum import clipped_gradient_sum, per_study_method, trainable_parameters
+from client.privacy.clipping import ClipNorms
 from client.privacy.training import noisy_gradient
 from shared_models.batch import collate
 

@@ -148,7 +148,8 @@ class StepStrategy(Protocol):
     without one), whose gradient the step adds."""
 
     def bind(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, settings: TrainSettings,
-             device: torch.device, proximal: Callable[[], torch.Tensor] | None) -> contextlib.AbstractContextManager[TakeStep]: ...
+             device: torch.device, proximal: Callable[[], torch.Tensor] | None,
+             ) -> contextlib.AbstractContextManager[TakeStep]: ...
 
 
 def train_steps(

@@ -138,7 +138,7 @@ class TextEncoder(nn.Module):
     ) -> TextFeatures:
         # The additive [B, 1, 1, L] mask is what transformers would build from the 2D one; built here, it spares
         # transformers' check of whether any token is padded, a data-dependent branch torch.func.vmap refuses
-        # (DP-SGD's per-study gradients, client/privacy/clipping.py).
+        # (DP-SGD's per-study gradients, client/privacy/clipped_sum.py).
         dtype = self.model.get_input_embeddings().weight.dtype
         additive_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         out = self.model(input_ids=input_ids, attention_mask=additive_mask, output_attentions=True)

@@ -172,7 +172,7 @@ def dp_model():
 
 
 def dp_sum(model, samples, clip, per_study, group_counts=None):
-    from client.privacy.clipping import clipped_gradient_sum
+    from client.privacy.clipped_sum import clipped_gradient_sum
     collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=48)
     summed = clipped_gradient_sum(model, samples, collate_fn, 0, clip, coupled_scale=DP_BATCH, per_study=per_study,
                                   group_counts=group_counts)

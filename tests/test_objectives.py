@@ -453,7 +453,8 @@ def test_every_objective_module_registers_its_terms_config_section_and_coupling(
 
 
 def test_a_registered_coupled_term_changes_dp_clipping_without_editing_it(toy_objective):
-    from client.privacy.clipping import ClipNorms, clipped_gradient_sum, split_terms
+    from client.privacy.clipped_sum import clipped_gradient_sum
+    from client.privacy.clipping import ClipNorms, split_terms
     from shared_models.objectives.registry import unregister_objective
 
     assert split_terms({toy_objective, "tag"}, 4) == ({toy_objective}, {"tag"})

@@ -27,8 +27,8 @@ from client.privacy import (
     require_group_norm,
     validate_privacy_config,
 )
-from client.privacy.clipping import (loop_workers, only_terms, per_study_gradients, per_study_method,
-                                     trainable_parameters)
+from client.privacy.clipped_sum import (loop_workers, only_terms, per_study_gradients, per_study_method,
+                                        trainable_parameters)
 from client.privacy.sampling import secret_generator
 from client.privacy.training import noisy_gradient
 from client.trainer import TrainSettings

@@ -1,12 +1,7 @@
 """Differential privacy at the site: patient-level DP-SGD, its accountant and ledger, and the privacy config rules."""
 from client.privacy.accountant import epsilon_spent, noise_for_target
-from client.privacy.clipping import (
-    COUPLED_TERMS,
-    ClipNorms,
-    PrivacyError,
-    clipped_gradient_sum,
-    require_group_norm,
-)
+from client.privacy.clipped_sum import clipped_gradient_sum
+from client.privacy.clipping import COUPLED_TERMS, ClipNorms, PrivacyError, require_group_norm
 from client.privacy.ledger import BudgetExceeded, PrivacyLedger, PrivacySpend
 from client.privacy.sampling import PatientSampler
 from client.privacy.settings import validate_privacy_config

@@ -12,15 +12,8 @@ from torch.utils.data import Dataset
 
 from client import distributed
 from client.privacy.accountant import ACCOUNTANTS, noise_for_target
-from client.privacy.clipping import (
-    ClippedSum,
-    ClipNorms,
-    PrivacyError,
-    check_per_study,
-    clipped_gradient_sum,
-    require_group_norm,
-    trainable_parameters,
-)
+from client.privacy.clipped_sum import check_per_study, clipped_gradient_sum, trainable_parameters
+from client.privacy.clipping import ClippedSum, ClipNorms, PrivacyError, require_group_norm
 from client.privacy.ledger import Charge, PrivacyLedger
 from client.privacy.sampling import PatientSampler, secret_generator, secret_global_rng
 from client.site import effective_caps
