@@ -26,15 +26,21 @@ CONNECTION = "fedcxr-simulation"
 
 @dataclass(frozen=True)
 class ClientResources:
-    """What Ray gives each virtual site; sites beyond what fits wait their turn."""
+    """What Ray gives each virtual site; sites beyond what fits wait their turn.
+
+    `concurrent_sites`: how many sites train at once. Ray hands out whole CPUs, so to run 3 one-thread sites
+    at once on 2 cores it is told the machine has 3 (`init-args-num-cpus`); the OS then time-shares the cores.
+    None: Ray counts the machine's own cores."""
 
     num_cpus: int
     num_gpus: float
+    concurrent_sites: int | None = None
 
     @classmethod
-    def from_machine(cls, num_cpus: int | None = None, num_gpus: float | None = None) -> "ClientResources":
-        """One site per GPU at a time where there are GPUs; on CPU one site at a time with every core
-        (several sites sharing the same cores only add contention)."""
+    def from_machine(cls, num_cpus: int | None = None, num_gpus: float | None = None,
+                     concurrent_sites: int | None = None) -> "ClientResources":
+        """One site per GPU at a time where there are GPUs; on CPU one site at a time with every core unless
+        `num_cpus` / `concurrent_sites` say otherwise."""
         import torch
 
         gpus = torch.cuda.device_count()
@@ -43,7 +49,17 @@ class ClientResources:
             num_gpus = 1.0 if gpus else 0.0
         if num_cpus is None:
             num_cpus = max(1, cpus // max(1, gpus))
-        return cls(int(num_cpus), float(num_gpus))
+        if concurrent_sites is not None and int(concurrent_sites) < 1:
+            raise ValueError(f"client_resources.concurrent_sites must be at least 1, got {concurrent_sites}")
+        return cls(int(num_cpus), float(num_gpus), None if concurrent_sites is None else int(concurrent_sites))
+
+    def federation_config(self, sites: int) -> str:
+        """`flwr run --federation-config` for `sites` virtual SuperNodes with these resources."""
+        config = (f"num-supernodes={sites} client-resources-num-cpus={self.num_cpus} "
+                  f"client-resources-num-gpus={self.num_gpus}")
+        if self.concurrent_sites is not None:
+            config += f" init-args-num-cpus={self.num_cpus * self.concurrent_sites}"
+        return config
 
 
 def free_port() -> int:
@@ -213,8 +229,7 @@ class LocalSimulation:
         run_config.write_text(f"overrides = {json.dumps(shlex.join(overrides))}\n")
         started = json.loads(self.flwr(
             "run", str(app), CONNECTION, "--run-config", str(run_config), "--format", "json",
-            "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={resources.num_cpus} "
-                                   f"client-resources-num-gpus={resources.num_gpus}"))
+            "--federation-config", resources.federation_config(sites)))
         run_id = str(started["run-id"])
         deadline, next_ask = time.monotonic() + timeout_s, time.monotonic() + 20
         ended_at = None

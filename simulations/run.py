@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from client.data.catalog import open_catalog, usable_studies
 from server.rounds import schedule_trainer, total_local_steps
 from shared_models.config import compose, hydra_entry
-from shared_models.model import schedule_notice, terms_never_trained
+from shared_models.model import schedule_notice, term_start_steps, terms_never_trained
 from simulations.data import PreparedData, prepare_data
 from simulations.flower import ClientResources, LocalSimulation, stage_app
 from simulations.partition import Site, composition, composition_markdown, partition, save_partition
@@ -188,12 +188,26 @@ def pooled_dataset(cfg: DictConfig, data: PreparedData, sites: list[Site]):
     return dataset
 
 
+def centralized_steps(cfg: DictConfig, sites: int) -> int:
+    """The centralized baseline's optimizer steps (`centralized_steps`): `all_sites` (default) every site's local
+    steps, the examples the federation saw; `one_model` rounds x local steps, the steps the global model takes
+    (under FedAvg a third of the examples for 3 sites, a third of the time); or a number."""
+    choice = cfg.get("centralized_steps") or "all_sites"
+    if choice == "all_sites":
+        return total_local_steps(cfg.federation, sites)
+    if choice == "one_model":
+        return int(cfg.federation.rounds) * int(cfg.federation.local_steps)
+    if isinstance(choice, int) and choice > 0:
+        return choice
+    raise ValueError(f"centralized_steps={choice!r}: give all_sites, one_model or a positive number of steps")
+
+
 def train_centralized_baseline(cfg: DictConfig, folder: Path, data: PreparedData, sites: list[Site]) -> tuple[Path, dict]:
-    """The centralized model with the federation's total local steps, batch size and learning rate."""
+    """The centralized model with `centralized_steps`, the federation's batch size and learning rate."""
     from simulations.centralized import train_centralized
 
     fed = cfg.federation
-    steps = total_local_steps(fed, len(sites))
+    steps = centralized_steps(cfg, len(sites))
     central = cfg.copy()
     central.train.batch_size, central.train.lr = int(fed.batch_size), float(fed.lr)
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,7 +220,7 @@ def schedule_comparison(cfg: DictConfig, sites: int) -> dict:
     continues its local steps over the rounds, the centralized baseline takes all sites' steps in one run."""
     per_site = int(cfg.federation.rounds) * int(cfg.federation.local_steps)
     arms = {"federated": per_site,
-            **({"centralized": total_local_steps(cfg.federation, sites)} if cfg.compare_centralized else {})}
+            **({"centralized": centralized_steps(cfg, sites)} if cfg.compare_centralized else {})}
     return {arm: {"steps": steps, "terms_never_trained": terms_never_trained(cfg.objective, steps)}
             for arm, steps in arms.items()}
 
@@ -264,7 +278,8 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     print(f"\n{len(sites)} sites ({cfg.partition.strategy}), patient-disjoint, none in the evaluation splits:\n"
           + composition_markdown(table) + "\n", flush=True)
 
-    resources = ClientResources.from_machine(cfg.client_resources.num_cpus, cfg.client_resources.num_gpus)
+    resources = ClientResources.from_machine(cfg.client_resources.num_cpus, cfg.client_resources.num_gpus,
+                                             cfg.client_resources.get("concurrent_sites"))
     site_dir = write_site_files(run_dir / "sites", sites, cfg, data, resources)
     run_name = run_dir.name   # the server's run folder <output_dir>/<run_name>/ is this run directory
     forced = {"federation.site_dir": str(site_dir),
@@ -298,7 +313,9 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         if notice:
             print(f"NOTICE: {notice}", flush=True)
     print(f"federation: {cfg.federation.rounds} rounds x {cfg.federation.local_steps} local steps on {len(sites)} "
-          f"virtual sites ({resources.num_cpus} CPU, {resources.num_gpus:g} GPU each), Flower simulation runtime", flush=True)
+          f"virtual sites ({resources.num_cpus} CPU, {resources.num_gpus:g} GPU each"
+          + (f", {resources.concurrent_sites} at once" if resources.concurrent_sites else "")
+          + "), Flower simulation runtime", flush=True)
     app = stage_app(run_dir / "flower" / "app")
     timeout_s = float("inf") if cfg.timeout_s is None else float(cfg.timeout_s)
     with LocalSimulation(run_dir / "flower") as simulation:
@@ -351,6 +368,8 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         "central_epsilon": next((r["global"]["central_epsilon"] for r in reversed(rounds)
                                  if "central_epsilon" in r["global"]), None),
         "schedule": schedule,
+        # each weighted term's first step in each arm, its fractions resolved against that arm's steps
+        "term_starts": {arm: term_start_steps(cfg.objective, entry["steps"]) for arm, entry in schedule.items()},
         "flower": {"run_id": record.get("run-id"), "status": record["status"], "client_resources": vars(resources)},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

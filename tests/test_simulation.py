@@ -22,7 +22,8 @@ def simulation(tmp_path_factory):
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
                "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", "probe.max_iter=20",
-               "federation.strategy=fedavg",   # every site in every round (the default's cyclic asks one per round)
+               "federation.strategy=fedavg",   # every site in every round (cyclic would ask one per round)
+               "centralized_steps=all_sites",  # the baseline takes every site's steps (the default: one model's)
                "objective.schedule.stage2_step=1000", "objective.schedule.warmup_steps=200"]  # absolute: the notice
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
@@ -294,3 +295,63 @@ def test_resume_command_keeps_the_runs_overrides_and_folder(tmp_path):
     assert notice.startswith(f"stopped by SIGINT: rounds 1, 2 of 5 are checkpointed in {tmp_path / 'checkpoints'}")
     assert notice.endswith(f"resume with: python -m simulations.run data=manifest hydra.run.dir={tmp_path} "
                            "federation.resume=true")
+
+
+def test_report_shows_each_terms_curve_and_start_the_bytes_each_way_and_each_seed(tmp_path):
+    from simulations.report import aggregate_terms, write_report
+
+    def site(examples: float, loss: float, **terms) -> dict:
+        return {"examples": examples, "loss": loss, "seconds": 2.0, "steps": 5.0, "setup_s": 0.5, **terms}
+
+    rounds = [{"round": 1, "sites": {"site_0": site(16, 3.0, global_=1.0), "site_1": site(48, 2.0, global_=2.0)},
+               "global": {"loss": 2.25, "seconds": 4.0, "bytes_sent": 2_000_000, "bytes_received": 1_000_000}},
+              {"round": 2, "sites": {"site_0": site(16, 1.0, global_=0.5, seg=0.3), "site_1": site(48, 1.0, global_=0.5)},
+               "global": {"loss": 1.0, "seconds": 4.0, "bytes_sent": 2_000_000, "bytes_received": 1_000_000}}]
+    # examples-weighted over the sites that trained the term: 16 x 1.0 + 48 x 2.0 over 64; seg only at site_0
+    curves = aggregate_terms(rounds)
+    assert curves["global_"] == [(1, 1.75), (2, 0.5)] and curves["seg"] == [(2, 0.3)]
+    assert "setup_s" not in curves and "examples" not in curves
+    probe = {"0.1": {"mean_auc": {"mean": 0.65, "std": 0.01, "per_seed": [0.64, 0.65, 0.66]}}}
+    summary = {"config": {"seeds": 3, "partition": {"strategy": "scanner"}, "model": {"name": "tiny_cnn"},
+                          "objective": {"name": "hybrid"},
+                          "federation": {"rounds": 2, "local_steps": 5, "strategy": "fedavg"}},
+               "sites": {"site_0": {}, "site_1": {}}, "rounds": rounds,
+               "final": {"federated": {"linear_probe": probe},
+                         "centralized": {"linear_probe": probe, "training": {
+                             "steps": 20, "loss_start": {"global_": 2.0}, "loss_end": {"global_": 0.4, "seg": 0.2}}}},
+               "wall_s": 9.0, "bytes_sent": 6_000_000, "bytes": {"to_sites": 4_000_000, "to_server": 2_000_000},
+               "epsilon": {},
+               "schedule": {"federated": {"steps": 10, "terms_never_trained": {}},
+                            "centralized": {"steps": 20, "terms_never_trained": {}}},
+               "term_starts": {"federated": {"global_": 0, "seg": 2, "token": 4},
+                               "centralized": {"global_": 0, "seg": 4, "token": 8}}}
+    report = write_report(tmp_path, summary, "| site_0 |").read_text()
+    assert (tmp_path / "loss_per_term.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| global_ | 0 | yes | 0 | yes |" in report and "| seg | 2 | yes | 4 | yes |" in report
+    assert "| token | 4 | **no** | 8 | **no** |" in report   # no loss recorded: the report says it never trained
+    assert "| 1 | 2 | - | 2.2500 | 4.0 | 2.00 | 1.00 |" in report
+    assert "4.0 MB to the sites, 2.0 MB back (2.00 and 1.00 MB per round)" in report
+    assert "| site_1 | 2 | 96 | 2.0 | 2.0000 | 1.0000 |" in report
+    assert "| federated | 0.640 | 0.650 | 0.660 |" in report and "## Sites (the partition)\n\n| site_0 |" in report
+
+
+def test_concurrent_sites_tell_ray_how_many_cpus_to_hand_out_and_the_baseline_steps_follow_the_choice():
+    from omegaconf import OmegaConf
+
+    from simulations.flower import ClientResources
+    from simulations.run import centralized_steps
+
+    # Ray hands out whole CPUs: 3 one-CPU sites at once on any machine means telling Ray it has 3
+    assert ClientResources.from_machine(1, 0, 3).federation_config(3) == \
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 init-args-num-cpus=3"
+    assert "init-args" not in ClientResources.from_machine(2, 0).federation_config(3)
+    with pytest.raises(ValueError, match="concurrent_sites must be at least 1"):
+        ClientResources.from_machine(1, 0, 0)
+    fed = {"rounds": 10, "local_steps": 20, "strategy": "fedavg"}
+    assert centralized_steps(OmegaConf.create({"federation": fed}), 3) == 600   # unset: every site's steps
+    assert centralized_steps(OmegaConf.create({"federation": fed, "centralized_steps": "one_model"}), 3) == 200
+    assert centralized_steps(OmegaConf.create({"federation": fed, "centralized_steps": 50}), 3) == 50
+    assert centralized_steps(OmegaConf.create({"federation": {**fed, "strategy": "cyclic"},
+                                               "centralized_steps": "all_sites"}), 3) == 200
+    with pytest.raises(ValueError, match="all_sites, one_model or a positive number"):
+        centralized_steps(OmegaConf.create({"federation": fed, "centralized_steps": "half"}), 3)
