@@ -91,6 +91,8 @@ def hardware(body: dict) -> list[str]:
         lines += ["The ratio as a product: share of the step in forward + backward x share of that in matmul/conv "
                   "kernels x those kernels' FLOP/s over the large matmul's:", ""]
         lines += table(list(factors), [list(factors.values())])
+    for body in (body.get("models") or {}).values():   # the same figures for the other models measured
+        lines += ["", *hardware(body)]
     return lines
 
 

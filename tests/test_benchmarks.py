@@ -159,3 +159,15 @@ def test_objectives_time_is_the_forward_the_encoders_leave_over_within_each_repe
     assert separate == pytest.approx(0.3)
     with pytest.raises(ValueError):
         objectives_seconds([1.0], [])
+
+
+def test_hardware_report_shows_each_measured_model():
+    from benchmarks.report import RENDERERS
+
+    def body(model: str, ratio: float) -> dict:
+        return {"model": model, "objective": "hybrid", "batch_size": 8, "image_size": 128, "device": "cpu",
+                "matmul_size": 2048, "train_flops_per_s": 1.0e9, "matmul_flops_per_s": 4.0e9, "ratio": ratio}
+
+    lines = "\n".join(RENDERERS["hardware"]({**body("resnet50_bert", 0.71), "models": {"tiny_cnn": body("tiny_cnn", 0.25)}}))
+    assert "`resnet50_bert` / `hybrid`" in lines and "`tiny_cnn` / `hybrid`" in lines
+    assert lines.index("`resnet50_bert`") < lines.index("`tiny_cnn`") and "0.25" in lines
