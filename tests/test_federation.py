@@ -3,6 +3,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from shared_models.checkpoint import checkpoint_fingerprints, load_checkpoint
 from shared_models.config import compose
 from shared_models.sharing import shared_parameter_names, sharing_settings
 from simulations.deployment import Deployment
-from simulations.flower import PROJECT_ROOT, free_port
+from simulations.flower import PROJECT_ROOT, descendants, free_port
 
 from helpers.deployment import deploy, needs_flwr, phantom_sites
 
@@ -29,8 +30,9 @@ pytestmark = needs_flwr
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    unregistered = dict(phantom_sites(tmp_path_factory)["A"], max_retries=1, restart_delays_s=[0.5])  # a key, never registered
-    with deploy(tmp_path_factory, "federation", extra_sites={"C": unregistered}, unregistered=["C"]) as dep:
+    # C has a key and a site file, and is never registered
+    site_c = dict(phantom_sites(tmp_path_factory)["A"], max_retries=1, restart_delays_s=[0.5])
+    with deploy(tmp_path_factory, "federation", extra_sites={"C": site_c}, unregistered=["C"], database=False) as dep:
         yield dep
 
 
@@ -177,10 +179,42 @@ def test_client_run_explains_missing_files_and_unreachable_superlink(deployment,
     assert done.returncode == 2 and "unreachable" in done.stderr
 
 
-def test_resume_continues_at_the_next_round(deployment, first_run):
-    assert first_run["status"] == "finished:completed"
+@pytest.fixture(scope="module")
+def resumed_run(deployment, first_run):
+    """Run e2e resumed for a third round, with `nproc: 2` in site A's file for that round: A's ClientApp trains it on
+    a worker group of 2 processes (client.distributed.run). The spawned workers seen below A's `client/run.py`
+    meanwhile are recorded under "workers"; the file is put back afterwards (the other tests' rounds use 1)."""
+    site_file = deployment.site_file("A")
+    clean = site_file.read_text()
+    site_file.write_text(yaml.safe_dump({**yaml.safe_load(clean), "nproc": 2}))
+    workers, finished = set(), threading.Event()
+
+    def watch_site_a():  # a spawned worker runs `python -c "from multiprocessing.spawn import spawn_main; ..."`
+        while not finished.is_set():
+            for pid in descendants(deployment.sites["A"].pid):
+                try:
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        workers.add(pid)
+                except OSError:
+                    pass
+            finished.wait(0.5)
+
+    watcher = threading.Thread(target=watch_site_a, daemon=True)
+    watcher.start()
     overrides = first_run["overrides"].replace("federation.rounds=2", "federation.rounds=3") + " federation.resume=true"
-    resumed = deployment.run(overrides)
+    try:
+        run = deployment.run(overrides)
+    finally:
+        finished.set()
+        watcher.join(timeout=30)
+        site_file.write_text(clean)
+    run["workers"] = workers
+    return run
+
+
+def test_resume_continues_at_the_next_round(deployment, first_run, resumed_run):
+    assert first_run["status"] == "finished:completed"
+    resumed = resumed_run
     assert resumed["status"] == "finished:completed", resumed["logs"]
     run_dir = deployment.folder / "runs" / "e2e"
     metas = {r: json.loads((run_dir / "checkpoints" / f"round_{r:04d}" / "meta.json").read_text()) for r in (1, 2, 3)}
@@ -188,6 +222,20 @@ def test_resume_continues_at_the_next_round(deployment, first_run):
     rounds = [r["round"] for r in Registry(deployment.folder / "runs" / "registry.sqlite").describe("e2e")["rounds"]]
     assert rounds == [1, 2, 3]
     assert "resuming run e2e after its last complete round 2" in resumed["logs"]
+
+
+def test_a_site_with_nproc_2_trains_its_round_on_two_processes_and_the_update_is_accepted(deployment, resumed_run):
+    """`python client/run.py --site A` with `nproc: 2` in A's site file (docs/scale.md, "With Flower")."""
+    assert resumed_run["status"] == "finished:completed", resumed_run["logs"]
+    assert len(resumed_run["workers"]) == 2, (resumed_run["workers"], deployment.site_log("A")[-3000:])
+    shown = Registry(deployment.folder / "runs" / "registry.sqlite").describe("e2e")
+    assert [(r["round"], r["sites_asked"], r["sites_accepted"]) for r in shown["rounds"]][-1] == (3, 2, 2)
+    assert shown["rejections"] == [] and (3, "A") in {(m["round"], m["site"]) for m in shown["site_metrics"]}
+    outgoing = Path(site_config(deployment, "A")["state_dir"]) / "outgoing.jsonl"
+    entry = json.loads(outgoing.read_text().splitlines()[-1])
+    assert entry["type"] == "train" and entry["error"] is None   # rank 0's reply, as a 1-process round's
+    assert entry["records"]["metrics"]["values"]["steps"] == 2.0
+    assert "nproc" not in site_config(deployment, "A"), "the other rounds train on one process"
 
 
 def test_secagg_round_in_deployment_leaves_the_sites_only_masked(deployment):

@@ -17,10 +17,15 @@ def phantom_sites(tmp_path_factory) -> dict[str, dict]:
     return phantom_site_fields(tmp_path_factory.getbasetemp() / "federation_phantom")
 
 
-def deploy(tmp_path_factory, name: str, app: Path | None = None, extra_sites: dict[str, dict] | None = None,
-           unregistered: list[str] = ()) -> Deployment:
+def deploy(tmp_path_factory, name: str, app=None, extra_sites: dict[str, dict] | None = None,
+           unregistered: list[str] = (), database: bool = True) -> Deployment:
     """A `Deployment` of the registered sites A and B (plus `extra_sites`, e.g. an `unregistered` one) in a new
-    folder `name`; use it as a context manager (it starts on enter and stops every process on exit)."""
+    folder `name`; `app` is a bundle or a function of the folder that stages one. Use it as a context manager (it
+    starts on enter and stops every process on exit).
+
+    `database=False` keeps the SuperLink's state in memory: only a test that restarts the SuperLink needs the
+    file. On a loaded machine the file's SQLite lock times out now and then, and the SuperExec that starts the
+    ServerApps exits on that error, so every later run of the deployment would wait for nothing."""
     folder = tmp_path_factory.mktemp(name)
-    return Deployment(folder, ["A", "B"], app=app(folder) if callable(app) else app,
+    return Deployment(folder, ["A", "B"], app=app(folder) if callable(app) else app, database=database,
                       site_fields={**phantom_sites(tmp_path_factory), **(extra_sites or {})}, unregistered=unregistered)
