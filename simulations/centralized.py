@@ -105,6 +105,8 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
         "loss_end": result.loss_end,
         "images": len(dataset),
         "terms_never_trained": terms_never_trained(cfg.objective, settings.total_steps),
+        # every step's loss terms: the simulation report's per-term curves of the baseline
+        "loss_history": [{k: round(v, 5) for k, v in row.items() if k != "lr"} for row in result.history],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

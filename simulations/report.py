@@ -83,12 +83,11 @@ def centralized_curves(training: dict | None) -> dict[str, list[tuple[float, flo
     training = training or {}
     steps = max(1, int(training.get("steps") or 1))
     curves: dict[str, list[tuple[float, float]]] = {}
-    history = training.get("history")
+    history = training.get("loss_history")
     if history:
         for i, row in enumerate(history):
             for term, value in row.items():
-                if term != "lr":
-                    curves.setdefault(term, []).append(((i + 1) / steps, float(value)))
+                curves.setdefault(term, []).append(((i + 1) / steps, float(value)))
         return curves
     for share, window in ((0.0, training.get("loss_start") or {}), (1.0, training.get("loss_end") or {})):
         for term, value in window.items():

@@ -355,3 +355,14 @@ def test_concurrent_sites_tell_ray_how_many_cpus_to_hand_out_and_the_baseline_st
                                                "centralized_steps": "all_sites"}), 3) == 200
     with pytest.raises(ValueError, match="all_sites, one_model or a positive number"):
         centralized_steps(OmegaConf.create({"federation": fed, "centralized_steps": "half"}), 3)
+
+
+def test_the_baselines_curves_come_from_its_step_history_where_it_kept_one():
+    from simulations.report import centralized_curves
+
+    history = [{"loss": 3.0, "global": 1.0}, {"loss": 2.0, "global": 0.8, "token": 0.5}]
+    assert centralized_curves({"steps": 2, "loss_history": history}) == {
+        "loss": [(0.5, 3.0), (1.0, 2.0)], "global": [(0.5, 1.0), (1.0, 0.8)], "token": [(1.0, 0.5)]}
+    # without it, the means of the first and last steps the summary records
+    assert centralized_curves({"steps": 2, "loss_start": {"global": 1.0}, "loss_end": {"global": 0.8}}) == {
+        "global": [(0.0, 1.0), (1.0, 0.8)]}
