@@ -37,12 +37,14 @@ def iu_reports_tgz() -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_200(tmp_path_factory) -> tuple[Path, str, Path]:
-    """A 200-study phantom generated and indexed once per test session: (root, catalog path, cache dir)."""
+    """The helpers.data.PHANTOM_200 phantom generated and indexed once per test session: (root, catalog path, cache
+    dir). A test that composes a config over it adds PHANTOM_200 and cache_dir=<root's grandparent>."""
+    from helpers.data import PHANTOM_200
     from shared_models.config import compose
     from simulations.data import prepare_data
 
     base = tmp_path_factory.mktemp("phantom_200")
-    data = prepare_data(compose(["data=phantom", "data.studies=200", f"cache_dir={base}"]).data)
+    data = prepare_data(compose([*PHANTOM_200, f"cache_dir={base}"]).data)
     return data.root, data.catalog, data.cache
 
 
@@ -51,6 +53,10 @@ def phantom_200(tmp_path_factory) -> tuple[Path, str, Path]:
 E2E_MODULES = {"test_federation", "test_faults", "test_secagg", "test_simulation", "test_privacy_simulation",
                "test_privacy_sweep", "test_real_collections", "test_provision", "test_benchmarks",
                "test_site_supervisor", "test_distributed", "test_privacy_audit"}
+# End-to-end tests in unit modules: the trainer's smoke test draws and indexes the 200-study phantom, trains the
+# whole hybrid objective for 100 steps and measures retrieval: a training run end to end, and the longest test
+# outside the modules above.
+E2E_TESTS = {"tests/test_trainer.py::test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval"}
 
 
 def pytest_configure(config):
@@ -60,7 +66,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("e2e") is None and item.module.__name__.rsplit(".", 1)[-1] in E2E_MODULES:
+        if item.get_closest_marker("e2e") is None and (item.module.__name__.rsplit(".", 1)[-1] in E2E_MODULES
+                                                       or item.nodeid in E2E_TESTS):
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") is None:
             item.add_marker(pytest.mark.unit)

@@ -75,13 +75,14 @@ def test_relinkage_maths_on_constructed_embeddings_with_known_answers():
 def test_a_tiny_relinkage_audit_trains_each_arm_and_writes_its_table(phantom_200, tmp_path):
     from pathlib import Path
 
+    from helpers.data import PHANTOM_200
     from simulations.privacy_audit import chosen_audits
     from simulations.relinkage_audit import run_relinkage
 
     root = Path(phantom_200[0])
     cfg = OmegaConf.create({
         "audits": ["relinkage"], "delta": 1e-5, "confidence": 0.95,
-        "relinkage": {"overrides": ["data=phantom", "data.studies=200", f"cache_dir={root.parent.parent}",
+        "relinkage": {"overrides": [*PHANTOM_200, f"cache_dir={root.parent.parent}",
                                     "model=tiny_cnn", "objective=clip", "model.projection_head=linear",
                                     "model.image.norm=group"],
                       "members": 3, "nonmembers": 6, "steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
