@@ -116,6 +116,8 @@ class Deployment:
                         FEDCXR_STATE=str(self.folder),
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.superlink: subprocess.Popen | None = None
+        self.superexec: tuple[int, list[str]] | None = None  # the SuperLink's SuperExec: PID, command line
+        self.revived: list[subprocess.Popen] = []           # SuperExecs started again here (see revive_superexec)
         self.sites: dict[str, subprocess.Popen] = {}
         self.site_files: dict[str, Path] = {}
         self._activations: dict[str, int] = {}
@@ -150,6 +152,31 @@ class Deployment:
         self.superlink = self._start(["sh", str(self.coordinator / "start_superlink.sh"),
                                       *([] if self.database else ["--database", ":flwr-in-memory:"])], "superlink")
         wait_until_listening(self.superlink, self.port, self.folder / "superlink.log", timeout_s)
+        self.superexec = None
+
+    def revive_superexec(self) -> None:
+        """Start the SuperLink's SuperExec again, with its own command line, if it has died under a living SuperLink.
+
+        The SuperLink starts one SuperExec, which starts every ServerApp, and never restarts it. On a loaded machine
+        the SuperLink's SQLite state sometimes answers "database is locked" (a 5 s lock timeout) to its
+        AcquireTask, and the SuperExec exits on that error: every later run would wait for a ServerApp forever."""
+        if self.superlink is None or self.superlink.poll() is not None:
+            return
+        if self.superexec is None or not _alive([self.superexec[0]]):
+            for pid in descendants(self.superlink.pid) + [p.pid for p in self.revived]:
+                try:
+                    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+                except OSError:
+                    continue
+                if _alive([pid]) and any(Path(a).name == "flower-superexec" for a in argv[:2]):
+                    self.superexec = (pid, argv)
+                    return
+        if self.superexec is not None and not _alive([self.superexec[0]]):
+            with open(self.folder / "superlink.log", "a") as log:
+                log.write(f"fedcxr deployment: the SuperExec (PID {self.superexec[0]}) exited; starting it again\n")
+            revived = self._start(self.superexec[1], "superexec")
+            self.revived.append(revived)
+            self.superexec = (revived.pid, self.superexec[1])
 
     def site_file(self, name: str) -> Path:
         """Write site `name`'s file (once) and return its path."""
@@ -195,7 +222,7 @@ class Deployment:
         self.superlink.wait()
 
     def stop(self) -> None:
-        for proc in [*self.sites.values(), self.superlink]:
+        for proc in [*self.sites.values(), self.superlink, *self.revived]:
             if proc is not None:
                 stop_tree(proc)
         for pid in self._strays():  # an app whose SuperExec died is re-parented to init: find it by its address
@@ -229,6 +256,7 @@ class Deployment:
 
     def submit(self, overrides: str) -> str:
         """`flwr run` the app with these Hydra overrides; returns Flower's run id."""
+        self.revive_superexec()
         done = self.flwr("run", str(self.app), CONNECTION, "--run-config", f"overrides={json.dumps(overrides)}",
                          "--format", "json")
         return str(json.loads(done.stdout)["run-id"])
@@ -255,6 +283,7 @@ class Deployment:
         without them, every 2 s."""
         deadline, asked = time.monotonic() + timeout_s, 0.0
         while time.monotonic() < deadline:
+            self.revive_superexec()
             ended = _recorded_end(overrides, run_id)
             if ended or time.monotonic() - asked > (2 if ended is None else 20):
                 asked = time.monotonic()
