@@ -28,7 +28,6 @@ TESTS = Path(__file__).resolve().parent
 ROUND_TIMEOUT_S = 240
 BASE = (f"federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.1 federation.min_sites=1 "
         f"federation.round_timeout_s={ROUND_TIMEOUT_S}")
-deployed = needs_flwr
 
 
 def _faulty_app(target: Path) -> Path:
@@ -64,7 +63,7 @@ def _wait_until(condition, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@deployed
+@needs_flwr
 def test_spoiled_updates_are_rejected_and_logged_and_the_round_goes_on(deployment):
     site_file = deployment.site_file("A")
     clean = site_file.read_text()
@@ -90,7 +89,7 @@ def test_spoiled_updates_are_rejected_and_logged_and_the_round_goes_on(deploymen
     assert "update from site A rejected" in run["logs"]
 
 
-@deployed
+@needs_flwr
 def test_site_killed_mid_round_is_left_out_and_rejoins_next_round(deployment):
     log_start = len(deployment.site_log("A"))
     run_id = deployment.submit(_overrides(deployment, "site_killed", rounds=2))
@@ -115,7 +114,7 @@ def test_site_killed_mid_round_is_left_out_and_rejoins_next_round(deployment):
     assert {(m["round"], m["site"]) for m in shown["site_metrics"]} == {(1, "B"), (2, "A"), (2, "B")}
 
 
-@deployed
+@needs_flwr
 def test_coordinator_killed_mid_run_resumes_from_the_last_complete_round(deployment):
     overrides = _overrides(deployment, "coordinator_killed", rounds=3)
     first_id = deployment.submit(overrides)
