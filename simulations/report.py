@@ -106,7 +106,8 @@ def plot_term_curves(path: Path, summary: dict) -> None:
     terms = [t for t in dict.fromkeys([*(starts.get("federated") or {}), *federated, *central]) if t != "loss"]
     if not terms:
         return
-    total_rounds = max((r["round"] for r in rounds), default=1)
+    federation = summary["config"].get("federation", {})
+    total_rounds = int(federation.get("rounds") or max((r["round"] for r in rounds), default=1))
     fed_steps = (summary.get("schedule", {}).get("federated") or {}).get("steps") or 1
     cols = min(5, len(terms))
     rows = math.ceil(len(terms) / cols)
