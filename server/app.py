@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
 from shared_models.privacy_config import validate_federation_privacy
@@ -95,6 +96,19 @@ def exchange(grid: Grid, message_to, nodes: list[int], timeout_s: float, poll_s:
     return asked, replies
 
 
+def node_ids_per_run(grid: Grid) -> bool:
+    """Whether the nodes get new ids each time the Flower run restarts: Flower's simulation runtime, whose grid is
+    in memory and whose virtual SuperNodes it creates anew for each run. A deployment's node keeps its id across
+    runs (it is registered with the SuperLink by its public key), so a resumed run holds each site name to the node
+    stored in the registry (server/validation.py:SiteNames).
+
+    This follows from the runtime, not from any setting: sites never control the server's configuration, and the
+    coordinator, the server's operator, sets the run config (as anyone reaching the SuperLink's control API could:
+    docs/security.md), yet neither can switch a deployment's ServerApp, which talks to the SuperLink over the
+    network, into rebinding names."""
+    return isinstance(grid, InMemoryGrid)
+
+
 def wait_for_sites(grid: Grid, fed: DictConfig) -> list[int]:
     deadline = time.monotonic() + float(fed.wait_for_sites_s)
     while len(nodes := sorted(grid.get_node_ids())) < int(fed.min_sites):
@@ -151,7 +165,7 @@ class Federation:
     strategy's turn names (`exchange`, or SecAgg+'s workflow), lets the trust boundary check the replies, has the
     strategy combine them (or central DP in its place), then checkpoints and records the round."""
 
-    def __init__(self, grid: Grid, cfg: DictConfig, flwr_run_id: int | None = None):
+    def __init__(self, grid: Grid, cfg: DictConfig, flwr_run_id: int | None = None, node_ids_per_run: bool = False):
         check_supported(cfg)
         self.grid, self.cfg, self.fed = grid, cfg, cfg.federation
         self.flwr_run_id = str(flwr_run_id) if flwr_run_id is not None else None
@@ -159,7 +173,7 @@ class Federation:
         self.run_dir = Path(self.fed.output_dir) / self.name
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
         self.strategy = strategy_from_config(self.fed)
-        self.trust = TrustBoundary(self.registry, self.name, Bounds.from_config(self.fed))
+        self.trust = TrustBoundary(self.registry, self.name, Bounds.from_config(self.fed), node_ids_per_run)
         central = OmegaConf.select(cfg, "privacy.central_dp")
         self.central_dp = CentralDp.from_config(central) if central else None
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
@@ -308,7 +322,8 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink request otherwise
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     try:
-        federation = Federation(grid, compose(overrides), flwr_run_id=context.run_id)
+        federation = Federation(grid, compose(overrides), flwr_run_id=context.run_id,
+                                node_ids_per_run=node_ids_per_run(grid))
     except RunConfigError as err:
         log.error("%s", err)
         raise RunConfigError(str(err)) from None   # Flower marks the run failed with this message

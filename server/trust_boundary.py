@@ -17,10 +17,12 @@ log = logging.getLogger("fedcxr.server")
 
 class TrustBoundary:
     """One run's checks on replies, with what they remember across rounds: who is who (`site_names`) and the last
-    rounds' reference update norms (`norm_history`, checkpointed so a resumed run holds updates to the same bound)."""
+    rounds' reference update norms (`norm_history`, checkpointed so a resumed run holds updates to the same bound).
+    `node_ids_per_run`: see server/validation.py:SiteNames."""
 
-    def __init__(self, registry, run: str, bounds: Bounds):
+    def __init__(self, registry, run: str, bounds: Bounds, node_ids_per_run: bool = False):
         self.registry, self.run, self.bounds = registry, run, bounds
+        self.node_ids_per_run = node_ids_per_run
         self.norm_history: list[float] = []
         self._site_names: SiteNames | None = None
 
@@ -28,7 +30,7 @@ class TrustBoundary:
     def site_names(self) -> SiteNames:
         """Who is who in this run, read from the registry once the run is recorded there."""
         if self._site_names is None:
-            self._site_names = SiteNames(self.registry, self.run)
+            self._site_names = SiteNames(self.registry, self.run, self.node_ids_per_run)
         return self._site_names
 
     def reject(self, round_: int, site: str, node: int, problems: list[str]) -> None:

@@ -274,12 +274,17 @@ def read_reply(reply: Message, node: int, reference: Params) -> tuple[SiteReply 
 class SiteNames:
     """Each site name belongs to the first node that claimed it in the run, and each node to one name; kept in the
     registry (table `site_nodes`), so a resumed run keeps who is who. Also remembers the examples each site
-    declared at its first claim (the base of `federation.examples_growth_factor`)."""
+    declared at its first claim (the base of `federation.examples_growth_factor`).
 
-    def __init__(self, registry, run: str):
+    `node_ids_per_run`: the nodes get new ids whenever the Flower run restarts (the simulation runtime's virtual
+    SuperNodes; see server/app.py:node_ids_per_run). The bindings stored by earlier Flower runs of this run name
+    then name ids that no longer exist, so each name is bound afresh at its first claim in this Flower run, with
+    the same rules within it; each site's first declared examples are kept from the run's very first claim."""
+
+    def __init__(self, registry, run: str, node_ids_per_run: bool = False):
         self.registry, self.run = registry, run
-        rows = registry.site_nodes(run)
-        self.node_of = {row["site"]: int(row["node_id"]) for row in rows}
+        rows = registry.site_nodes(run)   # in order of claim: a rebinding repeats the site's first examples
+        self.node_of = {} if node_ids_per_run else {row["site"]: int(row["node_id"]) for row in rows}
         self.first_examples = {row["site"]: int(row["examples"]) for row in rows}
 
     def claim(self, round_: int, site: str, node: int, examples: int) -> str | None:
@@ -291,6 +296,7 @@ class SiteNames:
             taken = next((name for name, n in self.node_of.items() if n == node), None)
             if taken is not None:
                 return f"node {node} is site {taken!r} in this run; it now claimed {site!r}"
-            self.registry.add_site_node(self.run, round_, site, node, examples)
-            self.node_of[site], self.first_examples[site] = node, examples
+            first = self.first_examples.setdefault(site, examples)
+            self.registry.add_site_node(self.run, round_, site, node, first)
+            self.node_of[site] = node
         return None

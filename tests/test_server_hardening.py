@@ -89,10 +89,10 @@ def federation(tmp_path, monkeypatch):
     monkeypatch.setattr(server.app, "Message", lambda body, dst_node_id, **_: SimpleNamespace(
         metadata=SimpleNamespace(dst_node_id=dst_node_id), content=body))
 
-    def make(grid, *overrides, name="r", start=True):
+    def make(grid, *overrides, name="r", start=True, node_ids_per_run=False):
         cfg = compose([f"federation.output_dir={tmp_path}", f"federation.run_name={name}", "federation.poll_s=0.01",
                        "federation.wait_for_sites_s=1", "federation.rounds=6", *overrides])
-        fed = Federation(grid, cfg)
+        fed = Federation(grid, cfg, node_ids_per_run=node_ids_per_run)
         if start:
             fed.registry.start_run(name, None, 6, {}, "hash")
         return fed
@@ -195,6 +195,53 @@ def test_a_second_node_claiming_a_site_name_is_refused_and_the_binding_survives_
     assert {(r["site"], r["node_id"]) for r in shown["site_metrics"] if r["round"] == 2} == {("A", "1"), ("D", "3")}
     refused = {r["node_id"]: r["problems"][0] for r in shown["rejections"] if r["round"] == 2}
     assert "belongs to node 1" in refused["9"] and "node 2 is site 'B' in this run; it now claimed 'C'" in refused["2"]
+
+
+def test_a_resumed_simulation_rebinds_names_to_its_new_node_ids_and_a_deployment_does_not(federation):
+    from flwr.superlink.grid import InMemoryGrid
+
+    assert server.app.node_ids_per_run(InMemoryGrid.__new__(InMemoryGrid))   # Flower's simulation runtime's grid
+    assert not server.app.node_ids_per_run(ReplyGrid({}))                    # anything else: a SuperLink's nodes
+
+    def first_run(name: str, per_run: bool) -> dict:
+        fed = federation(ReplyGrid({1: lambda: content(honest(1), site="A"), 2: lambda: content(honest(2), site="B")}),
+                         name=name, node_ids_per_run=per_run)
+        return fed.round(1, GLOBAL)
+
+    # The restarted Flower run's nodes all have new ids; A now claims 10 x the 100 examples it declared first, and
+    # node 13 claims B's name after node 12 did.
+    restarted = {11: lambda: content(honest(11), site="A", examples=1000.0),
+                 12: lambda: content(honest(12), site="B"), 13: lambda: content(honest(13), site="B"),
+                 14: lambda: content(honest(14), site="C")}
+
+    def resumed(name: str, per_run: bool) -> dict:
+        fed = federation(ReplyGrid(restarted), "federation.resume=true", "federation.min_sites=1", name=name,
+                         start=False, node_ids_per_run=per_run)
+        assert fed._starting_point()[0] == 2
+        fed.registry.start_run(name, None, 6, {}, "hash")
+        fed.round(2, params)
+        shown = fed.registry.describe(name)
+        return ({r["site"]: r["node_id"] for r in shown["site_metrics"] if r["round"] == 2},
+                {r["node_id"]: r["problems"][0] for r in shown["rejections"] if r["round"] == 2}, shown, fed)
+
+    # deployment: the stored bindings hold, only the new name C is taken
+    params = first_run("deployment", per_run=False)
+    accepted, refused, _, _ = resumed("deployment", per_run=False)
+    assert accepted == {"C": "14"} and set(refused) == {"11", "12", "13"}
+    assert "site name 'A' belongs to node 1 in this run; node 11 claimed it" in refused["11"]
+    assert "belongs to node 2" in refused["12"] and "belongs to node 2" in refused["13"]
+
+    # simulation: each name is bound afresh at its first claim in the new Flower run, with the same rules in it
+    params = first_run("simulation", per_run=True)
+    accepted, refused, shown, fed = resumed("simulation", per_run=True)
+    assert accepted == {"A": "11", "B": "12", "C": "14"} and set(refused) == {"13"}
+    assert "site name 'B' belongs to node 12 in this run; node 13 claimed it" in refused["13"]
+    names = fed.trust.site_names
+    assert names.claim(3, "D", 12, 100) == "node 12 is site 'B' in this run; it now claimed 'D'"
+    # A's weight is still capped by the 100 examples it declared in round 1 (examples_growth_factor 2)
+    assert load_latest_valid(fed.run_dir).meta["influence"]["A"]["weight"] == 200 and names.first_examples["A"] == 100
+    assert [(r["round"], r["site"], r["node_id"], r["examples"]) for r in shown["site_nodes"]] == [
+        (1, "A", "1", 100), (1, "B", "2", 100), (2, "A", "11", 100), (2, "B", "12", 100), (2, "C", "14", 100)]
 
 
 # ------------------------------------------------------------------------------------------ bounded influence
