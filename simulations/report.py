@@ -162,12 +162,17 @@ def site_table(rounds: list[dict]) -> str:
     """Per site: rounds trained, examples, mean seconds per round, and its loss in its first and last round."""
     lines = ["| site | rounds | examples | s per round | loss, first round | loss, last round |",
              "|---|---:|---:|---:|---:|---:|"]
+    def value(metrics: dict, key: str) -> float:   # a metric a DP or SecAgg+ site withholds is None or absent
+        number = metrics.get(key)
+        return float("nan") if number is None else float(number)
+
     for site in sorted({s for r in rounds for s in r["sites"]}):
         mine = [r["sites"][site] for r in rounds if site in r["sites"]]
-        seconds = [m["seconds"] for m in mine if "seconds" in m]
-        lines.append(f"| {site} | {len(mine)} | {sum(int(m.get('examples', 0)) for m in mine)} | "
+        seconds = [value(m, "seconds") for m in mine if m.get("seconds") is not None]
+        examples = sum(int(value(m, "examples")) for m in mine if m.get("examples") is not None)
+        lines.append(f"| {site} | {len(mine)} | {examples} | "
                      f"{(sum(seconds) / len(seconds)) if seconds else float('nan'):.1f} | "
-                     f"{mine[0].get('loss', float('nan')):.4f} | {mine[-1].get('loss', float('nan')):.4f} |")
+                     f"{value(mine[0], 'loss'):.4f} | {value(mine[-1], 'loss'):.4f} |")
     return "\n".join(lines)
 
 
