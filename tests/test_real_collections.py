@@ -358,7 +358,9 @@ def test_mimic_cxr_dicom_release_simulates_as_documented(mimic_run, collections)
     assert site["catalog"] == str(collections["mimic_cxr"] / "fedcxr-catalog.sqlite")
     trained = [json.loads(line) for name in summary["sites"] if (run_dir / "sites" / name / "outgoing.jsonl").is_file()
                for line in (run_dir / "sites" / name / "outgoing.jsonl").read_text().splitlines()]
-    assert len(trained) == 1 and trained[0]["error"] is None   # cyclic: one site in the one round
+    # FedAvg (the default): each of the 4 sites trains the one round once, and none fails
+    assert sorted(r["records"]["site"]["values"]["name"] for r in trained) == sorted(summary["sites"])
+    assert all(r["type"] == "train" and r["error"] is None for r in trained)
     assert "| federated |" in stdout and "linear probe mean AUC @ 1.0" in (run_dir / "report.md").read_text()
 
 

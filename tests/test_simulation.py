@@ -60,7 +60,7 @@ def test_a_baseline_that_reaches_terms_the_sites_never_do_is_flagged():
     from simulations.run import schedule_comparison, schedule_mismatch
 
     cfg = compose(["federation.strategy=fedavg", "federation.rounds=2", "federation.local_steps=3",
-                   "objective.schedule.stage2_step=10",
+                   "centralized_steps=all_sites", "objective.schedule.stage2_step=10",
                    "objective.schedule.warmup_steps=4"], config_name="simulate")
     schedule = schedule_comparison(cfg, sites=3)   # 6 steps per site, 18 centralized
     assert schedule["federated"] == {"steps": 6, "terms_never_trained": dict.fromkeys(
