@@ -37,9 +37,10 @@ class TrainableModel(Protocol):
     def __call__(self, batch: dict, step: int) -> dict[str, Tensor]: ...
 
 
-# How the per-patient summands are computed: all studies in one vmapped pass, one pass per patient, or
-# whichever is faster for the model's image encoder (`per_study_method`).
-PER_STUDY_METHODS = ("auto", "vmap", "loop")
+# How the per-patient summands are computed: all studies in one vmapped pass, one pass per patient, one pass per
+# patient whose backward also carries the coupled terms' cotangent (fused), or whichever is faster for the model's
+# image encoder (`per_study_method`).
+PER_STUDY_METHODS = ("auto", "vmap", "loop", "fused")
 
 
 def check_per_study(requested: str) -> None:
@@ -160,18 +161,17 @@ def sum_over_shares(fn: Callable[[list[Item], list[Tensor]], Share], items: list
     else:
         with one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(fn, shares, intos))
-    for into in intos[1:]:
+    for into in intos[1:] if total else ():
         torch._foreach_add_(total, into)
     return results
 
 
-def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
-                              autocast: Callable[[], object], workers: int) -> tuple[list[Tensor], dict[str, float]]:
-    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs) w.r.t. params, and its terms.
-
-    Two backward passes that make one by the chain rule: through the coupled terms to each study's cut embeddings,
-    then through each study's encoder graph kept from its per-patient pass, with those embeddings' gradients; the
-    studies on `workers` threads (`sum_over_shares`), each study's rows in one pass since its graphs share nodes."""
+def coupled_cotangents(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
+                       autocast: Callable[[], object]) -> tuple[list[Tensor], list[list[tuple[Tensor, Tensor]]], dict]:
+    """The first half of the coupled terms' batch gradient on `stacked` (the model's StackedInputs): the backward
+    through the coupled terms alone, which stops at each study's cut embeddings. Returns the gradient of the
+    parameters the terms use after the cut (dense, float32), for each study with a cut (batch order) its
+    (embedding, embedding's gradient) pairs, and the terms."""
     with autocast():
         out = model(stacked.batch, step=step, inputs=stacked)
     if not torch.isfinite(out["loss"]):
@@ -184,14 +184,27 @@ def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params:
     for (index, row, _), leaf_grad in zip(stacked.cuts, grads[len(params):]):
         if leaf_grad is not None:
             by_study.setdefault(index, []).append((row, leaf_grad))
+    return gradient, [by_study.get(i, []) for i in range(len(stacked.studies))], \
+        {name: float(value.detach()) for name, value in out.items()}
+
+
+def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
+                              autocast: Callable[[], object], workers: int) -> tuple[list[Tensor], dict[str, float]]:
+    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs) w.r.t. params, and its terms.
+
+    Two backward passes that make one by the chain rule: through the coupled terms to each study's cut embeddings
+    (`coupled_cotangents`), then through each study's encoder graph kept from its per-patient pass, with those
+    embeddings' gradients; the studies on `workers` threads (`sum_over_shares`), each study's rows in one pass since
+    its graphs share nodes."""
+    gradient, by_study, values = coupled_cotangents(model, stacked, step, params, autocast)
 
     def through_encoders(share: list[list[tuple[Tensor, Tensor]]], into: list[Tensor]) -> None:
         for rows in share:
             study_grads = torch.autograd.grad([row for row, _ in rows], params, [g for _, g in rows], allow_unused=True)
             add_scaled_(into, [None if g is None else g.float() for g in study_grads], 1.0)
 
-    sum_over_shares(through_encoders, [by_study[i] for i in sorted(by_study)], workers, gradient)
-    return gradient, {name: float(value.detach()) for name, value in out.items()}
+    sum_over_shares(through_encoders, [rows for rows in by_study if rows], workers, gradient)
+    return gradient, values
 
 
 def clipped_gradient_sum(
@@ -239,9 +252,20 @@ def clipped_gradient_sum(
     coupled_terms, per_patient_terms = split_terms(step_terms, studies)
     # The loop keeps each study's encoder outputs for the coupled terms (the model's `stacked_inputs`): their
     # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
+    # The fused loop needs both kinds of term to fuse and one process (under a group the coupled terms read the
+    # gathered rows: the loop's way); otherwise it is the loop.
+    fused = bool(per_study == "fused" and coupled_terms and per_patient_terms and group_counts is None
+                 and getattr(model, "step_inputs", None))
+    per_study = "loop" if per_study == "fused" else per_study
     reuse_encoded = bool(per_study == "loop" and coupled_terms and per_patient_terms
                          and getattr(model, "step_inputs", None))
     workers = loop_workers(params, workers, len(samples))
+    if fused:
+        one_study_batches = [move(collate_fn([sample])) for sample in samples]   # here: see the loop below
+        clipped, terms = _fused_sum(model, one_study_batches, step, params, autocast, clip, coupled_scale,
+                                    per_patient_terms, coupled_terms, total, workers)
+        terms["loss"] = sum(model.lambdas[t] * terms[t] for t in step_terms if t in terms)
+        return ClippedSum(total, terms, int(clipped))
     encoded = []
     needs_batch = (per_study == "vmap" and per_patient_terms) or (coupled_terms and not reuse_encoded)
     batch = move(collate_fn(samples)) if samples and needs_batch else None
@@ -332,3 +356,85 @@ def _looped_summands(model: TrainableModel, studies: list[dict], step: int, para
             sums[name] = sums.get(name, 0.0) + value
     encoded = [inputs for _, inputs in sorted(encoded, key=lambda kept: kept[0])]
     return clipped, {name: value / max(1, len(studies)) for name, value in sums.items()}, encoded
+
+
+def _fused_sum(model: TrainableModel, studies: list[dict], step: int, params: Sequence[nn.Parameter],
+               autocast: Callable[[], object], clip: ClipNorms, coupled_scale: float, per_patient_terms: set[str],
+               coupled_terms: set[str], total: list[Tensor], workers: int) -> tuple[int, dict[str, float]]:
+    """Adds S(B) into `total` with one forward and one backward per study: the loop's summands and the loop's coupled
+    batch gradient, from fewer graph traversals. Returns how many patients were clipped and the terms' means.
+
+    1. Each study's forward of its per-patient terms, its encoder outputs kept with their graph (the loop's pass
+       without its backward), on `workers` threads.
+    2. The coupled terms on those outputs stacked in batch order, differentiated as far as each study's cut
+       embeddings (`coupled_cotangents`): they act on B rows, so this is cheap.
+    3. Each study's graph taken back once with two cotangents batched (`is_grads_batched`): 1 on its per-patient loss
+       gives its per-patient gradient g_k, its embeddings' gradients v_k give J_k^T v_k, its part of the coupled
+       gradient. g_k is clipped to C and summed; the J_k^T v_k are summed, with the coupled terms' own parameters'
+       gradient, into the one coupled vector, clipped to C_b as a whole.
+    Each g_k is the loop's (study k's batch of one), the coupled vector is grad L_K(B) by the chain rule: Lemma 1's
+    S(B) (docs/privacy.md, "Per-patient summands in one pass")."""
+    embed_once = getattr(model, "embed_tag_queries_once", None)
+    if embed_once is not None:   # the model's one write to itself: not on two threads at once
+        embed_once()
+
+    def forward_share(share: list[tuple[int, dict]], _unused: list[Tensor]):
+        kept = []
+        for index, study in share:
+            inputs = model.step_inputs(study)
+            with autocast():
+                out = model(study, step=step, inputs=inputs)
+            if not torch.isfinite(out["loss"]):
+                raise NonFiniteStep(step, "loss", {k: float(v) for k, v in out.items()})
+            for row in model.coupled_rows(coupled_terms):   # what the coupled terms read, here on this thread
+                getattr(inputs, row)
+            kept.append((index, out["loss"], inputs, {name: float(v.detach()) for name, v in out.items()}))
+        return kept
+
+    with only_terms(model, per_patient_terms):
+        kept = sorted((study for share in sum_over_shares(forward_share, list(enumerate(studies)), workers, [])
+                       for study in share), key=lambda study: study[0])
+    with only_terms(model, coupled_terms):
+        coupled, cotangents, coupled_values = coupled_cotangents(
+            model, model.stacked_inputs([inputs for _, _, inputs, _ in kept]), step, params, autocast)
+
+    n = len(params)
+
+    def backward_share(share: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]], into: list[Tensor]) -> int:
+        clipped_here = 0
+        for loss, rows in share:
+            per_patient, through_encoders = _per_patient_and_coupled_gradients(loss, rows, params)
+            factor, norm = clip_factor(per_patient, clip.patient)
+            clipped_here += norm > clip.patient
+            add_scaled_(into[:n], per_patient, factor)
+            add_scaled_(into[n:], through_encoders, 1.0)
+        return clipped_here
+
+    work = [(loss, rows) for (_, loss, _, _), rows in zip(kept, cotangents)]
+    per_study_values = [values for _, _, _, values in kept]
+    del kept   # each study's graph is freed by its backward, not kept to the end
+    clipped = sum(sum_over_shares(backward_share, work, workers, [*total, *coupled]))
+    factor, _ = clip_factor(coupled, clip.coupled, scale=coupled_scale)
+    add_scaled_(total, coupled, factor)
+
+    sums: dict[str, float] = {}
+    for values in per_study_values:
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
+    terms = {name: value / max(1, len(studies)) for name, value in sums.items() if name != "loss"}
+    terms.update({name: value for name, value in coupled_values.items() if name != "loss"})
+    return int(clipped), terms
+
+
+def _per_patient_and_coupled_gradients(loss: Tensor, rows: list[tuple[Tensor, Tensor]], params: Sequence[nn.Parameter]
+                                       ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """grad(loss) and sum over rows of J_row^T cotangent, w.r.t. params, from one backward through the graph they
+    share: the two cotangents go back side by side as a batch of two (`is_grads_batched`)."""
+    if not rows:
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        return [None if g is None else g.float() for g in grads], [None] * len(params)
+    outputs = [loss, *(row for row, _ in rows)]
+    batched = [torch.stack([torch.ones_like(loss), torch.zeros_like(loss)]),
+               *(torch.stack([torch.zeros_like(g), g]) for _, g in rows)]
+    grads = torch.autograd.grad(outputs, list(params), batched, allow_unused=True, is_grads_batched=True)
+    return ([None if g is None else g[0].float() for g in grads], [None if g is None else g[1].float() for g in grads])
