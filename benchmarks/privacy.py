@@ -14,14 +14,13 @@ from shared_models.batch import collate
 
 # model -> batch size (patients per step), as in `objectives`; tiny_cnn: what `make simulate` and the sweep train
 MODELS = {"tiny": 8, "resnet50_bert": 8, "tiny_cnn": 8}
-METHODS = ("vmap", "loop", "fused")
+METHODS = ("vmap", "loop", "vmap_fused", "loop_fused")
 
 
 def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer, generator, per_study: str) -> None:
     """One DP-SGD step: the clipped sum S(B) (the per-patient terms' per-study gradients in one vmapped pass, or
-    one pass per patient with per_study="loop", or per_study="fused": one forward and one backward per patient
-    that also carries the coupled terms' cotangent; the coupled terms clipped as one batch gradient), Gaussian
-    noise, AdamW."""
+    one pass per patient with per_study="loop"; "vmap_fused" / "loop_fused": the same with a backward that also
+    carries the coupled terms' cotangent; the coupled terms clipped as one batch gradient), Gaussian noise, AdamW."""
     summed = clipped_gradient_sum(model, samples, collate_fn, step, ClipNorms(1.0, 1.0), len(samples), params,
                                   per_study=per_study)
     for param, grad in zip(params, noisy_gradient(summed.gradient, 1.0, len(samples), generator)):

@@ -8,11 +8,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from types import SimpleNamespace
 from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from client import distributed
@@ -37,10 +38,10 @@ class TrainableModel(Protocol):
     def __call__(self, batch: dict, step: int) -> dict[str, Tensor]: ...
 
 
-# How the per-patient summands are computed: all studies in one vmapped pass, one pass per patient, one pass per
-# patient whose backward also carries the coupled terms' cotangent (fused), or whichever is faster for the model's
-# image encoder (`per_study_method`).
-PER_STUDY_METHODS = ("auto", "vmap", "loop", "fused")
+# How the per-patient summands are computed: all studies in one vmapped pass, one pass per patient, either of them
+# with a backward that also carries the coupled terms' cotangent (`_fused`: no separate backward for the coupled
+# terms), or whichever is fastest for the model's image encoder (`per_study_method`).
+PER_STUDY_METHODS = ("auto", "vmap", "loop", "vmap_fused", "loop_fused")
 
 
 def check_per_study(requested: str) -> None:
@@ -118,6 +119,97 @@ def per_study_gradients(model: nn.Module, batch: dict, step: int, params: Sequen
         grads, terms = vmap(grad(loss_of_one_study, has_aux=True), in_dims=(None, 0), randomness="same")(
             weights, tensors)
     return [grads[names[id(p)]].float() for p in params], terms
+
+
+class _RowsFirst(nn.Module):
+    """The model's step on a batch, its coupled terms' input rows computed first and returned beside its terms.
+
+    First, in a fixed order: the rows' dropout masks are then the first draws of the generator, the same whether the
+    step goes on to the per-patient terms or stops at the rows (`vmapped_fused_gradients` replays the generator)."""
+
+    def __init__(self, model: nn.Module, rows: list[str]):
+        super().__init__()
+        self.model, self.rows = model, rows
+
+    def forward(self, batch: dict, step: int, rows_only: bool = False):
+        inputs = self.model.step_inputs(batch)
+        rows = {name: getattr(inputs, name) for name in self.rows}
+        return rows if rows_only else (self.model(batch, step=step, inputs=inputs), rows)
+
+
+def vmapped_fused_gradients(model: nn.Module, batch: dict, step: int, params: Sequence[nn.Parameter],
+                            autocast: Callable[[], object], per_patient_terms: set[str], coupled_terms: set[str]
+                            ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor], dict[str, float]]:
+    """`per_study_gradients`' per-study gradients of the per-patient terms [B, ...], and the coupled terms' batch
+    gradient grad L_K(B), from one vmapped pass whose backward carries both cotangents; also the per-patient terms
+    per study [B] and the coupled terms.
+
+    1. The coupled terms' rows (the studies' embeddings), each study alone, vmapped without gradients.
+    2. The coupled terms on those rows: their gradient w.r.t. the rows (v, B rows) and their own parameters.
+    3. Per study: one forward, then its graph back once with the cotangents (1 on its per-patient loss, v_k on its
+       rows) side by side (a vmap over the vjp): g_k and J_k^T v_k. grad L_K(B) = own parameters' part + sum_k J_k^T v_k.
+    Step 3 recomputes the rows of step 1 from the same generator state, rows first (`_RowsFirst`), so that its
+    dropout masks, and with them J_k, are the ones v was computed at: the chain rule then holds exactly."""
+    embed_once = getattr(model, "embed_tag_queries_once", None)
+    if embed_once is not None:   # here: vmap cannot write a buffer in place
+        embed_once()
+    row_names = model.coupled_rows(coupled_terms)
+    wrapper = _RowsFirst(model, row_names)
+    names = {id(p): name for name, p in model.named_parameters()}
+    weights = {"model." + names[id(p)]: p.detach() for p in params}
+    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+    devices = sorted({t.device for t in tensors.values() if t.device.type != "cpu"}, key=str)
+    generator_states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+
+    def rows_of_one_study(weights: dict[str, Tensor], study: dict[str, Tensor]) -> dict[str, Tensor]:
+        with autocast():
+            return functional_call(wrapper, weights, ({k: v.unsqueeze(0) for k, v in study.items()}, step),
+                                   {"rows_only": True}, strict=False)
+
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        rows = vmap(rows_of_one_study, in_dims=(None, 0), randomness="same")(weights, tensors)
+    leaves = {name: row.squeeze(1).detach().float().requires_grad_() for name, row in rows.items()}
+    with only_terms(model, coupled_terms):
+        with autocast():
+            out = model(batch, step=step, inputs=SimpleNamespace(batch=batch, **leaves))
+        if not torch.isfinite(out["loss"]):
+            raise NonFiniteStep(step, "loss", {k: float(v) for k, v in out.items()})
+        grads = torch.autograd.grad(out["loss"], [*params, *leaves.values()], allow_unused=True)
+    coupled = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    add_scaled_(coupled, [None if g is None else g.float() for g in grads[:len(params)]], 1.0)
+    cotangents = {name: torch.zeros_like(leaf) if g is None else g
+                  for (name, leaf), g in zip(leaves.items(), grads[len(params):])}
+    coupled_values = {name: float(value.detach()) for name, value in out.items() if name != "loss"}
+
+    def both_of_one_study(weights: dict[str, Tensor], study: dict[str, Tensor], cotangent: dict[str, Tensor]):
+        one = {k: v.unsqueeze(0) for k, v in study.items()}
+
+        def step_of(weights):
+            with autocast():
+                out, rows = functional_call(wrapper, weights, (one, step), strict=False)
+            return (out["loss"], rows), {name: value.detach() for name, value in out.items()}
+
+        (loss, rows), pullback, values = vjp(step_of, weights, has_aux=True)
+        seeds = (torch.stack([torch.ones_like(loss), torch.zeros_like(loss)]),
+                 {name: torch.stack([torch.zeros_like(row), cotangent[name].unsqueeze(0).to(row.dtype)])
+                  for name, row in rows.items()})
+        (both,) = vmap(pullback)(seeds)
+        return both, values, {name: row.detach() for name, row in rows.items()}
+
+    torch.set_rng_state(generator_states[0])   # step 3 draws step 1's masks again (the docstring)
+    for device, state in zip(devices, generator_states[1]):
+        torch.cuda.set_rng_state(state, device)
+    with only_terms(model, per_patient_terms), sdpa_kernel(SDPBackend.MATH):
+        both, values, rows_again = vmap(both_of_one_study, in_dims=(None, 0, 0), randomness="same")(
+            weights, tensors, cotangents)
+    for name, row in rows.items():   # the replay held: else v_k would be applied to another function's J_k
+        if not torch.allclose(rows_again[name].float(), row.float(), rtol=1e-3, atol=1e-3 * float(row.abs().max())):
+            raise RuntimeError(f"per_study=vmap_fused: the coupled terms' rows ({name}) came out differently on the "
+                               "second pass; the model draws randomness the generator's replay does not reproduce. "
+                               "Use per_study=vmap or loop")
+    per_patient = [both["model." + names[id(p)]][:, 0].float() for p in params]
+    torch._foreach_add_(coupled, [both["model." + names[id(p)]][:, 1].float().sum(0) for p in params])
+    return per_patient, coupled, values, coupled_values
 
 
 Item = TypeVar("Item")
@@ -252,18 +344,22 @@ def clipped_gradient_sum(
     coupled_terms, per_patient_terms = split_terms(step_terms, studies)
     # The loop keeps each study's encoder outputs for the coupled terms (the model's `stacked_inputs`): their
     # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
-    # The fused loop needs both kinds of term to fuse and one process (under a group the coupled terms read the
-    # gathered rows: the loop's way); otherwise it is the loop.
-    fused = bool(per_study == "fused" and coupled_terms and per_patient_terms and group_counts is None
+    # Fusing needs both kinds of term and one process (under a group the coupled terms read the gathered rows: the
+    # unfused way); otherwise the method without it.
+    fused = bool(per_study.endswith("_fused") and coupled_terms and per_patient_terms and group_counts is None
                  and getattr(model, "step_inputs", None))
-    per_study = "loop" if per_study == "fused" else per_study
+    per_study = per_study.removesuffix("_fused")
     reuse_encoded = bool(per_study == "loop" and coupled_terms and per_patient_terms
                          and getattr(model, "step_inputs", None))
     workers = loop_workers(params, workers, len(samples))
     if fused:
-        one_study_batches = [move(collate_fn([sample])) for sample in samples]   # here: see the loop below
-        clipped, terms = _fused_sum(model, one_study_batches, step, params, autocast, clip, coupled_scale,
-                                    per_patient_terms, coupled_terms, total, workers)
+        if per_study == "loop":
+            one_study_batches = [move(collate_fn([sample])) for sample in samples]   # here: see the loop below
+            clipped, terms = _fused_sum(model, one_study_batches, step, params, autocast, clip, coupled_scale,
+                                        per_patient_terms, coupled_terms, total, workers)
+        else:
+            clipped, terms = _vmapped_fused_sum(model, move(collate_fn(samples)), step, params, autocast, clip,
+                                                coupled_scale, per_patient_terms, coupled_terms, total)
         terms["loss"] = sum(model.lambdas[t] * terms[t] for t in step_terms if t in terms)
         return ClippedSum(total, terms, int(clipped))
     encoded = []
@@ -438,3 +534,21 @@ def _per_patient_and_coupled_gradients(loss: Tensor, rows: list[tuple[Tensor, Te
                *(torch.stack([torch.zeros_like(g), g]) for _, g in rows)]
     grads = torch.autograd.grad(outputs, list(params), batched, allow_unused=True, is_grads_batched=True)
     return ([None if g is None else g[0].float() for g in grads], [None if g is None else g[1].float() for g in grads])
+
+
+def _vmapped_fused_sum(model: TrainableModel, batch: dict, step: int, params: Sequence[nn.Parameter],
+                       autocast: Callable[[], object], clip: ClipNorms, coupled_scale: float,
+                       per_patient_terms: set[str], coupled_terms: set[str],
+                       total: list[Tensor]) -> tuple[int, dict[str, float]]:
+    """Adds S(B) into `total` from `vmapped_fused_gradients`: each study's per-patient gradient clipped to C, the
+    coupled terms' batch gradient clipped to C_b as a whole. Returns how many patients were clipped and the terms."""
+    per_patient, coupled, values, coupled_values = vmapped_fused_gradients(
+        model, batch, step, params, autocast, per_patient_terms, coupled_terms)
+    if not all(bool(torch.isfinite(v).all()) for v in values.values()):
+        raise NonFiniteStep(step, "loss", {k: v.tolist() for k, v in values.items()})
+    row_sums, norms = clipped_row_sum(per_patient, clip.patient)
+    torch._foreach_add_(total, row_sums)
+    factor, _ = clip_factor(coupled, clip.coupled, scale=coupled_scale)
+    add_scaled_(total, coupled, factor)
+    terms = {name: float(value.mean()) for name, value in values.items() if name != "loss"}
+    return int((norms > clip.patient).sum()), {**terms, **coupled_values}
