@@ -18,11 +18,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.secagg import secure_aggregation
-from client.federated import (FingerprintMismatch, RoundConfigError, build_model, shared_arrays, train_round,
-                              validate_round_config)
+from client.federated import (FingerprintMismatch, RoundConfigError, build_model, query_model_settings, run_settings,
+                              shared_arrays, train_round, validate_round_config)
 from client.policy import PolicyRefused, accepted_overrides, enforce_policy
 from client.site import load_site
-from shared_models.config import compose
+from shared_models.config import RenamedKeyError, compose
 from shared_models.transfer import contiguous, decode_arrays, encode_arrays
 
 # Error codes of a refusal: the coordinator records the reason and goes on with the other sites.
@@ -51,7 +51,7 @@ def simulated_site(context: Context) -> dict:
     written by `python -m simulations.run` (simulation nodes carry no node config of their own)."""
     from omegaconf import OmegaConf
 
-    site_dir = run_config(context).federation.site_dir
+    site_dir = composed_overrides(context).federation.site_dir
     if not site_dir:
         raise RuntimeError("a simulation node needs federation.site_dir (set by python -m simulations.run)")
     return OmegaConf.to_container(OmegaConf.load(Path(site_dir) / f"{int(context.node_config['partition-id'])}.yaml"))
@@ -107,14 +107,24 @@ app = ClientApp(mods=[audit_outgoing,
                       secure_aggregation(lambda content, context: train_content(content, context, secure=True))])
 
 
-def run_config(context: Context):
-    """The composed config of this run: the ServerApp's Hydra overrides that pass this site's allow-list
+def composed_overrides(context: Context):
+    """The config composed from the ServerApp's Hydra overrides that pass this site's allow-list
     (client/policy.py accepted_overrides; PolicyRefused names one that does not)."""
     try:
         overrides = shlex.split(str(context.run_config.get("overrides", "")))
     except ValueError as err:
         raise PolicyRefused(f"the run config's overrides cannot be split into Hydra overrides ({err})") from None
-    return compose(accepted_overrides(overrides, simulated=is_simulation_node(context)))
+    try:
+        return compose(accepted_overrides(overrides, simulated=is_simulation_node(context)))
+    except RenamedKeyError as err:
+        raise PolicyRefused(str(err)) from None
+
+
+def run_config(context: Context):
+    """What this site builds and trains with from the run's overrides: model, objective, `train`, privacy. The
+    round's own settings (steps, batch size, lr, seed, rounds, ...) are not taken from them but from each round's
+    config record (client/federated.py:run_settings)."""
+    return run_settings(composed_overrides(context))
 
 
 def refusal(code: int, site: dict | None, err: Exception) -> Error:
@@ -127,14 +137,19 @@ def refusal(code: int, site: dict | None, err: Exception) -> Error:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """The seeded initial shared parameters this site builds (no data involved); the coordinator builds its own,
-    so this answers diagnostics only (e.g. checking that a site's install initialises like the coordinator's)."""
+    so this answers diagnostics only (e.g. checking that a site's install initialises like the coordinator's).
+    The seed and the schedule's span come from the query's config record, as a round's come from its own."""
     site = site_of(context)
     try:
+        config = dict(message.content["config"]) if "config" in message.content.config_records else {}
+        model_settings = query_model_settings(config)
         cfg = run_config(context)
         enforce_policy(site, cfg)
     except PolicyRefused as err:
         return Message(refusal(POLICY_REFUSED, site, err), reply_to=message)
-    params = shared_arrays(build_model(cfg), cfg)
+    except RoundConfigError as err:
+        return Message(refusal(ROUND_CONFIG_REFUSED, site, err), reply_to=message)
+    params = shared_arrays(build_model(cfg, **model_settings), cfg)
     return Message(RecordDict({"arrays": _arrays(params), "site": ConfigRecord({"name": site["name"]})}), reply_to=message)
 
 
@@ -170,7 +185,7 @@ def train_content(content: RecordDict, context: Context, secure: bool = False) -
         torch.set_num_threads(int(site["threads"]))
     shared = decode_arrays({name: array.numpy() for name, array in content["arrays"].items()})
     try:
-        new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run"]), cfg)
+        new_shared, examples, metrics = train_round(shared, round_config, site, str(round_config["run_name"]), cfg)
     except FingerprintMismatch as err:
         return Error(FINGERPRINT_MISMATCH, str(err))
     except RoundConfigError as err:

@@ -3,6 +3,11 @@
 The ClientApp calls `train_round`. What travels is decided in one place, `shared_models.sharing` driven by
 `model.sharing`; everything else (decoders, tag decoder, pseudo-seg head, FedBN norms) is local-only and
 persists on the site's disk between rounds, keyed by run.
+
+The round's settings (its steps, batch size, lr, seed, rounds, proximal term, optimizer state, wire dtype, privacy
+caps) come from one source, the round's config record the server sends (`validate_round_config`). The run's
+composed overrides give the model, objective, `train` group and privacy mechanisms only: `run_settings` drops
+their `federation` section and `seed`, so no code here can read a second copy of a round setting.
 """
 from __future__ import annotations
 
@@ -41,10 +46,22 @@ class FingerprintMismatch(RuntimeError):
     """The round's model config, tokenizer or objective is not the one this site builds."""
 
 
-def build_model(cfg: DictConfig) -> PretrainModel:
-    """The pre-training model, initialised identically at every site and at the coordinator by `cfg.seed`."""
-    torch.manual_seed(int(cfg.seed))
-    return create_model(cfg)
+# Top-level keys of the composed config that the round's config record carries instead (server/rounds.py)
+ROUND_SETTINGS = ("federation", "seed")
+
+
+def run_settings(cfg: DictConfig) -> DictConfig:
+    """The composed config without the round's settings (`ROUND_SETTINGS`): what a site builds and trains with
+    besides its round config record."""
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key not in ROUND_SETTINGS])
+
+
+def build_model(cfg: DictConfig, seed: int | None = None, total_steps: int | None = None) -> PretrainModel:
+    """The pre-training model, initialised identically at every site and at the coordinator by the run's seed.
+    A site passes its round config's `seed` and `rounds x local_steps` (the steps the objective schedule spans);
+    without them they are the composed config's (`seed`, `federation`), as the coordinator builds it."""
+    torch.manual_seed(int(cfg.seed if seed is None else seed))
+    return create_model(cfg, total_steps=total_steps)
 
 
 def shared_arrays(model: PretrainModel, cfg: DictConfig) -> Params:
@@ -83,9 +100,9 @@ def site_dataset(site: dict, cfg: DictConfig) -> CxrDataset:
     return dataset
 
 
-def _local_file(site: dict, run_id: str) -> Path:
+def _local_file(site: dict, run_name: str) -> Path:
     """Where this run's local-only parameters live: under state_dir, whatever name the coordinator sent."""
-    return inside(site["state_dir"], Path(site["state_dir"]) / "runs" / check_run_name(run_id) / "local.safetensors")
+    return inside(site["state_dir"], Path(site["state_dir"]) / "runs" / check_run_name(run_name) / "local.safetensors")
 
 
 OPTIMIZER_FILE = "optimizer.pt"  # beside local.safetensors: the site's AdamW moments, never sent
@@ -157,31 +174,39 @@ ROUND_NUMBERS = {
     "privacy_max_epsilon": (False, 0.0, math.inf, False),
     "privacy_max_delta": (False, 0.0, 1.0, False),
 }
+ROUND_SWITCHES = ("keep_optimizer_state",)   # true or false; absent: false
+
+
+def _number_problems(config: dict, numbers: dict) -> list[str]:
+    problems = []
+    for key, (integral, low, high, required) in numbers.items():
+        if key not in config:
+            if required:
+                problems.append(f"{key} is missing")
+            continue
+        value = config[key]
+        number = _integer(value) if integral else _finite(value)
+        if number is None or not low <= number <= high or (key == "lr" and number == 0):
+            kind = "an integer" if integral else "a finite number"
+            span = f"in ({low}, {high}]" if key == "lr" else f"in [{low}, {high}]"
+            problems.append(f"{key}={value!r} must be {kind} {span}")
+    return problems
 
 
 def validate_round_config(round_config: dict) -> dict:
     """The round's config as this site will use it, or RoundConfigError naming every key that is wrong: finite,
     integral where it counts something, in range (`lr` > 0: a round that cannot move the model is refused, as is
     `local_steps=0`, so an unchanged model is never sent back at full weight)."""
-    problems = []
-    for key, (integral, low, high, required) in ROUND_NUMBERS.items():
-        if key not in round_config:
-            if required:
-                problems.append(f"{key} is missing")
-            continue
-        value = round_config[key]
-        number = _integer(value) if integral else _finite(value)
-        if number is None or not low <= number <= high or (key == "lr" and number == 0):
-            kind = "an integer" if integral else "a finite number"
-            span = f"in ({low}, {high}]" if key == "lr" else f"in [{low}, {high}]"
-            problems.append(f"{key}={value!r} must be {kind} {span}")
+    problems = _number_problems(round_config, ROUND_NUMBERS)
+    problems += [f"{key}={round_config[key]!r} must be true or false" for key in ROUND_SWITCHES
+                 if key in round_config and not isinstance(round_config[key], bool)]
     if not problems and int(round_config["round"]) > int(round_config["rounds"]):
         problems.append(f"round={round_config['round']} is past rounds={round_config['rounds']}")
     dtype = round_config.get("transfer_dtype", "float32")
     if dtype not in TRANSFER_DTYPES:
         problems.append(f"transfer_dtype={dtype!r} must be one of {list(TRANSFER_DTYPES)}")
     try:
-        check_run_name(round_config.get("run"), "run")
+        check_run_name(round_config.get("run_name"), "run_name")
     except ValueError as err:
         problems.append(str(err))
     if problems:
@@ -206,16 +231,25 @@ def _check_settings(settings: TrainSettings) -> TrainSettings:
     return settings
 
 
+QUERY_NUMBERS = ("seed", "rounds", "local_steps")
+
+
+def query_model_settings(config: dict) -> dict[str, int]:
+    """build_model's `seed` and `total_steps` from a query's config record (a query builds the initial model and
+    trains nothing): its `seed`, `rounds` and `local_steps`, checked as a round's are."""
+    problems = _number_problems(config, {key: ROUND_NUMBERS[key] for key in QUERY_NUMBERS})
+    if problems:
+        raise RoundConfigError("the query's config is refused by this site: " + "; ".join(problems))
+    return {"seed": int(config["seed"]), "total_steps": int(config["rounds"]) * int(config["local_steps"])}
+
+
 def _settings(round_config: dict, cfg: DictConfig) -> TrainSettings:
-    """The `train` group with the round's share of one schedule over all rounds' local steps."""
+    """The `train` group with the round's settings: its share of one schedule over all rounds' local steps."""
     steps = int(round_config["local_steps"])
     settings = TrainSettings.from_config(
         cfg.train, steps=steps, batch_size=int(round_config["batch_size"]), lr=float(round_config["lr"]),
         seed=int(round_config["seed"]), start_step=(int(round_config["round"]) - 1) * steps,
         total_steps=int(round_config["rounds"]) * steps, proximal_mu=float(round_config.get("proximal_mu", 0.0)))
-    seed = OmegaConf.select(cfg, "seed")
-    if _integer(seed) is None or not 0 <= seed <= 2**32 - 1:
-        raise RoundConfigError(f"the run's seed={seed!r} is refused by this site: it must be an integer in [0, 2**32 - 1]")
     return _check_settings(settings)
 
 
@@ -230,7 +264,7 @@ def _restore(model: PretrainModel, shared: Params, local: Params) -> None:
     model.load_state_dict(state)
 
 
-def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
+def train_round(shared: Params, round_config: dict, site: dict, run_name: str,
                 cfg: DictConfig) -> tuple[Params, float, dict[str, float]]:
     """Train locally from the global shared parameters; returns (new shared parameters, examples, scalar metrics).
 
@@ -239,17 +273,19 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
     Under `privacy.dpsgd` the round is priced and charged to the site's
     ledger first (BudgetExceeded refuses it) and only `DpRoundResult.public_metrics()` is returned, with the
     round's expected examples as the weight: nothing computed from the data leaves.
+    `round_config` (validated) gives every round setting; of `cfg` only `run_settings` is read.
     """
     started = time.perf_counter()
+    cfg = run_settings(cfg)
     settings = _settings(round_config, cfg)   # refused before anything is built or read
     # The site file's `nproc` (the site's processes, one per GPU), not the coordinator's train.nproc.
     settings = replace(settings, nproc=int(site.get("nproc") or 1))
     if settings.nproc > 1 and not distributed.is_distributed():
         # N workers, children of this process, each rebuild the model and data; rank 0's result is the reply
-        return distributed.run(train_round, (shared, round_config, site, run_id, cfg), settings.nproc,
+        return distributed.run(train_round, (shared, round_config, site, run_name, cfg), settings.nproc,
                                run_id=f"site-{site['name']}")
-    local_file = _local_file(site, run_id)
-    model = build_model(cfg)
+    local_file = _local_file(site, run_name)
+    model = build_model(cfg, seed=int(round_config["seed"]), total_steps=settings.total_steps)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
     saved_local, local_notes = _read_local_state(local_file)
     _restore(model, shared, saved_local)
@@ -268,12 +304,12 @@ def train_round(shared: Params, round_config: dict, site: dict, run_id: str,
         caps = {k.removeprefix("privacy_"): v for k, v in round_config.items() if k.startswith("privacy_")}
         # this site's own rounds (its turns under cyclic); a coordinator that does not say: every round
         planned = planned_dp_steps(round_config)
-        result = dp_train_round(model, dataset, collate_fn, settings, dpsgd, site, run_id, int(round_config["round"]),
+        result = dp_train_round(model, dataset, collate_fn, settings, dpsgd, site, run_name, int(round_config["round"]),
                                 planned, caps, device, anchor)
         metrics = result.public_metrics()
         examples = metrics.pop("examples")
     else:
-        keep_optimizer = bool(OmegaConf.select(cfg, "federation.keep_optimizer_state", default=False))
+        keep_optimizer = bool(round_config.get("keep_optimizer_state", False))
         optimizer_file = local_file.with_name(OPTIMIZER_FILE)
         optimizer_state = (_load_optimizer_state(optimizer_file, local_notes.get(OPTIMIZER_FILE)) if keep_optimizer
                            else None)

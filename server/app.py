@@ -32,11 +32,11 @@ from server.checkpoints import discard_after, load_latest_valid, save_round
 from server.influence import HISTORY_ROUNDS, Bounds
 from server.registry import Registry
 from server.secagg import secure_round
-from server.rounds import round_config, schedule_trainer, sites_of_round
+from server.rounds import round_config
 from server.strategy import strategy_from_config
 from server.trust_boundary import TrustBoundary
 from shared_models.checkpoint import checkpoint_fingerprints
-from shared_models.config import compose, config_hash
+from shared_models.config import RenamedKeyError, compose, config_hash
 from shared_models.export import export
 from shared_models.factory import create_model
 from shared_models.model import schedule_notice
@@ -148,16 +148,17 @@ def _weighted_metrics(accepted: list[SiteReply]) -> dict[str, float]:
 @dataclass
 class RoundExchange:
     """What one round's messaging produced: the nodes asked, the replies that passed the trust boundary, and the
-    bytes of parameters sent and received."""
+    bytes of parameters each way."""
 
     asked: list[int]
     accepted: list[SiteReply]
-    bytes_sent: int
-    bytes_received: int
+    bytes_to_sites: int
+    bytes_to_server: int
 
     def registry_fields(self) -> dict[str, int]:
-        return dict(sites_asked=len(self.asked), sites_accepted=len(self.accepted), bytes_sent=self.bytes_sent,
-                    bytes_received=self.bytes_received)
+        # the registry's columns are named from the server's side: sent to the sites, received from them
+        return dict(sites_asked=len(self.asked), sites_accepted=len(self.accepted), bytes_sent=self.bytes_to_sites,
+                    bytes_received=self.bytes_to_server)
 
 
 class Federation:
@@ -169,11 +170,11 @@ class Federation:
         check_supported(cfg)
         self.grid, self.cfg, self.fed = grid, cfg, cfg.federation
         self.flwr_run_id = str(flwr_run_id) if flwr_run_id is not None else None
-        self.name = self.fed.run_name or time.strftime("%Y-%m-%d_%H-%M-%S")
-        self.run_dir = Path(self.fed.output_dir) / self.name
+        self.run_name = self.fed.run_name or time.strftime("%Y-%m-%d_%H-%M-%S")
+        self.run_dir = Path(self.fed.output_dir) / self.run_name
         self.registry = Registry(self.fed.registry or Path(self.fed.output_dir) / "registry.sqlite")
         self.strategy = strategy_from_config(self.fed)
-        self.trust = TrustBoundary(self.registry, self.name, Bounds.from_config(self.fed), node_ids_per_run)
+        self.trust = TrustBoundary(self.registry, self.run_name, Bounds.from_config(self.fed), node_ids_per_run)
         central = OmegaConf.select(cfg, "privacy.central_dp")
         self.central_dp = CentralDp.from_config(central) if central else None
         self.secagg = OmegaConf.select(cfg, "privacy.secagg")
@@ -184,7 +185,7 @@ class Federation:
         self.config_hash = config_hash(cfg)
         # The schedule counts each site's local steps, which continue over the rounds.
         notice = schedule_notice(cfg.objective, int(self.fed.rounds) * int(self.fed.local_steps),
-                                 f"{schedule_trainer(self.fed.strategy)} ({self.fed.rounds} rounds x "
+                                 f"{self.strategy.schedule_trainer} ({self.fed.rounds} rounds x "
                                  f"{self.fed.local_steps} local steps)")
         if notice:
             log.warning(notice)
@@ -201,17 +202,17 @@ class Federation:
         stored = latest.meta.get("fingerprints") or {}
         # model and objective decide the model (the tokenizer's spec is part of `model`)
         if any(stored.get(key) != self.fingerprints[key] for key in ("model", "objective")):
-            raise RuntimeError(f"cannot resume {self.name}: model/tokenizer/objective changed since round "
+            raise RuntimeError(f"cannot resume {self.run_name}: model/tokenizer/objective changed since round "
                                f"{latest.round} ({latest.meta.get('fingerprints')} != {self.fingerprints})")
         discard_after(self.run_dir, latest.round)
         self.strategy.load_server_state(latest.server_state)   # a server optimizer's moments
         self.trust.norm_history = [float(n) for n in latest.meta.get("update_norms", [])]
-        log.info("resuming run %s after its last complete round %d", self.name, latest.round)
+        log.info("resuming run %s after its last complete round %d", self.run_name, latest.round)
         return latest.round + 1, latest.params
 
     def run(self) -> None:
         start, params = self._starting_point()
-        self.registry.start_run(self.name, self.flwr_run_id, int(self.fed.rounds), self.config, self.config_hash)
+        self.registry.start_run(self.run_name, self.flwr_run_id, int(self.fed.rounds), self.config, self.config_hash)
         try:
             if params is None:   # encoder-only sharing: the parameters `model.sharing` sends (shared_models/sharing.py)
                 params = {k: v.detach().numpy().copy() for k, v in split_state(self.model, self.cfg)[0].items()}
@@ -219,20 +220,22 @@ class Federation:
                 params = self.round(round_, params)
             export(self.run_dir / "checkpoint", self.run_dir / "export")
         except Exception as err:
-            self.registry.finish_run(self.name, error=str(err))
+            self.registry.finish_run(self.run_name, error=str(err))
             raise
-        self.registry.finish_run(self.name)
-        log.info("run %s finished: %d rounds, checkpoint at %s, encoders exported to %s", self.name, self.fed.rounds,
-                 self.run_dir / "checkpoint", self.run_dir / "export")
+        self.registry.finish_run(self.run_name)
+        log.info("run %s finished: %d rounds, checkpoint at %s, encoders exported to %s", self.run_name,
+                 self.fed.rounds, self.run_dir / "checkpoint", self.run_dir / "export")
 
     def _round_config(self, round_: int) -> dict:
-        return round_config(self.cfg, round_, self.name, self.fingerprints, self.connected_nodes)
+        rounds = int(self.fed.rounds)
+        site_rounds = self.strategy.site_rounds(self.connected_nodes, rounds) if self.connected_nodes else rounds
+        return round_config(self.cfg, round_, self.run_name, self.fingerprints, site_rounds)
 
     def round(self, round_: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic()
         connected = wait_for_sites(self.grid, self.fed)
         self.connected_nodes = len(connected)
-        nodes = sites_of_round(self.fed.strategy, connected, round_)
+        nodes = self.strategy.sites_of_round(connected, round_)
         if self.central_dp:   # site_fraction < 1: each site asked with that probability (secret coins)
             nodes = self.central_dp.sample_sites(nodes)
         exchanged = (self._secure_exchange if self.secagg else self._exchange)(round_, params, nodes)
@@ -240,7 +243,7 @@ class Federation:
         if not accepted and self.strategy.one_site_per_round:
             # The one site asked sent nothing usable (its rejection is recorded): the model stays as it was and
             # the next round asks the next site, as cyclic weight transfer passes over an absent institution.
-            self.registry.add_round(self.name, round_, status="skipped", metrics={},
+            self.registry.add_round(self.run_name, round_, status="skipped", metrics={},
                                     seconds=time.monotonic() - started, **exchanged.registry_fields())
             log.warning("round %d/%d: node %s sent no valid update; the global model is unchanged and the next "
                         "round asks the next site", round_, self.fed.rounds, exchanged.asked[0])
@@ -248,7 +251,7 @@ class Federation:
         # median and trimmed_mean need 3 updates to trim anything, whatever min_sites says
         needed = max(int(self.fed.min_sites), self.strategy.quorum)
         if len(accepted) < needed and not self.strategy.one_site_per_round:
-            self.registry.add_round(self.name, round_, status="too_few_sites", metrics={},
+            self.registry.add_round(self.run_name, round_, status="too_few_sites", metrics={},
                                     seconds=time.monotonic() - started, **exchanged.registry_fields())
             raise RuntimeError(f"round {round_}: {len(accepted)} accepted update(s), {needed} needed (federation."
                                f"min_sites={self.fed.min_sites}, strategy {self.fed.strategy}); the run can resume "
@@ -266,7 +269,7 @@ class Federation:
             metrics.update(self.central_dp.round_metrics(round_))
         seconds = time.monotonic() - started
         self._checkpoint(round_, params, accepted, metrics)
-        self.registry.add_round(self.name, round_, status="complete", metrics=metrics, seconds=seconds,
+        self.registry.add_round(self.run_name, round_, status="complete", metrics=metrics, seconds=seconds,
                                 **exchanged.registry_fields())
         loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""
         log.info("round %d/%d: %d/%d sites%s, %.1f s", round_, self.fed.rounds, len(accepted), len(exchanged.asked),
@@ -274,7 +277,7 @@ class Federation:
         return params
 
     def _checkpoint(self, round_: int, params: dict[str, np.ndarray], accepted: list[SiteReply], metrics: dict) -> None:
-        meta = {"run": self.name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
+        meta = {"run": self.run_name, "flwr_run_id": self.flwr_run_id, "config_hash": self.config_hash,
                 "fingerprints": self.fingerprints, "strategy": self.fed.strategy, "metrics": metrics,
                 "sites": {r.site: r.examples for r in accepted}, "shared": sorted(params), "config": self.config,
                 "influence": {r.site: {"weight": r.weight, "update_norm": r.norm, "scale": r.scale, "notes": r.notes}
@@ -282,7 +285,7 @@ class Federation:
                 "update_norms": self.trust.norm_history[-HISTORY_ROUNDS:]}
         folder, written = save_round(self.run_dir, round_, params, meta, self.strategy.server_state(),
                                      tokenizer=self.model.tokenizer)
-        self.registry.add_checkpoint(self.name, round_, folder, written["sha256"]["model.safetensors"])
+        self.registry.add_checkpoint(self.run_name, round_, folder, written["sha256"]["model.safetensors"])
 
     def _exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]) -> RoundExchange:
         """Send the round to `nodes` and pass each reply through the trust boundary."""
@@ -298,10 +301,10 @@ class Federation:
                                   admit_late=not self.strategy.one_site_per_round)
         self.trust.reject_unanswered(round_, nodes, {node for node, _ in replies},
                                      f"no reply within {self.fed.round_timeout_s} s")
-        bytes_received = sum(reply.content["arrays"].count_bytes() for _, reply in replies if not reply.has_error()
-                             and isinstance(reply.content.get("arrays"), ArrayRecord))
+        to_server = sum(reply.content["arrays"].count_bytes() for _, reply in replies if not reply.has_error()
+                        and isinstance(reply.content.get("arrays"), ArrayRecord))
         return RoundExchange(nodes, self.trust.accept(round_, params, replies),
-                             len(nodes) * content["arrays"].count_bytes(), bytes_received)
+                             len(nodes) * content["arrays"].count_bytes(), to_server)
 
     def _secure_exchange(self, round_: int, params: dict[str, np.ndarray], nodes: list[int]) -> RoundExchange:
         """As `_exchange`, under SecAgg+ (server/secagg.py): the bytes are those of the global parameters sent,
@@ -311,8 +314,8 @@ class Federation:
         self.trust.reject_unanswered(round_, nodes, {site.node for site in result.sites},
                                      "dropped out of the SecAgg+ round (refused, failed or no reply within "
                                      f"{self.fed.round_timeout_s} s per stage)")
-        sent = len(nodes) * sum(np.asarray(v).nbytes for v in params.values())
-        return RoundExchange(nodes, self.trust.accept_secure(round_, params, result), sent, 0)
+        to_sites = len(nodes) * sum(np.asarray(v).nbytes for v in params.values())
+        return RoundExchange(nodes, self.trust.accept_secure(round_, params, result), to_sites, 0)
 
 
 @app.main()
@@ -324,7 +327,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         federation = Federation(grid, compose(overrides), flwr_run_id=context.run_id,
                                 node_ids_per_run=node_ids_per_run(grid))
-    except RunConfigError as err:
+    except (RunConfigError, RenamedKeyError) as err:
         log.error("%s", err)
         raise RunConfigError(str(err)) from None   # Flower marks the run failed with this message
     federation.run()

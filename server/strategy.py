@@ -6,7 +6,9 @@ Each class is Flower's strategy of the same rule and keeps its settings under Fl
 `proximal_mu`). The ServerApp calls one hook, `aggregate_updates(global, updates)`, on decoded numpy arrays: every
 reply has been validated and its influence bounded before a rule sees it (server/validation.py, server/influence.py),
 so the rule gets (parameters, capped weight) pairs, not Messages. Flower's Message-level `aggregate_train` goes
-through the same hook, so a class gives the same model inside Flower's own `Strategy.start`.
+through the same hook, so a class gives the same model inside Flower's own `Strategy.start`. The ServerApp also
+asks the strategy object which sites a round asks (`sites_of_round`), how many rounds one site trains
+(`site_rounds`, what its DP-SGD plans for) and whose steps the schedule counts (`schedule_trainer`).
 
 What the hook keeps from server/aggregation.py instead of Flower's arithmetic, each pinned by a test:
   - sums in float64, cast back to each array's dtype (Flower's mean stays in float32 and turns integer step
@@ -41,8 +43,35 @@ class ProjectRule:
 
     @property
     def one_site_per_round(self) -> bool:
-        """Cyclic weight transfer: one site asked per round (server/rounds.py), its update the model."""
+        """Cyclic weight transfer: one site asked per round, its update the model. The names are
+        shared_models/privacy_config.py's, whose refusals (no SecAgg+ or central DP with one site) need them too."""
         return self.name in ONE_SITE_PER_ROUND
+
+    def sites_of_round(self, nodes: list[int], round_: int) -> list[int]:
+        """The SuperNodes asked in round `round_` (1-based): all of `nodes`, or one site per round in turn."""
+        return [nodes[(round_ - 1) % len(nodes)]] if self.one_site_per_round else nodes
+
+    def site_rounds(self, nodes: int, rounds: int) -> int:
+        """The most rounds any one of `nodes` SuperNodes trains in a run of `rounds`: all of them, or with one site
+        per round its turns. A site's DP-SGD sizes its noise for a target epsilon by these rounds' steps, so it never
+        plans (and over-noises for) the rounds of the other sites."""
+        return -(-rounds // max(nodes, 1)) if self.one_site_per_round else rounds
+
+    def total_local_steps(self, rounds: int, local_steps: int, sites: int) -> int:
+        """All sites' local steps over the run: what a centralized baseline with the same budget trains."""
+        return rounds * local_steps * (1 if self.one_site_per_round else sites)
+
+    @property
+    def schedule_trainer(self) -> str:
+        """Whose steps `rounds x local_steps` counts, for notices: each site's, continued over the rounds, or with
+        one site per round the model's as it passes from site to site (round r starts at step (r - 1) x
+        local_steps)."""
+        return "the model passed from site to site" if self.one_site_per_round else "each site"
+
+    @classmethod
+    def settings_from_config(cls, fed) -> dict:
+        """The Flower class's own settings, under its names, from the `federation` config group."""
+        return {}
 
     def combine(self, updates: list[Update]) -> Params:
         return weighted_mean(updates)
@@ -59,7 +88,8 @@ class ProjectRule:
     def load_server_state(self, state: Params | None) -> None:
         pass
 
-    # Flower's Message-level interface, over the same rule
+    # Flower's Message-level interface, over the same rule. Only Flower's own `Strategy.start` calls it (the test
+    # that drives it shows the same model); the project's round loop (server/app.py) calls `aggregate_updates`.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_params = {name: array.numpy() for name, array in arrays.items()}
@@ -90,6 +120,10 @@ class FedProx(ProjectRule, flwr.FedProx):
 
     name = "fedprox"
 
+    @classmethod
+    def settings_from_config(cls, fed) -> dict:
+        return dict(proximal_mu=float(fed.proximal_mu))
+
 
 class Cyclic(FedAvg):
     """Cyclic weight transfer: the one site asked passes its model on (its update becomes the global model). Flower's
@@ -110,14 +144,31 @@ class FedTrimmedAvg(ProjectRule, flwr.FedTrimmedAvg):
     name = "trimmed_mean"
     quorum = ROBUST_QUORUM["trimmed_mean"]
 
+    @classmethod
+    def settings_from_config(cls, fed) -> dict:
+        return dict(beta=float(fed.trim_fraction))
+
     def combine(self, updates: list[Update]) -> Params:
         return trimmed_mean(updates, self.beta)
 
 
 class ServerStep(ProjectRule):
-    """A server optimizer step on the sites' weighted mean (`ServerOptimizer`, whose moments are checkpointed)."""
+    """A server optimizer step on the sites' weighted mean (`ServerOptimizer`, whose moments are checkpointed).
+
+    Built from the Flower class's own settings: `optimizer_settings` maps ServerOptimizer's names to Flower's
+    (FedOpt's here; FedAvgM has its own)."""
 
     kind: str
+    optimizer_settings = {"lr": "eta", "beta1": "beta_1", "beta2": "beta_2", "tau": "tau"}
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        self.optimizer = ServerOptimizer(self.kind, **{ours: getattr(self, flowers)
+                                                       for ours, flowers in self.optimizer_settings.items()})
+
+    @classmethod
+    def settings_from_config(cls, fed) -> dict:
+        return dict(eta=float(fed.server_lr), beta_1=float(fed.beta1), beta_2=float(fed.beta2), tau=float(fed.tau))
 
     def aggregate_updates(self, global_params: Params, updates: list[Update]) -> Params:
         return self.optimizer.step(global_params, super().aggregate_updates(global_params, updates))
@@ -132,25 +183,18 @@ class ServerStep(ProjectRule):
 class FedAdam(ServerStep, flwr.FedAdam):
     name, kind = "fedadam", "adam"
 
-    def __init__(self, **settings):
-        super().__init__(**settings)
-        self.optimizer = ServerOptimizer(self.kind, lr=self.eta, beta1=self.beta_1, beta2=self.beta_2, tau=self.tau)
-
 
 class FedYogi(ServerStep, flwr.FedYogi):
     name, kind = "fedyogi", "yogi"
 
-    def __init__(self, **settings):
-        super().__init__(**settings)
-        self.optimizer = ServerOptimizer(self.kind, lr=self.eta, beta1=self.beta_1, beta2=self.beta_2, tau=self.tau)
-
 
 class FedAvgM(ServerStep, flwr.FedAvgM):
     name, kind = "fedavgm", "momentum"
+    optimizer_settings = {"lr": "server_learning_rate", "beta1": "server_momentum"}
 
-    def __init__(self, **settings):
-        super().__init__(**settings)
-        self.optimizer = ServerOptimizer(self.kind, lr=self.server_learning_rate, beta1=self.server_momentum)
+    @classmethod
+    def settings_from_config(cls, fed) -> dict:
+        return dict(server_learning_rate=float(fed.server_lr), server_momentum=float(fed.beta1))
 
 
 STRATEGIES: dict[str, type[ProjectRule]] = {cls.name: cls for cls in (FedAvg, FedProx, Cyclic, FedMedian,
@@ -163,13 +207,5 @@ def strategy_from_config(fed) -> ProjectRule:
     if cls is None:
         raise ValueError(f"federation.strategy={fed.strategy!r} is unknown; choose one of {sorted(STRATEGIES)}")
     min_sites = int(fed.get("min_sites", 1))
-    settings = dict(min_train_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=WEIGHT_KEY)
-    if cls is FedProx:
-        settings["proximal_mu"] = float(fed.proximal_mu)
-    elif cls is FedTrimmedAvg:
-        settings["beta"] = float(fed.trim_fraction)
-    elif cls in (FedAdam, FedYogi):
-        settings |= dict(eta=float(fed.server_lr), beta_1=float(fed.beta1), beta_2=float(fed.beta2), tau=float(fed.tau))
-    elif cls is FedAvgM:
-        settings |= dict(server_learning_rate=float(fed.server_lr), server_momentum=float(fed.beta1))
-    return cls(**settings)
+    return cls(min_train_nodes=min_sites, min_available_nodes=min_sites, weighted_by_key=WEIGHT_KEY,
+               **cls.settings_from_config(fed))

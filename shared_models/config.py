@@ -19,12 +19,33 @@ def is_run_name(name) -> bool:
     return isinstance(name, str) and RUN_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
+class RenamedKeyError(ValueError):
+    """An override sets a config key that has been renamed or retired; the message names the key to use."""
+
+
+# Old key -> the key to use instead, and why (docs/glossary.md: one name per concept). Hydra's own refusal of an
+# unknown key would not say where the setting went, and a `+key=` override would add it and be silently ignored.
+RENAMED_KEYS = {
+    "federation.validate_updates": "federation.update_norm_action (the server checks every reply it sees; under "
+                                   "SecAgg+ it sees only the mean, so only clip is accepted there: docs/privacy.md)",
+}
+
+
+def check_renamed_keys(overrides: list[str]) -> None:
+    """RenamedKeyError for the first override that sets a key of `RENAMED_KEYS`."""
+    for line in overrides:
+        key = line.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if key in RENAMED_KEYS:
+            raise RenamedKeyError(f"override {line!r}: {key} is no longer a setting; use {RENAMED_KEYS[key]}")
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The composed config for these Hydra overrides, outside a Hydra app (ServerApp, ClientApp, tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    check_renamed_keys(list(overrides or []))
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -35,6 +56,10 @@ def hydra_entry(command: str, task: Callable[[DictConfig], object], config_name:
     """Run `task` as a Hydra app whose run directory is outputs/<command>/<timestamp>/."""
     import hydra
 
+    try:
+        check_renamed_keys([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except RenamedKeyError as err:
+        raise SystemExit(f"error: {err}") from None
     if not any(arg.startswith("hydra.job.name=") for arg in sys.argv[1:]):
         sys.argv.insert(1, f"hydra.job.name={command}")
     hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()

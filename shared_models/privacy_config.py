@@ -95,10 +95,13 @@ def validate_federation_privacy(cfg) -> None:
                 f"and {strategy} needs every update on its own (per-coordinate order statistics). Use fedavg, "
                 "fedprox, fedadam or fedyogi with SecAgg+, or drop SecAgg+ to use robust aggregation."
             )
-        if config_value(cfg, "federation.validate_updates", False):
+        if config_value(cfg, "federation.update_norm_action", "clip") == "reject":
+            # The server's checks of each reply (server/trust_boundary.py) see only the mean under SecAgg+: `reject`
+            # would leave out, for one site's update, every site's share of the round.
             raise ValueError(
-                f"{where} with federation.validate_updates=true: SecAgg+ hides each site's update, so the server "
-                "cannot check them one by one (shapes, NaN, norms). Turn per-update validation off for SecAgg+ runs."
+                f"{where} with federation.update_norm_action=reject: SecAgg+ hides each site's update, so the server "
+                "cannot check them one by one (norms) to leave one site out; it would reject the whole round's mean. "
+                "Use federation.update_norm_action=clip with SecAgg+ (the norm bound then scales the mean)."
             )
         min_sites = int(config_value(cfg, "federation.min_sites", 2) or 0)
         if min_sites < 2:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import OperationalError
 
 from client.data.catalog import open_catalog, usable_studies
-from server.rounds import schedule_trainer, total_local_steps
+from server.strategy import strategy_from_config
 from shared_models.config import compose, hydra_entry
 from shared_models.model import schedule_notice, term_start_steps, terms_never_trained
 from simulations.data import PreparedData, prepare_data
@@ -194,7 +194,8 @@ def centralized_steps(cfg: DictConfig, sites: int) -> int:
     (under FedAvg a third of the examples for 3 sites, a third of the time); or a number."""
     choice = cfg.get("centralized_steps") or "all_sites"
     if choice == "all_sites":
-        return total_local_steps(cfg.federation, sites)
+        return strategy_from_config(cfg.federation).total_local_steps(int(cfg.federation.rounds),
+                                                                    int(cfg.federation.local_steps), sites)
     if choice == "one_model":
         return int(cfg.federation.rounds) * int(cfg.federation.local_steps)
     if isinstance(choice, int) and choice > 0:
@@ -308,7 +309,7 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
         return described["run"]["status"] != "running"
 
     schedule = schedule_comparison(cfg, len(sites))
-    trainer = schedule_trainer(cfg.federation.strategy)
+    trainer = strategy_from_config(cfg.federation).schedule_trainer
     for notice in [schedule_notice(cfg.objective, schedule["federated"]["steps"], trainer), schedule_mismatch(schedule)]:
         if notice:
             print(f"NOTICE: {notice}", flush=True)

@@ -10,14 +10,14 @@ import torch
 from flwr.app import Array, ArrayRecord
 from omegaconf import OmegaConf
 
-from client.federated import (FingerprintMismatch, build_model, check_fingerprints, shared_arrays, site_dataset,
-                              train_round)
+from client.federated import (FingerprintMismatch, build_model, check_fingerprints, run_settings, shared_arrays,
+                              site_dataset, train_round)
 from client.site import SiteConfigError, effective_caps, validate_caps
 from server.aggregation import ServerOptimizer, coordinate_median, trimmed_mean, weighted_mean
 from server.central_dp import dp_fedavg
 from server.checkpoints import load_latest_valid, save_round
 from server.registry import Registry
-from server.rounds import hybridmed_stage, round_config, site_rounds, sites_of_round, total_local_steps
+from server.rounds import hybridmed_stage, round_config
 from server.runs import main as runs_main
 from server.strategy import strategy_from_config
 from server.validation import read_arrays
@@ -303,6 +303,19 @@ def test_local_only_parameters_persist_between_rounds(sites, cfg, tmp_path):
     assert steps == {4.0}
 
 
+def test_a_site_takes_the_rounds_settings_from_the_round_config_alone(sites, cfg, tmp_path):
+    """The round's config record is the one source of the round's settings: a site whose composed overrides say
+    otherwise (1 local step, no kept moments, another seed) trains what the round config says."""
+    model = build_model(cfg)
+    config = dict(round_config(cfg, 1, "r", checkpoint_fingerprints(cfg, model.tokenizer)), local_steps=3,
+                  keep_optimizer_state=True)
+    disagreeing = OmegaConf.merge(cfg, {"seed": 5, "federation": {"local_steps": 1, "keep_optimizer_state": False}})
+    _, _, metrics = train_round(shared_arrays(model, cfg), config, _site(sites, "A", tmp_path), "r", disagreeing)
+    assert metrics["steps"] == 3
+    assert (tmp_path / "A" / "runs" / "r" / "optimizer.pt").is_file()
+    assert "federation" not in run_settings(cfg) and "seed" not in run_settings(cfg) and "model" in run_settings(cfg)
+
+
 def test_optimizer_state_can_restart_every_round(sites, tmp_path):
     fresh = compose(["federation.rounds=2", "federation.local_steps=1", "federation.batch_size=4",
                      "federation.keep_optimizer_state=false"])
@@ -378,17 +391,32 @@ def test_server_steps_leave_normalisation_statistics_at_the_sites_mean(kind):
 
 def test_cyclic_asks_each_site_in_turn_and_its_budget_is_one_site_per_round():
     nodes = [17, 4, 9]
-    asked = [sites_of_round("cyclic", nodes, r) for r in range(1, 7)]
-    assert asked == [[17], [4], [9], [17], [4], [9]]
-    assert sites_of_round("fedavg", nodes, 5) == nodes
     cyclic = compose(["federation.strategy=cyclic", "federation.rounds=12", "federation.local_steps=25"])
     fedavg = compose(["federation.rounds=12", "federation.local_steps=25"])
-    assert total_local_steps(cyclic.federation, 4) == 300 and total_local_steps(fedavg.federation, 4) == 1200
+    asked = [strategy_from_config(cyclic.federation).sites_of_round(nodes, r) for r in range(1, 7)]
+    assert asked == [[17], [4], [9], [17], [4], [9]]
+    assert strategy_from_config(fedavg.federation).sites_of_round(nodes, 5) == nodes
+    assert strategy_from_config(cyclic.federation).total_local_steps(12, 25, 4) == 300
+    assert strategy_from_config(fedavg.federation).total_local_steps(12, 25, 4) == 1200
     # one site's update passes through the aggregator unchanged
     update = {"w": np.array([0.25, -1.5], np.float32)}
     np.testing.assert_array_equal(strategy_from_config(cyclic.federation).aggregate_updates({"w": np.zeros(2)},
                                                                                            [(update, 7)])["w"],
                                   update["w"])
+
+
+@pytest.mark.parametrize("overrides, kind, settings", [
+    (["federation.strategy=fedadam", "federation.server_lr=0.3", "federation.beta1=0.8", "federation.beta2=0.95",
+      "federation.tau=0.02"], "adam", dict(lr=0.3, beta1=0.8, beta2=0.95, tau=0.02)),
+    (["federation.strategy=fedyogi", "federation.server_lr=0.2", "federation.tau=0.05"], "yogi",
+     dict(lr=0.2, beta1=0.9, beta2=0.99, tau=0.05)),
+    (["federation.strategy=fedavgm", "federation.server_lr=0.7", "federation.beta1=0.3"], "momentum",
+     dict(lr=0.7, beta1=0.3)),
+])
+def test_a_server_step_strategy_builds_its_optimizer_from_flowers_settings(overrides, kind, settings):
+    strategy = strategy_from_config(compose(overrides).federation)
+    assert strategy.optimizer.kind == kind
+    assert {name: getattr(strategy.optimizer, name) for name in settings} == pytest.approx(settings)
 
 
 @pytest.mark.parametrize("privacy", ["secagg", "central_dp", "dpsgd_secagg"])
@@ -459,7 +487,9 @@ def test_each_round_tells_the_site_how_many_rounds_it_trains_in_all(tmp_path, mo
         pass
     # 2 nodes: cyclic gives each at most 3 of the 5 rounds (its DP noise is sized for those), FedAvg all 5
     assert {int(c["config"]["site_rounds"]) for c in sent} == {expected}
-    assert site_rounds("cyclic", 3, 14) == 5 and site_rounds("cyclic", 4, 12) == 3 and site_rounds("median", 3, 14) == 14
+    cyclic, median = (strategy_from_config(compose([f"federation.strategy={name}", "federation.min_sites=3"]).federation)
+                      for name in ("cyclic", "median"))
+    assert cyclic.site_rounds(3, 14) == 5 and cyclic.site_rounds(4, 12) == 3 and median.site_rounds(3, 14) == 14
 
 
 def test_a_dp_site_sizes_its_noise_for_its_own_rounds(sites, tmp_path):

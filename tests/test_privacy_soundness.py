@@ -182,7 +182,7 @@ def test_the_clientapp_replies_to_a_failed_dp_round_with_the_code_only(monkeypat
 
     monkeypatch.setattr(app, "train_round", failing_round)
     content = RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord(
-        {"run": "r", "round": 1, "rounds": 2, "local_steps": 1, "batch_size": 2, "seed": 0, "lr": 1e-3})})
+        {"run_name": "r", "round": 1, "rounds": 2, "local_steps": 1, "batch_size": 2, "seed": 0, "lr": 1e-3})})
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = app.train_content(content, context)
     assert isinstance(reply, Error) and reply.code == ROUND_FAILED and "p-0042" not in reply.reason

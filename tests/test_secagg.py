@@ -54,7 +54,7 @@ def site_training(new_params: dict, examples: int, name: str):
     """A site that 'trains' to `new_params` (checking it was given the global ones)."""
 
     def train_content(content: RecordDict, context: Context):
-        assert "run" in content["config"]                  # the round config came through the legacy form
+        assert "run_name" in content["config"]             # the round config came through the legacy form
         return RecordDict({"arrays": ArrayRecord({k: v for k, v in _arrays(new_params).items()}),
                            "metrics": MetricRecord({"loss": float(examples), "examples": float(examples)}),
                            "site": ConfigRecord({"name": name})})
@@ -76,7 +76,7 @@ def random_params(rng, scale=1.0):
 
 SECAGG = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 4194304,
           "max_weight": 1000}
-CONFIG = {"run": "r", "round": 1, "lr": 1e-3}
+CONFIG = {"run_name": "r", "round": 1, "lr": 1e-3}
 
 
 def test_server_gets_the_example_weighted_mean_change_and_each_sites_metrics():

@@ -15,7 +15,7 @@ from server.app import Federation
 from server.checkpoints import load_latest_valid
 from server.influence import Bounds, bound_influence
 from server.validation import RunConfigError, SiteReply
-from shared_models.config import compose
+from shared_models.config import RenamedKeyError, compose
 from shared_models.transfer import contiguous
 
 K = 4.0   # federation.update_norm_factor's default: the bound the poisoning tests state
@@ -342,6 +342,18 @@ def test_the_server_app_refuses_a_bad_config_with_one_error_line(caplog, monkeyp
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "federation.lr=nan" in errors[0] and "federation.run_name='/abs'" in errors[0]
+
+
+@pytest.mark.parametrize("override", ["+federation.validate_updates=true", "federation.validate_updates=false"])
+def test_a_retired_key_is_refused_with_the_key_to_use(caplog, monkeypatch, override):
+    monkeypatch.setattr(server.app.logging, "basicConfig", lambda **_: None)   # keep pytest's log capture
+    with pytest.raises(RenamedKeyError, match="use federation.update_norm_action"):
+        compose([override])
+    context = SimpleNamespace(run_config={"overrides": f"privacy=secagg {override}"}, run_id=7)
+    with pytest.raises(RunConfigError, match="federation.validate_updates is no longer a setting"):
+        server.app.main(None, context)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "federation.update_norm_action" in errors[0]
 
 
 # ------------------------------------------------------------------------------------------ robust rules' quorum

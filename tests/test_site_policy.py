@@ -64,7 +64,7 @@ def server_round_config(overrides: str) -> dict:
 
 def crafted_round(overrides: str, run: str = "r", **changes) -> RecordDict:
     """A round message as the ServerApp builds it for `overrides`, with `changes` to its config record."""
-    config = dict(server_round_config(overrides), run=run, **changes)
+    config = dict(server_round_config(overrides), run_name=run, **changes)
     return RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord(config)})
 
 
@@ -163,6 +163,40 @@ def test_the_coordinators_own_folders_are_accepted_but_never_applied_at_the_site
         accepted_overrides(simulation)
 
 
+def test_the_rounds_settings_reach_the_site_only_in_the_round_config(tmp_path):
+    """The site's config from the run's overrides keeps no copy of the round's settings (steps, lr, seed, ...):
+    a site can read them only from the round's config record, which it validates."""
+    from client.app import run_config
+
+    cfg = run_config(context(write_site(tmp_path, policy=OPEN), f"{BASE} federation.lr=0.5 seed=7 train.lr=0.25"))
+    assert "federation" not in cfg and "seed" not in cfg
+    assert cfg.model.name == "tiny" and cfg.train.lr == 0.25   # what the round config does not carry still arrives
+
+
+def test_a_query_builds_the_initial_model_from_its_config_record(tmp_path):
+    from client.app import query
+    from client.federated import build_model, shared_arrays
+
+    ctx = context(write_site(tmp_path, policy=OPEN), BASE)
+    bare = query(Message(RecordDict(), dst_node_id=7, message_type="query"), ctx)
+    assert bare.has_error() and bare.error.code == ROUND_CONFIG_REFUSED and "seed is missing" in bare.error.reason
+    asked = RecordDict({"config": ConfigRecord({"seed": 3, "rounds": 2, "local_steps": 1})})
+    reply = query(Message(asked, dst_node_id=7, message_type="query"), ctx)
+    cfg = compose(BASE.split())
+    expected = shared_arrays(build_model(cfg, seed=3), cfg)
+    other_seed = shared_arrays(build_model(cfg, seed=4), cfg)
+    got = {name: array.numpy() for name, array in reply.content["arrays"].items()}
+    assert set(got) == set(expected) and all((got[k] == expected[k]).all() for k in expected)
+    assert any((got[k] != other_seed[k]).any() for k in expected)
+
+
+def test_a_retired_key_in_the_overrides_is_refused_naming_the_key_to_use(tmp_path):
+    site = write_site(tmp_path, policy=OPEN)
+    overrides = f"{BASE} federation.validate_updates=true"
+    refused(train_content(crafted_round(BASE), context(site, overrides)), POLICY_REFUSED,
+            "federation.validate_updates", "federation.update_norm_action")
+
+
 # ---------------------------------------------------------------------------------------------- run name
 @pytest.mark.parametrize("run", ["../../outside", "/abs/path", "..", "a" * 65, "x/y", "name with space", ""])
 def test_a_run_name_that_leaves_state_dir_is_refused_and_nothing_is_written_outside(tmp_path, run):
@@ -211,9 +245,12 @@ def test_a_round_message_without_its_records_is_refused(tmp_path):
 
 @pytest.mark.parametrize("override", ["train.min_lr_ratio=5", "train.grad_clip=-1", "seed=99999999999"])
 def test_train_settings_from_the_overrides_are_validated(tmp_path, override):
+    # the round as the ServerApp builds it for these overrides: `train.*` reaches the site through the overrides,
+    # the seed through the round's config record (its one source at the site)
     site = write_site(tmp_path, policy=OPEN)
     key = override.split("=")[0]
-    refused(train_content(crafted_round(BASE), context(site, f"{BASE} {override}")), ROUND_CONFIG_REFUSED, key)
+    overrides = f"{BASE} {override}"
+    refused(train_content(crafted_round(overrides), context(site, overrides)), ROUND_CONFIG_REFUSED, key)
     assert not (tmp_path / "state").exists()
 
 
