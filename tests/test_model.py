@@ -295,7 +295,7 @@ def test_the_default_schedule_is_a_fraction_of_the_run_resolved_once_from_its_to
     assert objective.schedule.stage2_step is None   # the default gives fractions, not steps
     # centralized: 100 steps -> stage 2 at step 40, seg's warm-up (0.2) ends at 20
     central = resolve_schedule(objective, 100)
-    assert (central.stage2_step, central.warmup_steps) == (40, 20)
+    assert (central.stage2_step, central.seg_start_step) == (40, 20)
     assert (central.hybridmed_stage(39), central.hybridmed_stage(40)) == (1, 2)
     assert central.start_step["token"] == central.start_step["caption"] == 40 and central.start_step["global"] == 0
     # a federation of 10 rounds x 25 local steps: one schedule over the sites' continued steps -> step 100
@@ -304,7 +304,7 @@ def test_the_default_schedule_is_a_fraction_of_the_run_resolved_once_from_its_to
     assert [hybridmed_stage(fed, (r - 1) * 25) for r in (4, 5)] == [1, 2]   # the server's round config: round 5
     # the sites' model, built from the same config, switches at the same step
     model = create_model(compose([*FAST, "objective=hybrid", "federation.rounds=10", "federation.local_steps=25"]))
-    assert (model.hybridmed_stage(99), model.hybridmed_stage(100)) == (1, 2) and model.schedule.warmup_steps == 50
+    assert (model.hybridmed_stage(99), model.hybridmed_stage(100)) == (1, 2) and model.schedule.seg_start_step == 50
     model.plan_schedule(100)   # the centralized run re-plans for its own total
     assert model.hybridmed_stage(40) == 2 and "token" in model.active_terms(40) and "seg" in model.active_terms(20)
     # every term trains in a run of any length: none is left out, however short
@@ -316,7 +316,7 @@ def test_an_absolute_schedule_reproduces_the_old_switch_step_and_wins_over_the_f
     absolute = compose(["objective=hybrid", "objective.schedule.stage2_step=1000",
                         "objective.schedule.warmup_steps=200"]).objective
     schedule = resolve_schedule(absolute, 350)   # the fractions (0.4, 0.2) are still set: the steps win
-    assert (schedule.stage2_step, schedule.warmup_steps, schedule.start_step["distill"]) == (1000, 200, 1000)
+    assert (schedule.stage2_step, schedule.seg_start_step, schedule.start_step["distill"]) == (1000, 200, 1000)
     assert terms_never_trained(absolute, 350) == {"global_impression": 1000, "token": 1000, "caption": 1000,
                                                   "distill": 1000}
     assert "never train" in schedule_notice(absolute, 350, "each site")

@@ -427,7 +427,7 @@ def toy_objective():
     from shared_models.objectives.registry import register_objective, unregister_objective
 
     @register_objective("toy_pair", build=lambda c, m: GlobalContrastive(c["temperature"]),
-                        inputs=("image_emb", "report_emb"), coupled=True, starts={"toy_pair": "warmup"})
+                        inputs=("image_emb", "report_emb"), coupled=True, starts={"toy_pair": "seg_start"})
     def toy_pair_loss(model, s, step):
         return {"toy_pair": model.objectives["toy_pair"](s.image_emb, s.report_emb)}
 
@@ -446,7 +446,7 @@ def test_every_objective_module_registers_its_terms_config_section_and_coupling(
     # a coupled term reads only rows that the per-patient loop stacks (StackedInputs)
     assert all(set(o.inputs) <= {"image_emb", "report_emb", "impression_emb"} for o in objectives().values()
                if o.coupled)
-    assert objective_of_term()["caption"].name == "impression" and objective_of_term()["seg"].starts == {"seg": "warmup"}
+    assert objective_of_term()["caption"].name == "impression" and objective_of_term()["seg"].starts == {"seg": "seg_start"}
     # each module is named after its config section, except `global` (a Python keyword)
     modules = {o.name: o.loss.__module__.rsplit(".", 1)[1] for o in objectives().values()}
     assert {n for n, m in modules.items() if n != m} == {"global", "global_impression"}

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-# Where a scheduled term starts: HybridMED's stage 2 or the warm-up (G2D's pseudo segmentation). A term
+# Where a scheduled term starts: HybridMED's stage 2 or the seg start (G2D's pseudo segmentation). A term
 # without one trains from step 0; `objective.schedule` places these points (shared_models/objectives/schedule.py).
-SCHEDULE_POINTS = ("stage2", "warmup")
+SCHEDULE_POINTS = ("stage2", "seg_start")
 
 
 @dataclass(frozen=True)

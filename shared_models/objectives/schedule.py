@@ -1,8 +1,9 @@
 """When each loss term starts: `objective.schedule` resolved once against the run's total optimizer steps.
 
-HybridMED's stage 2 and the warm-up before G2D's pseudo segmentation are points of the run, given either as
-a fraction of its steps (`stage2_at`, `warmup_at`: every term trains in a run of any length) or as absolute
-steps (`stage2_step`, `warmup_steps`: the papers' schedules; when set they win over the fractions).
+HybridMED's stage 2 and the seg start (G2D's pseudo segmentation, after a global-only warm-up) are points of the
+run, given either as a fraction of its steps (`stage2_at`, `warmup_at`: every term trains in a run of any length) or
+as absolute steps (`stage2_step`, `warmup_steps`: the papers' schedules; when set they win over the fractions). The
+seg start's config keys keep their `warmup_` names (docs/glossary.md); it is not the lr warm-up (`train.warmup_steps`).
 `start_step: {term: step}` pins one term's start. Which term waits for which point is registered with its
 objective (`Objective.starts`).
 
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 
 from shared_models.objectives.registry import term_starts
 
-POINTS = {"stage2": ("stage2_step", "stage2_at"), "warmup": ("warmup_steps", "warmup_at")}
+POINTS = {"stage2": ("stage2_step", "stage2_at"), "seg_start": ("warmup_steps", "warmup_at")}
 
 
 @dataclass(frozen=True)
 class Schedule:
     stage2_step: int
-    warmup_steps: int
+    seg_start_step: int
     start_step: dict[str, int]   # every weighted term's first step
 
     def active_terms(self, step: int) -> list[str]:
@@ -66,7 +67,7 @@ def resolve_schedule(objective, total_steps: int | None = None) -> Schedule:
                          f"that objective.lambdas does not weight")
     start_step = {term: int(pinned[term]) if pinned.get(term) is not None else points.get(starts.get(term), 0)
                   for term in weighted}
-    return Schedule(points["stage2"], points["warmup"], start_step)
+    return Schedule(points["stage2"], points["seg_start"], start_step)
 
 
 def federation_steps(cfg) -> int:

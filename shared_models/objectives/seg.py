@@ -113,7 +113,7 @@ class PseudoSegmentation(nn.Module):
 
 @register_objective("seg", build=lambda c, m: PseudoSegmentation(m.image_encoder.pyramid_channels, c["quantile"],
                                                                  c["bce_weight"], c["width"]),
-                    inputs=("image",), batch=("images",), starts={"seg": "warmup"})
+                    inputs=("image",), batch=("images",), starts={"seg": "seg_start"})
 def seg_loss(model, s, step: int) -> dict[str, Tensor]:
     """G2D's pseudo segmentation, after the warm-up."""
     image_hw = tuple(s.batch["images"].shape[-2:])
