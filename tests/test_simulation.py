@@ -21,15 +21,10 @@ ONE_ACTOR = "client_resources.concurrent_sites=1"
 
 
 @pytest.fixture(scope="module")
-def phantom_cache(tmp_path_factory) -> Path:
-    """The cache_dir every run of this module shares: the 40-study phantom is drawn and indexed once."""
-    return tmp_path_factory.mktemp("simulation_cache")
-
-
-@pytest.fixture(scope="module")
-def simulation(tmp_path_factory, phantom_cache):
-    run_dir = tmp_path_factory.mktemp("simulation") / "run"
-    command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={phantom_cache}",
+def simulation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("simulation")
+    run_dir = tmp / "run"
+    command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
                "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", ONE_ACTOR,
                "probe.max_iter=20",
@@ -147,12 +142,12 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-def test_sigterm_mid_federation_stops_every_flower_process(tmp_path, phantom_cache):
+def test_sigterm_mid_federation_stops_every_flower_process(tmp_path):
     import signal
     import time
 
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={phantom_cache}",
+    command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=50", "federation.local_steps=1",
                "federation.batch_size=4", "client_resources.num_cpus=1", ONE_ACTOR, "compare_centralized=false"]
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -188,7 +183,7 @@ class _ScriptedSimulation:
         return False
 
 
-def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_path, monkeypatch, phantom_cache):
+def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_path, monkeypatch):
     import simulations.run as run
     from shared_models.config import compose
 
@@ -198,7 +193,7 @@ def test_a_timed_out_federation_names_its_finished_rounds_and_the_remedy(tmp_pat
             raise TimeoutError("Flower run 7 did not finish within 60 s; stopped it")
 
     monkeypatch.setattr(run, "LocalSimulation", TimedOut)
-    cfg = compose([f"cache_dir={phantom_cache}", "data.studies=40", "federation.sites=2", "federation.rounds=5",
+    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "data.studies=40", "federation.sites=2", "federation.rounds=5",
                    "timeout_s=null"],
                   config_name="simulate")
     with pytest.raises(TimeoutError, match=r"timeout_s=None\). Rounds none of 5 completed and are checkpointed in "
@@ -249,7 +244,7 @@ def test_the_apps_compose_the_runs_model_even_without_its_group_choice():
     assert {"~model.image.kwargs.depth", "+model.image.kwargs.stem_type=deep"} <= set(app_overrides(cfg, {}, forced={}))
 
 
-def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowers_log(tmp_path, monkeypatch, phantom_cache):
+def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowers_log(tmp_path, monkeypatch):
     import simulations.run as run
     from shared_models.config import compose
 
@@ -262,7 +257,7 @@ def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowe
             return {"status": "finished:failed"}
 
     monkeypatch.setattr(run, "LocalSimulation", FailsAtStart)
-    cfg = compose([f"cache_dir={phantom_cache}", "data.studies=40", "federation.sites=2"], config_name="simulate")
+    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "data.studies=40", "federation.sites=2"], config_name="simulate")
     with pytest.raises(RuntimeError, match=r"never started \(Flower: finished:failed\): ValueError: num_channels \(24\) "
                                            r"must be divisible by num_groups \(32\); see .*flower_run\.log"):
         run.simulate(cfg, tmp_path / "run", choices={})
