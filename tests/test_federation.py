@@ -24,7 +24,9 @@ from simulations.flower import PROJECT_ROOT, descendants, free_port
 
 from helpers.deployment import deploy, needs_flwr, phantom_sites
 
-OVERRIDES = "federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.1 federation.min_sites=2"
+# poll_s: how often the ServerApp asks the SuperLink for replies; each ask costs both processes CPU that the sites
+# training the round need more (the config's default is 0.5 s)
+OVERRIDES = "federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.5 federation.min_sites=2"
 pytestmark = needs_flwr
 
 
