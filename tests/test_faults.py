@@ -1,8 +1,8 @@
 """Faults a federation survives: a site or the coordinator killed mid-run, spoiled updates, a truncated checkpoint.
 
 The deployment scenarios share one real deployment on 127.0.0.1 (TLS + node-auth SuperLink with a persistent
-database, two `client/run.py` sites); every process is stopped by PID. A catalog index killed mid-way is
-covered by tests/test_catalog_index.py::test_killed_index_resumes_without_duplicates_or_losses.
+database, two `client/run.py` sites), and the two crashes share one run; every process is stopped by PID. A catalog
+index killed mid-way is covered by tests/test_catalog_index.py::test_killed_index_resumes_without_duplicates_or_losses.
 """
 import hashlib
 import json
@@ -24,7 +24,8 @@ from simulations.flower import stage_app
 from helpers.deployment import deploy, needs_flwr
 
 TESTS = Path(__file__).resolve().parent
-# A dead site is left out when the round times out; the timeout must cover a live site's round on a busy machine.
+# A killed site is left out of its round once the SuperLink holds it offline (two missed 30 s heartbeats), at the
+# latest when the round times out; the timeout must cover a live site's round on a busy machine.
 ROUND_TIMEOUT_S = 240
 BASE = (f"federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.1 federation.min_sites=1 "
         f"federation.round_timeout_s={ROUND_TIMEOUT_S}")
@@ -89,63 +90,85 @@ def test_spoiled_updates_are_rejected_and_logged_and_the_round_goes_on(deploymen
     assert "update from site A rejected" in run["logs"]
 
 
-@needs_flwr
-def test_site_killed_mid_round_is_left_out_and_rejoins_next_round(deployment):
+def _rounds_done(registry: Registry, name: str) -> list[int]:
+    try:
+        return [r["round"] for r in registry.describe(name)["rounds"]]
+    except KeyError:  # the ServerApp has not registered the run yet
+        return []
+
+
+@pytest.fixture(scope="module")
+def crashes(deployment):
+    """One 3-round run through both crashes, for the two tests below (a run each would cost a ServerApp start and
+    two rounds more): site A is SIGKILLed while it trains round 1 and restarted at once, so round 1 goes on without
+    it and A rejoins round 2; the coordinator is SIGKILLed once round 2 is complete, restarted on its database, and
+    the run resumed for round 3. What each crash left behind is recorded as it is seen."""
+    name, registry = "crashes", _registry(deployment)
+    overrides = _overrides(deployment, name, rounds=3)
     log_start = len(deployment.site_log("A"))
-    run_id = deployment.submit(_overrides(deployment, "site_killed", rounds=2))
+    first_id = deployment.submit(overrides)
+    seen = {"first_id": first_id}
 
     def training_round_1():  # A has received round 1 and started its ClientApp, and not replied yet
         log = deployment.site_log("A")[log_start:]
-        marker = log.find(f"[RUN {run_id}, ROUND 1]")
+        marker = log.find(f"[RUN {first_id}, ROUND 1]")
         started = "ClientApp task started" in log[marker:] or "Start `flwr-clientapp` process" in log[marker:]
         return marker >= 0 and started and "Sent successfully" not in log[marker:]
 
     _wait_until(training_round_1, ROUND_TIMEOUT_S, "site A to start training round 1")
-    assert _registry(deployment).describe("site_killed")["rounds"] == []
+    seen["rounds_at_site_kill"] = [r["round"] for r in registry.describe(name)["rounds"]]
     deployment.kill_site("A")
     deployment.start_site("A")
-    assert deployment.wait_for_site("A") == deployment.node_ids["A"]
+    # The SuperLink takes A back once its old session's heartbeats have lapsed; that also ends A's part of round 1.
+    seen["rejoined_node"] = deployment.wait_for_site("A")
 
-    run = deployment.wait(run_id, timeout_s=3 * ROUND_TIMEOUT_S)
-    assert run["status"] == "finished:completed", run["logs"]
-    shown = _registry(deployment).describe("site_killed")
-    assert [(r["round"], r["status"], r["sites_accepted"]) for r in shown["rounds"]] == [(1, "complete", 1), (2, "complete", 2)]
-    assert [(r["round"], r["node_id"]) for r in shown["rejections"]] == [(1, str(deployment.node_ids["A"]))]
-    assert {(m["round"], m["site"]) for m in shown["site_metrics"]} == {(1, "B"), (2, "A"), (2, "B")}
-
-
-@needs_flwr
-def test_coordinator_killed_mid_run_resumes_from_the_last_complete_round(deployment):
-    overrides = _overrides(deployment, "coordinator_killed", rounds=3)
-    first_id = deployment.submit(overrides)
-    registry = _registry(deployment)
-
-    def rounds_done():
-        try:
-            return [r["round"] for r in registry.describe("coordinator_killed")["rounds"]]
-        except KeyError:
-            return []
-
-    _wait_until(rounds_done, 3 * ROUND_TIMEOUT_S, "round 1 of the run to complete")
+    _wait_until(lambda: 2 in _rounds_done(registry, name), 3 * ROUND_TIMEOUT_S, "round 2 of the run to complete")
     deployment.kill_superlink()
-    done_at_kill = rounds_done()
-    assert done_at_kill == [1], "the coordinator must be killed after round 1 and before round 2 completes"
-    model_1 = deployment.folder / "runs" / "coordinator_killed" / "checkpoints" / "round_0001" / "model.safetensors"
-    sha_1 = hashlib.sha256(model_1.read_bytes()).hexdigest()
+    seen["rounds_at_coordinator_kill"] = _rounds_done(registry, name)
+    checkpoints = deployment.folder / "runs" / name / "checkpoints"
+    seen["sha"] = {r: hashlib.sha256((checkpoints / f"round_{r:04d}" / "model.safetensors").read_bytes()).hexdigest()
+                   for r in (1, 2)}
 
     deployment.start_superlink()
     deployment.flwr("stop", first_id, "fedcxr-deployment", check=False)  # its ServerApp died with the SuperLink
-    resumed = deployment.run(overrides + " federation.resume=true", timeout_s=6 * ROUND_TIMEOUT_S)
-    assert resumed["status"] == "finished:completed", resumed["logs"]
-    assert "resuming run coordinator_killed after its last complete round 1" in resumed["logs"]
+    seen["resumed"] = deployment.run(overrides + " federation.resume=true", timeout_s=6 * ROUND_TIMEOUT_S)
+    return seen
 
-    shown = registry.describe("coordinator_killed")
+
+@needs_flwr
+def test_site_killed_mid_round_is_left_out_and_rejoins_next_round(deployment, crashes):
+    assert crashes["rounds_at_site_kill"] == []
+    assert crashes["rejoined_node"] == deployment.node_ids["A"]
+    run = crashes["resumed"]
+    assert run["status"] == "finished:completed", run["logs"]
+    shown = _registry(deployment).describe("crashes")
+    # rounds 1 and 2 are the first Flower run's: A left out of round 1, back in round 2 of the same run (round 3,
+    # after the coordinator's crash, is the other test's)
+    assert [(r["round"], r["status"], r["sites_accepted"]) for r in shown["rounds"] if r["round"] <= 2] == \
+        [(1, "complete", 1), (2, "complete", 2)]
+    assert [(r["round"], r["node_id"]) for r in shown["rejections"] if r["round"] <= 2] == \
+        [(1, str(deployment.node_ids["A"]))]
+    assert {(m["round"], m["site"]) for m in shown["site_metrics"] if m["round"] <= 2} == {(1, "B"), (2, "A"), (2, "B")}
+
+
+@needs_flwr
+def test_coordinator_killed_mid_run_resumes_from_the_last_complete_round(deployment, crashes):
+    assert crashes["rounds_at_coordinator_kill"] == [1, 2], \
+        "the coordinator must be killed after round 2 and before round 3 completes"
+    resumed = crashes["resumed"]
+    assert resumed["status"] == "finished:completed", resumed["logs"]
+    assert "resuming run crashes after its last complete round 2" in resumed["logs"]
+
+    shown = _registry(deployment).describe("crashes")
     assert [(r["round"], r["status"]) for r in shown["rounds"]] == [(1, "complete"), (2, "complete"), (3, "complete")]
     assert [c["round"] for c in shown["checkpoints"]] == [1, 2, 3] and shown["run"]["status"] == "finished"
-    assert hashlib.sha256(model_1.read_bytes()).hexdigest() == sha_1 == shown["checkpoints"][0]["sha256"]
-    metas = {r: json.loads((model_1.parents[1] / f"round_{r:04d}" / "meta.json").read_text()) for r in (1, 2, 3)}
-    assert metas[1]["flwr_run_id"] == first_id
-    assert metas[2]["flwr_run_id"] == metas[3]["flwr_run_id"] == resumed["run-id"] != first_id
+    checkpoints = deployment.folder / "runs" / "crashes" / "checkpoints"
+    for round_, recorded in zip((1, 2), shown["checkpoints"]):  # the rounds before the crash are kept as they were
+        model = checkpoints / f"round_{round_:04d}" / "model.safetensors"
+        assert hashlib.sha256(model.read_bytes()).hexdigest() == crashes["sha"][round_] == recorded["sha256"]
+    metas = {r: json.loads((checkpoints / f"round_{r:04d}" / "meta.json").read_text()) for r in (1, 2, 3)}
+    assert metas[1]["flwr_run_id"] == metas[2]["flwr_run_id"] == crashes["first_id"]
+    assert metas[3]["flwr_run_id"] == resumed["run-id"] != crashes["first_id"]
 
 
 def test_resume_refuses_a_truncated_checkpoint_and_uses_the_previous_round(tmp_path, caplog):
