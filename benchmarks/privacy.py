@@ -14,13 +14,13 @@ from shared_models.batch import collate
 
 # model -> batch size (patients per step), as in `objectives`; tiny_cnn: what `make simulate` and the sweep train
 MODELS = {"tiny": 8, "resnet50_bert": 8, "tiny_cnn": 8}
-METHODS = ("vmap", "loop", "vmap_fused", "loop_fused")
+METHODS = ("vmap", "loop")
 
 
 def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer, generator, per_study: str) -> None:
     """One DP-SGD step: the clipped sum S(B) (the per-patient terms' per-study gradients in one vmapped pass, or
-    one pass per patient with per_study="loop"; "vmap_fused" / "loop_fused": the same with a backward that also
-    carries the coupled terms' cotangent; the coupled terms clipped as one batch gradient), Gaussian noise, AdamW."""
+    one pass per patient with per_study="loop"; the coupled terms clipped as one batch gradient), Gaussian
+    noise, AdamW."""
     summed = clipped_gradient_sum(model, samples, collate_fn, step, ClipNorms(1.0, 1.0), len(samples), params,
                                   per_study=per_study)
     for param, grad in zip(params, noisy_gradient(summed.gradient, 1.0, len(samples), generator)):
@@ -29,10 +29,9 @@ def dp_step(model, samples: list[dict], collate_fn, step: int, params, optimizer
     optimizer.zero_grad(set_to_none=True)
 
 
-def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1,
-                methods: tuple[str, ...] = ("vmap", "loop")) -> dict:
-    """The non-DP step and each DP method's step (`methods`, in order), timed in turn within every repeat
-    (`interleaved`); per method, the median over repeats of its DP/non-DP ratio within a repeat, wall and CPU."""
+def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int, warmup: int = 1) -> dict:
+    """The non-DP step and each DP method's step, timed in turn within every repeat (`interleaved`); per method,
+    the median over repeats of its DP/non-DP ratio within a repeat, wall and CPU."""
     params = trainable_parameters(model)
     plain_optimizer = torch.optim.AdamW(params, lr=1e-5)
     dp_optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -40,11 +39,11 @@ def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int,
     batch = collate_fn(samples)
     model.train()
     steps = {"plain": lambda: train_step(model, batch, step, plain_optimizer)}
-    for method in methods:
+    for method in METHODS:
         steps[method] = partial(dp_step, model, samples, collate_fn, step, params, dp_optimizer, generator, method)
     times = interleaved(steps, repeats, warmup)
     out = {"step_s": median_seconds(times["plain"])[0]}
-    for method in methods:
+    for method in METHODS:
         out[f"{method}_step_s"] = median_seconds(times[method])[0]
         out.update({f"{method}_{key}": value for key, value in ratio_to(times, method, "plain").items()})
     return out
@@ -57,7 +56,7 @@ def run(quick: bool = False) -> dict:
         cfg, model = build(model_name, "hybrid", ["privacy=dpsgd"])   # GroupNorm: what DP-SGD trains
         samples = synthetic_samples(batch_size, int(cfg.model.image.img_size))
         collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=int(cfg.model.text.max_length))
-        measured = step_ratios(model, samples, collate_fn, all_terms_step(cfg), repeats, methods=METHODS)
+        measured = step_ratios(model, samples, collate_fn, all_terms_step(cfg), repeats)
         chosen = per_study_method(model, "auto")
         results[model_name] = {"dp_step_s": measured[f"{chosen}_step_s"], "step_s": measured["step_s"],
                                "ratio": measured[f"{chosen}_ratio"], "cpu_ratio": measured[f"{chosen}_cpu_ratio"],

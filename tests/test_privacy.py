@@ -247,82 +247,6 @@ def test_loop_on_several_threads_sums_the_same_gradient_with_one_intra_op_thread
     assert loop_workers([torch.zeros(1, device="meta")], 4, 8) == 1   # not a CPU: one study at a time
 
 
-def test_fused_loop_sums_the_loops_gradient_from_one_backward_per_study(hybrid):
-    """per_study="loop_fused": each study's graph taken back once with its per-patient and coupled cotangents batched
-    gives the loop's S(B) (unclipped and with every gradient clipped), clip count and terms, on one thread and on
-    three; the image encoder runs once per study; with nothing to fuse it is the loop."""
-    samples = [make_sample(0), make_sample(1, findings=False), make_sample(2, impression=False), make_sample(3),
-               make_sample(4)]
-    collate_fn = lambda s: collate(s, hybrid.tokenizer, max_length=48)  # noqa: E731
-    seen = []
-    hook = hybrid.image_encoder.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
-    hybrid.eval()   # no dropout: the two methods draw different masks
-    try:
-        for clip in (ClipNorms(patient=1e9, coupled=1e9), ClipNorms(patient=0.05, coupled=0.05)):
-            by_loop = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 5, per_study="loop", workers=1)
-            for workers in (1, 3):
-                seen.clear()
-                by_fused = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 5, per_study="loop_fused",
-                                                workers=workers)
-                assert seen == [1] * 5
-                # float sums in another order: judged against the gradient's own scale
-                gap = flat(by_fused.gradient) - flat(by_loop.gradient)
-                assert float(gap.norm()) <= 1e-5 * float(flat(by_loop.gradient).norm()), (clip, workers)
-                assert float(gap.abs().max()) <= 1e-5 * float(flat(by_loop.gradient).abs().max()), (clip, workers)
-                assert by_fused.clipped_patients == by_loop.clipped_patients
-                assert set(by_fused.terms) == set(by_loop.terms) == set(hybrid.lambdas) | {"loss"}
-                assert by_fused.terms == pytest.approx(by_loop.terms, rel=1e-5)
-        assert by_fused.clipped_patients == 5
-        # the coupled part is in it: without the coupled terms' cotangent the sum would be another vector
-        with only_terms(hybrid, set(hybrid.lambdas) - COUPLED_TERMS):
-            per_patient_only = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 5, per_study="loop")
-            # nothing to fuse: the loop
-            alone = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 5, per_study="loop_fused")
-        torch.testing.assert_close(flat(alone.gradient), flat(per_patient_only.gradient), atol=1e-7, rtol=1e-5)
-        assert float((flat(by_fused.gradient) - flat(per_patient_only.gradient)).norm()) > 0.5 * clip.coupled
-    finally:
-        hook.remove()
-        hybrid.train()
-    assert DpSgdSettings(per_study="loop_fused").per_study == "loop_fused"
-    assert per_study_method(hybrid, "loop_fused") == "loop_fused"
-
-
-def test_fused_vmap_sums_the_loops_gradient_and_replays_the_rows_dropout_masks(hybrid):
-    """per_study="vmap_fused": the vmapped per-study pass whose backward also carries the coupled terms' cotangent
-    gives the loop's S(B), clip count and terms (eval mode: both see one function); in train mode (dropout on) the
-    rows its coupled cotangent was computed on are the rows its backward goes through (the generator replayed), so
-    its coupled part is the exact gradient of the coupled terms at those masks."""
-    samples = [make_sample(0), make_sample(1, findings=False), make_sample(2, impression=False), make_sample(3)]
-    collate_fn = lambda s: collate(s, hybrid.tokenizer, max_length=48)  # noqa: E731
-    hybrid.eval()
-    try:
-        for clip in (ClipNorms(patient=1e9, coupled=1e9), ClipNorms(patient=0.05, coupled=0.05)):
-            by_loop = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 4, per_study="loop", workers=1)
-            by_fused = clipped_gradient_sum(hybrid, samples, collate_fn, 0, clip, 4, per_study="vmap_fused")
-            gap = flat(by_fused.gradient) - flat(by_loop.gradient)
-            # vmap pads texts to the batch's widths: float sums in another order (test_one_vmapped_pass_...)
-            assert float(gap.norm()) <= 1e-5 * float(flat(by_loop.gradient).norm()), clip
-            assert float(gap.abs().max()) <= 2e-5 * float(flat(by_loop.gradient).abs().max()), clip
-            assert by_fused.clipped_patients == by_loop.clipped_patients
-            assert set(by_fused.terms) == set(by_loop.terms) == set(hybrid.lambdas) | {"loss"}
-            assert by_fused.terms == pytest.approx(by_loop.terms, rel=1e-4)
-        assert by_fused.clipped_patients == 4
-    finally:
-        hybrid.train()
-    # train mode, dropout on: the rows are drawn again on the second pass only because the generator is replayed
-    hybrid.train()
-    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in hybrid.text_encoder.modules())
-    dp = clipped_gradient_sum(hybrid, samples, collate_fn, 0, ClipNorms(1.0, 1.0), 4, per_study="vmap_fused")
-    assert torch.isfinite(flat(dp.gradient)).all()
-    real_set_rng_state = torch.set_rng_state
-    try:
-        torch.set_rng_state = lambda state: None   # no replay: the second pass draws fresh masks
-        with pytest.raises(RuntimeError, match="came out differently"):
-            clipped_gradient_sum(hybrid, samples, collate_fn, 0, ClipNorms(1.0, 1.0), 4, per_study="vmap_fused")
-    finally:
-        torch.set_rng_state = real_set_rng_state
-
-
 def test_dp_round_on_the_hybrid_model_trains_local_heads_under_dp(hybrid, tmp_path):
     model = copy.deepcopy(hybrid)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -585,7 +509,7 @@ def test_valid_privacy_configs_pass(overrides):
 @pytest.mark.parametrize("overrides, reason", [
     (["privacy=secagg", "federation.strategy=median"], "needs every update on its own"),
     (["privacy=dpsgd_secagg", "federation.strategy=trimmed_mean"], "needs every update on its own"),
-    (["privacy=secagg", "federation.update_norm_action=reject"], "cannot check them one by one"),
+    (["privacy=secagg", "+federation.validate_updates=true"], "cannot check them one by one"),
     (["privacy=secagg", "federation.min_sites=1"], "at least 2 sites"),
     (["privacy=central_dp", "federation.strategy=fedadam"], "unweighted mean"),
     (["privacy=central_dp", "+privacy.secagg={num_shares: 3, reconstruction_threshold: 2}"], "in the clear"),

@@ -8,12 +8,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from types import SimpleNamespace
 from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from client import distributed
@@ -38,10 +37,9 @@ class TrainableModel(Protocol):
     def __call__(self, batch: dict, step: int) -> dict[str, Tensor]: ...
 
 
-# How the per-patient summands are computed: all studies in one vmapped pass, one pass per patient, either of them
-# with a backward that also carries the coupled terms' cotangent (`_fused`: no separate backward for the coupled
-# terms), or whichever is fastest for the model's image encoder (`per_study_method`).
-PER_STUDY_METHODS = ("auto", "vmap", "loop", "vmap_fused", "loop_fused")
+# How the per-patient summands are computed: all studies in one vmapped pass, one pass per patient, or
+# whichever is faster for the model's image encoder (`per_study_method`).
+PER_STUDY_METHODS = ("auto", "vmap", "loop")
 
 
 def check_per_study(requested: str) -> None:
@@ -121,97 +119,6 @@ def per_study_gradients(model: nn.Module, batch: dict, step: int, params: Sequen
     return [grads[names[id(p)]].float() for p in params], terms
 
 
-class _RowsFirst(nn.Module):
-    """The model's step on a batch, its coupled terms' input rows computed first and returned beside its terms.
-
-    First, in a fixed order: the rows' dropout masks are then the first draws of the generator, the same whether the
-    step goes on to the per-patient terms or stops at the rows (`vmapped_fused_gradients` replays the generator)."""
-
-    def __init__(self, model: nn.Module, rows: list[str]):
-        super().__init__()
-        self.model, self.rows = model, rows
-
-    def forward(self, batch: dict, step: int, rows_only: bool = False):
-        inputs = self.model.step_inputs(batch)
-        rows = {name: getattr(inputs, name) for name in self.rows}
-        return rows if rows_only else (self.model(batch, step=step, inputs=inputs), rows)
-
-
-def vmapped_fused_gradients(model: nn.Module, batch: dict, step: int, params: Sequence[nn.Parameter],
-                            autocast: Callable[[], object], per_patient_terms: set[str], coupled_terms: set[str]
-                            ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor], dict[str, float]]:
-    """`per_study_gradients`' per-study gradients of the per-patient terms [B, ...], and the coupled terms' batch
-    gradient grad L_K(B), from one vmapped pass whose backward carries both cotangents; also the per-patient terms
-    per study [B] and the coupled terms.
-
-    1. The coupled terms' rows (the studies' embeddings), each study alone, vmapped without gradients.
-    2. The coupled terms on those rows: their gradient w.r.t. the rows (v, B rows) and their own parameters.
-    3. Per study: one forward, then its graph back once with the cotangents (1 on its per-patient loss, v_k on its
-       rows) side by side (a vmap over the vjp): g_k and J_k^T v_k. grad L_K(B) = own parameters' part + sum_k J_k^T v_k.
-    Step 3 recomputes the rows of step 1 from the same generator state, rows first (`_RowsFirst`), so that its
-    dropout masks, and with them J_k, are the ones v was computed at: the chain rule then holds exactly."""
-    embed_once = getattr(model, "embed_tag_queries_once", None)
-    if embed_once is not None:   # here: vmap cannot write a buffer in place
-        embed_once()
-    row_names = model.coupled_rows(coupled_terms)
-    wrapper = _RowsFirst(model, row_names)
-    names = {id(p): name for name, p in model.named_parameters()}
-    weights = {"model." + names[id(p)]: p.detach() for p in params}
-    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-    devices = sorted({t.device for t in tensors.values() if t.device.type != "cpu"}, key=str)
-    generator_states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
-
-    def rows_of_one_study(weights: dict[str, Tensor], study: dict[str, Tensor]) -> dict[str, Tensor]:
-        with autocast():
-            return functional_call(wrapper, weights, ({k: v.unsqueeze(0) for k, v in study.items()}, step),
-                                   {"rows_only": True}, strict=False)
-
-    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        rows = vmap(rows_of_one_study, in_dims=(None, 0), randomness="same")(weights, tensors)
-    leaves = {name: row.squeeze(1).detach().float().requires_grad_() for name, row in rows.items()}
-    with only_terms(model, coupled_terms):
-        with autocast():
-            out = model(batch, step=step, inputs=SimpleNamespace(batch=batch, **leaves))
-        if not torch.isfinite(out["loss"]):
-            raise NonFiniteStep(step, "loss", {k: float(v) for k, v in out.items()})
-        grads = torch.autograd.grad(out["loss"], [*params, *leaves.values()], allow_unused=True)
-    coupled = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    add_scaled_(coupled, [None if g is None else g.float() for g in grads[:len(params)]], 1.0)
-    cotangents = {name: torch.zeros_like(leaf) if g is None else g
-                  for (name, leaf), g in zip(leaves.items(), grads[len(params):])}
-    coupled_values = {name: float(value.detach()) for name, value in out.items() if name != "loss"}
-
-    def both_of_one_study(weights: dict[str, Tensor], study: dict[str, Tensor], cotangent: dict[str, Tensor]):
-        one = {k: v.unsqueeze(0) for k, v in study.items()}
-
-        def step_of(weights):
-            with autocast():
-                out, rows = functional_call(wrapper, weights, (one, step), strict=False)
-            return (out["loss"], rows), {name: value.detach() for name, value in out.items()}
-
-        (loss, rows), pullback, values = vjp(step_of, weights, has_aux=True)
-        seeds = (torch.stack([torch.ones_like(loss), torch.zeros_like(loss)]),
-                 {name: torch.stack([torch.zeros_like(row), cotangent[name].unsqueeze(0).to(row.dtype)])
-                  for name, row in rows.items()})
-        (both,) = vmap(pullback)(seeds)
-        return both, values, {name: row.detach() for name, row in rows.items()}
-
-    torch.set_rng_state(generator_states[0])   # step 3 draws step 1's masks again (the docstring)
-    for device, state in zip(devices, generator_states[1]):
-        torch.cuda.set_rng_state(state, device)
-    with only_terms(model, per_patient_terms), sdpa_kernel(SDPBackend.MATH):
-        both, values, rows_again = vmap(both_of_one_study, in_dims=(None, 0, 0), randomness="same")(
-            weights, tensors, cotangents)
-    for name, row in rows.items():   # the replay held: else v_k would be applied to another function's J_k
-        if not torch.allclose(rows_again[name].float(), row.float(), rtol=1e-3, atol=1e-3 * float(row.abs().max())):
-            raise RuntimeError(f"per_study=vmap_fused: the coupled terms' rows ({name}) came out differently on the "
-                               "second pass; the model draws randomness the generator's replay does not reproduce. "
-                               "Use per_study=vmap or loop")
-    per_patient = [both["model." + names[id(p)]][:, 0].float() for p in params]
-    torch._foreach_add_(coupled, [both["model." + names[id(p)]][:, 1].float().sum(0) for p in params])
-    return per_patient, coupled, values, coupled_values
-
-
 Item = TypeVar("Item")
 Share = TypeVar("Share")
 
@@ -253,17 +160,18 @@ def sum_over_shares(fn: Callable[[list[Item], list[Tensor]], Share], items: list
     else:
         with one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(fn, shares, intos))
-    for into in intos[1:] if total else ():
+    for into in intos[1:]:
         torch._foreach_add_(total, into)
     return results
 
 
-def coupled_cotangents(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
-                       autocast: Callable[[], object]) -> tuple[list[Tensor], list[list[tuple[Tensor, Tensor]]], dict]:
-    """The first half of the coupled terms' batch gradient on `stacked` (the model's StackedInputs): the backward
-    through the coupled terms alone, which stops at each study's cut embeddings. Returns the gradient of the
-    parameters the terms use after the cut (dense, float32), for each study with a cut (batch order) its
-    (embedding, embedding's gradient) pairs, and the terms."""
+def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
+                              autocast: Callable[[], object], workers: int) -> tuple[list[Tensor], dict[str, float]]:
+    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs) w.r.t. params, and its terms.
+
+    Two backward passes that make one by the chain rule: through the coupled terms to each study's cut embeddings,
+    then through each study's encoder graph kept from its per-patient pass, with those embeddings' gradients; the
+    studies on `workers` threads (`sum_over_shares`), each study's rows in one pass since its graphs share nodes."""
     with autocast():
         out = model(stacked.batch, step=step, inputs=stacked)
     if not torch.isfinite(out["loss"]):
@@ -276,27 +184,14 @@ def coupled_cotangents(model: TrainableModel, stacked, step: int, params: Sequen
     for (index, row, _), leaf_grad in zip(stacked.cuts, grads[len(params):]):
         if leaf_grad is not None:
             by_study.setdefault(index, []).append((row, leaf_grad))
-    return gradient, [by_study.get(i, []) for i in range(len(stacked.studies))], \
-        {name: float(value.detach()) for name, value in out.items()}
-
-
-def coupled_gradient_by_study(model: TrainableModel, stacked, step: int, params: Sequence[nn.Parameter],
-                              autocast: Callable[[], object], workers: int) -> tuple[list[Tensor], dict[str, float]]:
-    """The coupled terms' batch gradient on `stacked` (the model's StackedInputs) w.r.t. params, and its terms.
-
-    Two backward passes that make one by the chain rule: through the coupled terms to each study's cut embeddings
-    (`coupled_cotangents`), then through each study's encoder graph kept from its per-patient pass, with those
-    embeddings' gradients; the studies on `workers` threads (`sum_over_shares`), each study's rows in one pass since
-    its graphs share nodes."""
-    gradient, by_study, values = coupled_cotangents(model, stacked, step, params, autocast)
 
     def through_encoders(share: list[list[tuple[Tensor, Tensor]]], into: list[Tensor]) -> None:
         for rows in share:
             study_grads = torch.autograd.grad([row for row, _ in rows], params, [g for _, g in rows], allow_unused=True)
             add_scaled_(into, [None if g is None else g.float() for g in study_grads], 1.0)
 
-    sum_over_shares(through_encoders, [rows for rows in by_study if rows], workers, gradient)
-    return gradient, values
+    sum_over_shares(through_encoders, [by_study[i] for i in sorted(by_study)], workers, gradient)
+    return gradient, {name: float(value.detach()) for name, value in out.items()}
 
 
 def clipped_gradient_sum(
@@ -344,24 +239,9 @@ def clipped_gradient_sum(
     coupled_terms, per_patient_terms = split_terms(step_terms, studies)
     # The loop keeps each study's encoder outputs for the coupled terms (the model's `stacked_inputs`): their
     # batch gradient then needs no second forward of the encoders, only a backward through the kept graphs.
-    # Fusing needs both kinds of term and one process (under a group the coupled terms read the gathered rows: the
-    # unfused way); otherwise the method without it.
-    fused = bool(per_study.endswith("_fused") and coupled_terms and per_patient_terms and group_counts is None
-                 and getattr(model, "step_inputs", None))
-    per_study = per_study.removesuffix("_fused")
     reuse_encoded = bool(per_study == "loop" and coupled_terms and per_patient_terms
                          and getattr(model, "step_inputs", None))
     workers = loop_workers(params, workers, len(samples))
-    if fused:
-        if per_study == "loop":
-            one_study_batches = [move(collate_fn([sample])) for sample in samples]   # here: see the loop below
-            clipped, terms = _fused_sum(model, one_study_batches, step, params, autocast, clip, coupled_scale,
-                                        per_patient_terms, coupled_terms, total, workers)
-        else:
-            clipped, terms = _vmapped_fused_sum(model, move(collate_fn(samples)), step, params, autocast, clip,
-                                                coupled_scale, per_patient_terms, coupled_terms, total)
-        terms["loss"] = sum(model.lambdas[t] * terms[t] for t in step_terms if t in terms)
-        return ClippedSum(total, terms, int(clipped))
     encoded = []
     needs_batch = (per_study == "vmap" and per_patient_terms) or (coupled_terms and not reuse_encoded)
     batch = move(collate_fn(samples)) if samples and needs_batch else None
@@ -452,103 +332,3 @@ def _looped_summands(model: TrainableModel, studies: list[dict], step: int, para
             sums[name] = sums.get(name, 0.0) + value
     encoded = [inputs for _, inputs in sorted(encoded, key=lambda kept: kept[0])]
     return clipped, {name: value / max(1, len(studies)) for name, value in sums.items()}, encoded
-
-
-def _fused_sum(model: TrainableModel, studies: list[dict], step: int, params: Sequence[nn.Parameter],
-               autocast: Callable[[], object], clip: ClipNorms, coupled_scale: float, per_patient_terms: set[str],
-               coupled_terms: set[str], total: list[Tensor], workers: int) -> tuple[int, dict[str, float]]:
-    """Adds S(B) into `total` with one forward and one backward per study: the loop's summands and the loop's coupled
-    batch gradient, from fewer graph traversals. Returns how many patients were clipped and the terms' means.
-
-    1. Each study's forward of its per-patient terms, its encoder outputs kept with their graph (the loop's pass
-       without its backward), on `workers` threads.
-    2. The coupled terms on those outputs stacked in batch order, differentiated as far as each study's cut
-       embeddings (`coupled_cotangents`): they act on B rows, so this is cheap.
-    3. Each study's graph taken back once with two cotangents batched (`is_grads_batched`): 1 on its per-patient loss
-       gives its per-patient gradient g_k, its embeddings' gradients v_k give J_k^T v_k, its part of the coupled
-       gradient. g_k is clipped to C and summed; the J_k^T v_k are summed, with the coupled terms' own parameters'
-       gradient, into the one coupled vector, clipped to C_b as a whole.
-    Each g_k is the loop's (study k's batch of one), the coupled vector is grad L_K(B) by the chain rule: Lemma 1's
-    S(B) (docs/privacy.md, "Per-patient summands in one pass")."""
-    embed_once = getattr(model, "embed_tag_queries_once", None)
-    if embed_once is not None:   # the model's one write to itself: not on two threads at once
-        embed_once()
-
-    def forward_share(share: list[tuple[int, dict]], _unused: list[Tensor]):
-        kept = []
-        for index, study in share:
-            inputs = model.step_inputs(study)
-            with autocast():
-                out = model(study, step=step, inputs=inputs)
-            if not torch.isfinite(out["loss"]):
-                raise NonFiniteStep(step, "loss", {k: float(v) for k, v in out.items()})
-            for row in model.coupled_rows(coupled_terms):   # what the coupled terms read, here on this thread
-                getattr(inputs, row)
-            kept.append((index, out["loss"], inputs, {name: float(v.detach()) for name, v in out.items()}))
-        return kept
-
-    with only_terms(model, per_patient_terms):
-        kept = sorted((study for share in sum_over_shares(forward_share, list(enumerate(studies)), workers, [])
-                       for study in share), key=lambda study: study[0])
-    with only_terms(model, coupled_terms):
-        coupled, cotangents, coupled_values = coupled_cotangents(
-            model, model.stacked_inputs([inputs for _, _, inputs, _ in kept]), step, params, autocast)
-
-    n = len(params)
-
-    def backward_share(share: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]], into: list[Tensor]) -> int:
-        clipped_here = 0
-        for loss, rows in share:
-            per_patient, through_encoders = _per_patient_and_coupled_gradients(loss, rows, params)
-            factor, norm = clip_factor(per_patient, clip.patient)
-            clipped_here += norm > clip.patient
-            add_scaled_(into[:n], per_patient, factor)
-            add_scaled_(into[n:], through_encoders, 1.0)
-        return clipped_here
-
-    work = [(loss, rows) for (_, loss, _, _), rows in zip(kept, cotangents)]
-    per_study_values = [values for _, _, _, values in kept]
-    del kept   # each study's graph is freed by its backward, not kept to the end
-    clipped = sum(sum_over_shares(backward_share, work, workers, [*total, *coupled]))
-    factor, _ = clip_factor(coupled, clip.coupled, scale=coupled_scale)
-    add_scaled_(total, coupled, factor)
-
-    sums: dict[str, float] = {}
-    for values in per_study_values:
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + value
-    terms = {name: value / max(1, len(studies)) for name, value in sums.items() if name != "loss"}
-    terms.update({name: value for name, value in coupled_values.items() if name != "loss"})
-    return int(clipped), terms
-
-
-def _per_patient_and_coupled_gradients(loss: Tensor, rows: list[tuple[Tensor, Tensor]], params: Sequence[nn.Parameter]
-                                       ) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """grad(loss) and sum over rows of J_row^T cotangent, w.r.t. params, from one backward through the graph they
-    share: the two cotangents go back side by side as a batch of two (`is_grads_batched`)."""
-    if not rows:
-        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        return [None if g is None else g.float() for g in grads], [None] * len(params)
-    outputs = [loss, *(row for row, _ in rows)]
-    batched = [torch.stack([torch.ones_like(loss), torch.zeros_like(loss)]),
-               *(torch.stack([torch.zeros_like(g), g]) for _, g in rows)]
-    grads = torch.autograd.grad(outputs, list(params), batched, allow_unused=True, is_grads_batched=True)
-    return ([None if g is None else g[0].float() for g in grads], [None if g is None else g[1].float() for g in grads])
-
-
-def _vmapped_fused_sum(model: TrainableModel, batch: dict, step: int, params: Sequence[nn.Parameter],
-                       autocast: Callable[[], object], clip: ClipNorms, coupled_scale: float,
-                       per_patient_terms: set[str], coupled_terms: set[str],
-                       total: list[Tensor]) -> tuple[int, dict[str, float]]:
-    """Adds S(B) into `total` from `vmapped_fused_gradients`: each study's per-patient gradient clipped to C, the
-    coupled terms' batch gradient clipped to C_b as a whole. Returns how many patients were clipped and the terms."""
-    per_patient, coupled, values, coupled_values = vmapped_fused_gradients(
-        model, batch, step, params, autocast, per_patient_terms, coupled_terms)
-    if not all(bool(torch.isfinite(v).all()) for v in values.values()):
-        raise NonFiniteStep(step, "loss", {k: v.tolist() for k, v in values.items()})
-    row_sums, norms = clipped_row_sum(per_patient, clip.patient)
-    torch._foreach_add_(total, row_sums)
-    factor, _ = clip_factor(coupled, clip.coupled, scale=coupled_scale)
-    add_scaled_(total, coupled, factor)
-    terms = {name: float(value.mean()) for name, value in values.items() if name != "loss"}
-    return int((norms > clip.patient).sum()), {**terms, **coupled_values}
