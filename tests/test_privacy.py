@@ -509,7 +509,7 @@ def test_valid_privacy_configs_pass(overrides):
 @pytest.mark.parametrize("overrides, reason", [
     (["privacy=secagg", "federation.strategy=median"], "needs every update on its own"),
     (["privacy=dpsgd_secagg", "federation.strategy=trimmed_mean"], "needs every update on its own"),
-    (["privacy=secagg", "+federation.validate_updates=true"], "cannot check them one by one"),
+    (["privacy=secagg", "federation.update_norm_action=reject"], "cannot check them one by one"),
     (["privacy=secagg", "federation.min_sites=1"], "at least 2 sites"),
     (["privacy=central_dp", "federation.strategy=fedadam"], "unweighted mean"),
     (["privacy=central_dp", "+privacy.secagg={num_shares: 3, reconstruction_threshold: 2}"], "in the clear"),
