@@ -54,9 +54,20 @@ E2E_MODULES = {"test_federation", "test_faults", "test_secagg", "test_simulation
                "test_privacy_sweep", "test_real_collections", "test_provision", "test_benchmarks",
                "test_site_supervisor", "test_distributed", "test_privacy_audit"}
 # End-to-end tests in unit modules: the trainer's smoke test draws and indexes the 200-study phantom, trains the
-# whole hybrid objective for 100 steps and measures retrieval: a training run end to end, and the longest test
-# outside the modules above.
-E2E_TESTS = {"tests/test_trainer.py::test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval"}
+# whole hybrid objective for 60 steps and measures retrieval: a training run end to end, and the longest test
+# outside the modules above. The others start Python processes that import the stack (seconds each on 2 cores):
+# an indexer killed mid-run and one racing another, a ledger reopened by a second process, a SuperLink, and the
+# hostile-input index run in a child process that measures its own peak memory.
+E2E_TESTS = {"tests/test_trainer.py::test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval",
+             "tests/test_catalog_index.py::test_killed_index_resumes_without_duplicates_or_losses",
+             "tests/test_catalog_index.py::test_two_indexers_at_once_share_the_work_without_duplicates",
+             "tests/test_privacy.py::test_ledger_survives_a_restart_and_composes_across_runs",
+             "tests/test_registry.py::test_registry_found_beside_a_running_superlink",
+             *(f"tests/test_hostile_inputs.py::{name}" for name in (
+                 "test_every_hostile_image_has_its_reason_in_the_catalog",
+                 "test_every_hostile_report_has_its_reason_in_the_catalog",
+                 "test_summary_counts_match_the_catalog_and_memory_stays_bounded",
+                 "test_rerun_over_hostile_files_changes_nothing"))}
 
 
 def pytest_configure(config):

@@ -20,10 +20,13 @@ DP_PUBLIC = {"epsilon", "epsilon_total", "delta", "noise_multiplier", "sample_ra
 
 def simulate(tmp: Path, privacy: str) -> Path:
     run_dir = tmp / "run"
+    # concurrent_sites=1: one Ray actor runs both sites in turn; a second actor only adds a process importing
+    # torch & co. at start-up, longer on 2 cores than a site's single step
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
-               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", "probe.max_iter=20",
-               "compare_centralized=false", f"privacy={privacy}",
+               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1",
+               "client_resources.concurrent_sites=1", "probe.max_iter=20", "compare_centralized=false",
+               f"privacy={privacy}",
                "federation.strategy=fedavg"]   # SecAgg+ needs several updates per round (the default is cyclic)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
