@@ -177,6 +177,7 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
         raise CatalogError(f"{url_or_path}: not a catalog path or SQLAlchemy URL ({error})") from None
     shown = parsed.render_as_string(hide_password=True)     # messages never echo a database password
     sqlite = parsed.get_backend_name() == "sqlite"
+    path = None
     if sqlite and parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         path = Path(parsed.database)
         if readonly and not path.is_file():
@@ -208,13 +209,27 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
         engine.dispose()
         raise CatalogError(f"cannot write the catalog at {shown}: {error.orig}; "
                            "choose a writable catalog (--catalog PATH)") from None
+    if path is not None:                  # SQLite made or wrote it: its header is never read again here
+        status = path.stat()
+        _CHECKED_FILES.add((status.st_dev, status.st_ino))
     return Catalog(url, engine)
+
+
+# Files whose header this process has read, by (device, inode). Closing a second descriptor of a database file
+# drops every POSIX lock this process holds on it, SQLite's included; another process may then checkpoint and
+# reset the WAL under a live connection here, and the catalog is corrupted ("database disk image is malformed";
+# sqlite.org/howtocorrupt.html, 2.2). So the header is read once per file and process, before any connection.
+_CHECKED_FILES: set[tuple[int, int]] = set()
 
 
 def check_sqlite_file(path: Path) -> None:
     """Refuse a path that is not an SQLite database (another file, a pipe, a folder) before SQLite touches it."""
     if not path.exists():
         return                            # a new catalog
+    status = path.stat()
+    identity = (status.st_dev, status.st_ino)
+    if identity in _CHECKED_FILES:
+        return
     try:
         with open_regular(path) as handle:
             head = handle.read(len(SQLITE_MAGIC))
@@ -223,6 +238,8 @@ def check_sqlite_file(path: Path) -> None:
     if head and head != SQLITE_MAGIC:     # an empty file is a new database to SQLite
         raise CatalogError(f"{path}: not an SQLite database (it does not start with 'SQLite format 3'); "
                            "move the file away or choose another --catalog path")
+    if head:                              # an empty one is remembered once SQLite has written it
+        _CHECKED_FILES.add(identity)
 
 
 # --- cheap listings ----------------------------------------------------------------------------
