@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from shared_models.config import config_hash
 from shared_models.factory import create_model
 from shared_models.model import PretrainModel
+from shared_models.objectives.schedule import upgrade_schedule_keys
 from shared_models.sharing import shared_parameter_names, sharing_settings
 from shared_models.tokenizer import build_tokenizer, tokenizer_hash
 
@@ -206,7 +207,8 @@ def load_checkpoint(folder: str | Path) -> tuple[PretrainModel, dict]:
         details = ", ".join(f"{key} {actual[key]} (meta.json: {expected[key]})" for key in mismatched)
         raise CheckpointError(f"{folder}: fingerprint mismatch, {details}; the folder mixes files of different runs")
     # The checkpoint holds the image weights: its pretrained file need not exist on this machine.
-    model = create_model({**cfg, "model": {**cfg["model"], "image": {**cfg["model"]["image"], "pretrained": False}}},
+    model = create_model({**cfg, "objective": upgrade_schedule_keys(cfg["objective"]),
+                          "model": {**cfg["model"], "image": {**cfg["model"]["image"], "pretrained": False}}},
                          tokenizer=tokenizer)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -28,6 +28,9 @@ class RenamedKeyError(ValueError):
 RENAMED_KEYS = {
     "federation.validate_updates": "federation.update_norm_action (the server checks every reply it sees; under "
                                    "SecAgg+ it sees only the mean, so only clip is accepted there: docs/privacy.md)",
+    "objective.schedule.warmup_steps": "objective.schedule.seg_start_step (when seg starts, in steps; the lr warm-up "
+                                       "is train.warmup_steps)",
+    "objective.schedule.warmup_at": "objective.schedule.seg_start_at (when seg starts, as a fraction of the run)",
 }
 
 

@@ -36,8 +36,8 @@ def schedule_notice(objective, steps: int, trainer: str) -> str | None:
         return None
     listed = ", ".join(f"{term} (from step {start})" for term, start in sorted(missed.items()))
     return (f"{trainer} trains {steps} steps, so these weighted terms of objective {objective.get('name', '')!r} "
-            f"never train: {listed}. Lower objective.schedule.stage2_step / warmup_steps, give them as fractions "
-            "of the run (stage2_at / warmup_at), or train more steps")
+            f"never train: {listed}. Lower objective.schedule.stage2_step / seg_start_step, give them as fractions "
+            "of the run (stage2_at / seg_start_at), or train more steps")
 
 
 class PretrainModel(nn.Module):

@@ -236,7 +236,7 @@ def schedule_mismatch(schedule: dict) -> str | None:
         return None
     return (f"not like for like: the centralized baseline ({schedule['centralized']['steps']} steps) trains "
             f"{', '.join(only_central)}, which the sites ({schedule['federated']['steps']} local steps each) never "
-            "reach under objective.schedule; lower objective.schedule.stage2_step / warmup_steps below the sites' "
+            "reach under objective.schedule; lower objective.schedule.stage2_step / seg_start_step below the sites' "
             "steps to compare the same objective")
 
 

@@ -240,7 +240,7 @@ def sites(tmp_path_factory):
 def cfg():
     return compose(["federation.rounds=2", "federation.local_steps=2", "federation.batch_size=4",
                     # absolute: the stage-2 terms and seg never start, every parameter trains every step
-                    "objective.schedule.stage2_step=1000", "objective.schedule.warmup_steps=200"])
+                    "objective.schedule.stage2_step=1000", "objective.schedule.seg_start_step=200"])
 
 
 def _site(sites, name, tmp_path):

@@ -197,6 +197,20 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], value, msg=name)
 
 
+def test_a_checkpoint_written_before_the_seg_start_rename_loads_with_its_schedule(tmp_path):
+    model, cfg, folder = _checkpoint(tmp_path, "model.image.kwargs.depth=1", "objective=g2d",
+                                     "objective.schedule.seg_start_at=null", "objective.schedule.seg_start_step=9")
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    schedule = meta["config"]["objective"]["schedule"]   # as the old code wrote it, fingerprints included
+    schedule["warmup_at"], schedule["warmup_steps"] = schedule.pop("seg_start_at"), schedule.pop("seg_start_step")
+    meta["fingerprints"] = checkpoint_fingerprints(meta["config"], model.tokenizer)
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_checkpoint(folder)
+    assert loaded.schedule.seg_start_step == 9 and loaded.active_terms(8) == ["global"]
+    assert loaded.active_terms(9) == ["global", "seg"]
+
+
 def test_federated_checkpoint_with_shared_parameters_only_loads(tmp_path):
     model, cfg, _ = _checkpoint(tmp_path, "model.image.kwargs.depth=1", "objective=asg")
     shared, _ = split_state(model, cfg)

@@ -4,9 +4,10 @@ import re
 import pytest
 import torch
 from torch import nn
+from omegaconf import OmegaConf
 
 from shared_models.batch import collate
-from shared_models.config import compose
+from shared_models.config import RenamedKeyError, compose
 from shared_models.factory import create_model
 from shared_models.image_encoder import ImageEncoder
 from shared_models.model import schedule_notice, terms_never_trained
@@ -50,7 +51,7 @@ def make_sample(i: int, findings: bool = True, impression: bool = True) -> dict:
 
 def hybrid_cfg(*extra: str):
     return compose([*FAST, "objective=hybrid", "objective.schedule.stage2_step=10",
-                    "objective.schedule.warmup_steps=5", *extra])
+                    "objective.schedule.seg_start_step=5", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,7 @@ def test_schedules_switch_terms(hybrid):
 
 def test_terms_never_trained_are_those_starting_at_or_after_the_last_step():
     objective = compose(["objective=hybrid", "objective.schedule.stage2_step=10",
-                         "objective.schedule.warmup_steps=5", "objective.lambdas.caption=0"]).objective
+                         "objective.schedule.seg_start_step=5", "objective.lambdas.caption=0"]).objective
     # steps 0..9 are trained: a term starting at step 10 never is, one at step 5 is (unweighted caption: not listed)
     assert terms_never_trained(objective, 10) == {"global_impression": 10, "token": 10, "distill": 10}
     assert terms_never_trained(objective, 11) == {}
@@ -314,7 +315,7 @@ def test_the_default_schedule_is_a_fraction_of_the_run_resolved_once_from_its_to
 
 def test_an_absolute_schedule_reproduces_the_old_switch_step_and_wins_over_the_fraction():
     absolute = compose(["objective=hybrid", "objective.schedule.stage2_step=1000",
-                        "objective.schedule.warmup_steps=200"]).objective
+                        "objective.schedule.seg_start_step=200"]).objective
     schedule = resolve_schedule(absolute, 350)   # the fractions (0.4, 0.2) are still set: the steps win
     assert (schedule.stage2_step, schedule.seg_start_step, schedule.start_step["distill"]) == (1000, 200, 1000)
     assert terms_never_trained(absolute, 350) == {"global_impression": 1000, "token": 1000, "caption": 1000,
@@ -337,6 +338,16 @@ def test_a_bad_schedule_is_refused_with_the_key_to_fix(overrides, message):
         resolve_schedule(compose(["objective=hybrid", *overrides]).objective, 100)
     with pytest.raises(ValueError, match="no total was given"):
         resolve_schedule(compose(["objective=hybrid"]).objective)
+
+
+@pytest.mark.parametrize("old, new", [("warmup_steps", "seg_start_step"), ("warmup_at", "seg_start_at")])
+def test_the_seg_start_old_keys_are_refused_with_the_new_name(old, new):
+    with pytest.raises(RenamedKeyError, match=f"use objective.schedule.{new}"):
+        compose(["objective=hybrid", f"+objective.schedule.{old}=0.3"])
+    objective = OmegaConf.to_container(compose(["objective=hybrid"]).objective)
+    objective["schedule"][old] = 0.3   # a hand-written config file that kept the old name
+    with pytest.raises(ValueError, match=f"objective.schedule.{old} is now objective.schedule.{new}"):
+        resolve_schedule(objective, 100)
 
 
 def _gradient_owners(model, loss):

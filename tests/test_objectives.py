@@ -487,8 +487,8 @@ def test_a_registered_objective_is_built_weighted_and_scheduled_by_the_model(toy
     torch.manual_seed(0)
     cfg = compose(["model.image.img_size=64", "model.image.kwargs.depth=2", "model.text.max_length=48",
                    "model.text.tokenizer.num_reports=300", "objective=clip", "+objective.lambdas.toy_pair=0.5",
-                   "+objective.toy_pair={temperature: 0.1}", "objective.schedule.warmup_steps=null",
-                   "+objective.schedule.warmup_at=0.5"])
+                   "+objective.toy_pair={temperature: 0.1}", "objective.schedule.seg_start_step=null",
+                   "+objective.schedule.seg_start_at=0.5"])
     model = create_model(cfg, total_steps=10)
     assert isinstance(model.objectives["toy_pair"], GlobalContrastive) and model.objectives["toy_pair"].temperature == 0.1
     assert model.active_terms(4) == ["global"] and model.active_terms(5) == ["global", "toy_pair"]

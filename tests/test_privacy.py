@@ -101,7 +101,7 @@ HYBRID_FAST = [f"model.image.img_size={SIZE}", "model.image.kwargs.depth=2", "mo
                "model.text.tokenizer.num_reports=300", "model.text.config.hidden_size=32",
                "model.text.config.num_hidden_layers=1", "model.text.config.intermediate_size=64",
                "model.projection_dim=32", "objective=hybrid", "objective.schedule.stage2_step=0",
-               "objective.schedule.warmup_steps=0", "objective.tag.layers=1", "objective.impression.layers=1",
+               "objective.schedule.seg_start_step=0", "objective.tag.layers=1", "objective.impression.layers=1",
                "objective.seg.width=16", "privacy=dpsgd"]  # the DP preset: linear projection heads
 
 

@@ -30,7 +30,7 @@ def simulation(tmp_path_factory):
                "probe.max_iter=20",
                "federation.strategy=fedavg",   # every site in every round (cyclic would ask one per round)
                "centralized_steps=all_sites",  # the baseline takes every site's steps (the default: one model's)
-               "objective.schedule.stage2_step=1000", "objective.schedule.warmup_steps=200"]  # absolute: the notice
+               "objective.schedule.stage2_step=1000", "objective.schedule.seg_start_step=200"]  # absolute: the notice
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
@@ -67,7 +67,7 @@ def test_a_baseline_that_reaches_terms_the_sites_never_do_is_flagged():
 
     cfg = compose(["federation.strategy=fedavg", "federation.rounds=2", "federation.local_steps=3",
                    "centralized_steps=all_sites", "objective.schedule.stage2_step=10",
-                   "objective.schedule.warmup_steps=4"], config_name="simulate")
+                   "objective.schedule.seg_start_step=4"], config_name="simulate")
     schedule = schedule_comparison(cfg, sites=3)   # 6 steps per site, 18 centralized
     assert schedule["federated"] == {"steps": 6, "terms_never_trained": dict.fromkeys(
         ["global_impression", "token", "caption", "distill"], 10)}

@@ -1,9 +1,10 @@
 """When each loss term starts: `objective.schedule` resolved once against the run's total optimizer steps.
 
 HybridMED's stage 2 and the seg start (G2D's pseudo segmentation, after a global-only warm-up) are points of the
-run, given either as a fraction of its steps (`stage2_at`, `warmup_at`: every term trains in a run of any length) or
-as absolute steps (`stage2_step`, `warmup_steps`: the papers' schedules; when set they win over the fractions). The
-seg start's config keys keep their `warmup_` names (docs/glossary.md); it is not the lr warm-up (`train.warmup_steps`).
+run, given either as a fraction of its steps (`stage2_at`, `seg_start_at`: every term trains in a run of any length)
+or as absolute steps (`stage2_step`, `seg_start_step`: the papers' schedules; when set they win over the fractions).
+The seg start is not the lr warm-up (`train.warmup_steps`); its keys were `warmup_at` / `warmup_steps` before, and
+checkpoints written then are read with `LEGACY_KEYS`.
 `start_step: {term: step}` pins one term's start. Which term waits for which point is registered with its
 objective (`Objective.starts`).
 
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 
 from shared_models.objectives.registry import term_starts
 
-POINTS = {"stage2": ("stage2_step", "stage2_at"), "seg_start": ("warmup_steps", "warmup_at")}
+POINTS = {"stage2": ("stage2_step", "stage2_at"), "seg_start": ("seg_start_step", "seg_start_at")}
+KEYS = [key for pair in POINTS.values() for key in pair] + ["start_step"]
+# The seg start's keys before they were told apart from the lr warm-up (docs/glossary.md); old checkpoints hold them.
+LEGACY_KEYS = {"warmup_steps": "seg_start_step", "warmup_at": "seg_start_at"}
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,13 @@ def _point(schedule: dict, point: str, total_steps: int | None) -> int:
 def resolve_schedule(objective, total_steps: int | None = None) -> Schedule:
     """`objective.schedule` in absolute steps for a run of `total_steps` (needed only when a point is a fraction)."""
     schedule = dict(objective.get("schedule") or {})
-    unknown = set(schedule) - {key for pair in POINTS.values() for key in pair} - {"start_step"}
+    renamed = sorted(set(schedule) & set(LEGACY_KEYS))
+    if renamed:
+        raise ValueError(f"objective.schedule.{renamed[0]} is now objective.schedule.{LEGACY_KEYS[renamed[0]]} "
+                         "(when seg starts; the lr warm-up is train.warmup_steps)")
+    unknown = set(schedule) - set(KEYS)
     if unknown:
-        raise ValueError(f"objective.schedule has unknown keys {sorted(unknown)}; known: stage2_at, stage2_step, "
-                         "warmup_at, warmup_steps, start_step")
+        raise ValueError(f"objective.schedule has unknown keys {sorted(unknown)}; known: {', '.join(KEYS)}")
     points = {point: _point(schedule, point, total_steps) for point in POINTS}
     pinned = dict(schedule.get("start_step") or {})
     starts = term_starts()
@@ -74,3 +81,15 @@ def federation_steps(cfg) -> int:
     """The steps a federated run's schedule spans: each round continues the last one's `local_steps`."""
     federation = cfg["federation"]   # a composed config or its plain-dict copy (a checkpoint's meta)
     return int(federation["rounds"]) * int(federation["local_steps"])
+
+
+def upgrade_schedule_keys(objective: dict) -> dict:
+    """A stored objective config (a checkpoint's meta.json) with the seg start's old keys given their new names."""
+    schedule = dict(objective.get("schedule") or {})
+    if not set(schedule) & set(LEGACY_KEYS):
+        return objective
+    for old, new in LEGACY_KEYS.items():
+        if old in schedule:
+            value = schedule.pop(old)
+            schedule.setdefault(new, value)
+    return {**objective, "schedule": schedule}
