@@ -60,8 +60,7 @@ def central(cfg, sites: dict, steps: int, threads: int) -> dict:
     model = build_model(cfg)
     union = dict(next(iter(sites.values())), name="central", studies=[s for site in sites.values() for s in site["studies"]])
     dataset = site_dataset(union, cfg)
-    settings = TrainSettings.from_config(cfg.train, steps=steps, batch_size=int(cfg.federation.batch_size),
-                                         lr=float(cfg.federation.lr), seed=int(cfg.seed), start_step=0, total_steps=steps)
+    settings = TrainSettings.from_config(cfg.train, steps=steps, seed=int(cfg.seed), start_step=0, total_steps=steps)
     collate_fn = partial(collate, tokenizer=model.tokenizer, max_length=int(cfg.model.text.max_length))
     trained = train_steps(model, dataset, collate_fn, settings, progress=False, description="central")
     return {"wall_s": time.perf_counter() - started, "train_s": trained.seconds}
@@ -88,7 +87,7 @@ def run(quick: bool = False) -> dict:
     # the condition ("rounds of at least 60 s of local work"), under which the per-round overhead is judged.
     rounds, local_steps = (2, 2) if quick else (3, 360)
     overrides = (f"model=tiny objective=hybrid federation.rounds={rounds} federation.local_steps={local_steps} "
-                 "federation.batch_size=4 federation.min_sites=2 federation.poll_s=0.2")
+                 "train.batch_size=4 federation.min_sites=2 federation.poll_s=0.2")
     cfg = compose(overrides.split())
     with tempfile.TemporaryDirectory(prefix="fedcxr-bench-") as tmp:
         folder = Path(tmp)

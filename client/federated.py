@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from client import distributed
 from client.data.dataset import CxrDataset
@@ -46,14 +46,19 @@ class FingerprintMismatch(RuntimeError):
     """The round's model config, tokenizer or objective is not the one this site builds."""
 
 
-# Top-level keys of the composed config that the round's config record carries instead (server/rounds.py)
-ROUND_SETTINGS = ("federation", "seed")
+# Keys of the composed config that the round's config record carries instead (server/rounds.py)
+ROUND_SETTINGS = ("federation", "seed", "train.batch_size", "train.lr")
 
 
 def run_settings(cfg: DictConfig) -> DictConfig:
     """The composed config without the round's settings (`ROUND_SETTINGS`): what a site builds and trains with
     besides its round config record."""
-    return OmegaConf.masked_copy(cfg, [key for key in cfg if key not in ROUND_SETTINGS])
+    settings = OmegaConf.masked_copy(cfg, [key for key in cfg if key not in ROUND_SETTINGS])
+    with open_dict(settings):
+        for section, _, key in (name.partition(".") for name in ROUND_SETTINGS if "." in name):
+            if section in settings:
+                settings[section].pop(key, None)
+    return settings
 
 
 def build_model(cfg: DictConfig, seed: int | None = None, total_steps: int | None = None) -> PretrainModel:

@@ -29,8 +29,8 @@ def round_config(cfg: DictConfig, round_: int, run_name: str, fingerprints: dict
         "site_rounds": int(site_rounds or fed.rounds),
         "local_steps": int(fed.local_steps),
         "start_step": start_step,
-        "batch_size": int(fed.batch_size),
-        "lr": float(fed.lr),
+        "batch_size": int(cfg.train.batch_size),
+        "lr": float(cfg.train.lr),
         "proximal_mu": float(fed.proximal_mu) if fed.strategy == "fedprox" else 0.0,
         "seed": int(cfg.seed),
         "keep_optimizer_state": bool(fed.keep_optimizer_state),   # the site's AdamW moments kept between rounds

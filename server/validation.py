@@ -53,7 +53,8 @@ def _number(value, *, integer: bool = False):
 
 
 def _check(problems: list[str], fed, key: str, *, integer: bool = False, low: float | None = None,
-           high: float | None = None, low_open: bool = False, optional: bool = False) -> None:
+           high: float | None = None, low_open: bool = False, optional: bool = False,
+           section: str = "federation") -> None:
     value = OmegaConf.select(fed, key, default=None)
     if value is None and optional:
         return
@@ -62,17 +63,18 @@ def _check(problems: list[str], fed, key: str, *, integer: bool = False, low: fl
     rule = ("an integer" if integer else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
     if (number is None or (low is not None and (number <= low if low_open else number < low))
             or (high is not None and number > high)):
-        problems.append(f"federation.{key}={value!r} must be {rule}" + (" or null" if optional else ""))
+        problems.append(f"{section}.{key}={value!r} must be {rule}" + (" or null" if optional else ""))
 
 
 def run_config_problems(cfg: DictConfig) -> list[str]:
-    """Everything wrong with the `federation` settings that the ServerApp and the sites would act on."""
+    """Everything wrong with the `federation` settings, and the rounds' `train.batch_size` / `train.lr`, that the
+    ServerApp and the sites would act on."""
     fed = cfg.federation
     problems: list[str] = []
     _check(problems, fed, "rounds", integer=True, low=1)
     _check(problems, fed, "local_steps", integer=True, low=1)
-    _check(problems, fed, "batch_size", integer=True, low=1, high=65536)
-    _check(problems, fed, "lr", low=0, low_open=True, high=10)
+    _check(problems, cfg.train, "batch_size", integer=True, low=1, high=65536, section="train")
+    _check(problems, cfg.train, "lr", low=0, low_open=True, high=10, section="train")
     _check(problems, fed, "min_sites", integer=True, low=1)
     _check(problems, fed, "round_timeout_s", low=0, low_open=True)
     _check(problems, fed, "wait_for_sites_s", low=0)

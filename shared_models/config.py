@@ -30,6 +30,10 @@ RENAMED_KEYS = {
                                    "SecAgg+ it sees only the mean, so only clip is accepted there: docs/privacy.md)",
     "objective.schedule.warmup_steps": "objective.schedule.seg_start_step (when seg starts, in steps; the lr warm-up "
                                        "is train.warmup_steps)",
+    "federation.batch_size": "train.batch_size (one batch size for a site's rounds and the centralized run; the "
+                             "round config carries it to the sites)",
+    "federation.lr": "train.lr (one learning rate for a site's rounds and the centralized run; the round config "
+                     "carries it to the sites)",
     "objective.schedule.warmup_at": "objective.schedule.seg_start_at (when seg starts, as a fraction of the run)",
 }
 

@@ -204,15 +204,12 @@ def centralized_steps(cfg: DictConfig, sites: int) -> int:
 
 
 def train_centralized_baseline(cfg: DictConfig, folder: Path, data: PreparedData, sites: list[Site]) -> tuple[Path, dict]:
-    """The centralized model with `centralized_steps`, the federation's batch size and learning rate."""
+    """The centralized model with `centralized_steps` and the sites' batch size and lr (`train.*`)."""
     from simulations.centralized import train_centralized
 
-    fed = cfg.federation
     steps = centralized_steps(cfg, len(sites))
-    central = cfg.copy()
-    central.train.batch_size, central.train.lr = int(fed.batch_size), float(fed.lr)
     folder.mkdir(parents=True, exist_ok=True)
-    summary = train_centralized(central, folder, dataset=pooled_dataset(cfg, data, sites), steps=steps)
+    summary = train_centralized(cfg, folder, dataset=pooled_dataset(cfg, data, sites), steps=steps)
     return folder / "checkpoint", summary
 
 

@@ -238,7 +238,7 @@ def sites(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return compose(["federation.rounds=2", "federation.local_steps=2", "federation.batch_size=4",
+    return compose(["federation.rounds=2", "federation.local_steps=2", "train.batch_size=4",
                     # absolute: the stage-2 terms and seg never start, every parameter trains every step
                     "objective.schedule.stage2_step=1000", "objective.schedule.seg_start_step=200"])
 
@@ -317,7 +317,7 @@ def test_a_site_takes_the_rounds_settings_from_the_round_config_alone(sites, cfg
 
 
 def test_optimizer_state_can_restart_every_round(sites, tmp_path):
-    fresh = compose(["federation.rounds=2", "federation.local_steps=1", "federation.batch_size=4",
+    fresh = compose(["federation.rounds=2", "federation.local_steps=1", "train.batch_size=4",
                      "federation.keep_optimizer_state=false"])
     model = build_model(fresh)
     site = _site(sites, "A", tmp_path)
@@ -338,7 +338,7 @@ def test_site_refuses_a_round_built_for_another_model(sites, cfg, tmp_path):
 def test_dp_round_sends_only_public_scalars_and_refuses_a_round_over_budget(sites, tmp_path):
     from client.privacy import BudgetExceeded
 
-    cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "federation.batch_size=2"])
+    cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "train.batch_size=2"])
     model = build_model(cfg)
     config = round_config(cfg, 1, "dp", checkpoint_fingerprints(cfg, model.tokenizer))
     site = dict(_site(sites, "B", tmp_path), name=f"dp-{tmp_path.name}")  # its own ledger entries in the catalog
@@ -494,7 +494,7 @@ def test_each_round_tells_the_site_how_many_rounds_it_trains_in_all(tmp_path, mo
 
 def test_a_dp_site_sizes_its_noise_for_its_own_rounds(sites, tmp_path):
     cfg = compose(["privacy=dpsgd", "privacy.dpsgd.target_epsilon=4.0", "federation.rounds=4",
-                   "federation.local_steps=1", "federation.batch_size=2"])
+                   "federation.local_steps=1", "train.batch_size=2"])
     model = build_model(cfg)
     prints = checkpoint_fingerprints(cfg, model.tokenizer)
     noise = {}

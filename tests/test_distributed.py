@@ -293,7 +293,7 @@ def test_a_site_with_nproc_2_trains_a_dp_round_on_two_processes(tmp_path):
     from shared_models.checkpoint import checkpoint_fingerprints
     from simulations.deployment import phantom_site_fields
 
-    cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "federation.batch_size=2",
+    cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "train.batch_size=2",
                    *FAST[:3]])
     model = build_model(cfg)
     shared = shared_arrays(model, cfg)

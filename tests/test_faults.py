@@ -27,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 # A killed site is left out of its round once the SuperLink holds it offline (two missed 30 s heartbeats), at the
 # latest when the round times out; the timeout must cover a live site's round on a busy machine.
 ROUND_TIMEOUT_S = 240
-BASE = (f"federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.1 federation.min_sites=1 "
+BASE = (f"federation.local_steps=2 train.batch_size=4 federation.poll_s=0.1 federation.min_sites=1 "
         f"federation.round_timeout_s={ROUND_TIMEOUT_S}")
 
 

@@ -26,7 +26,7 @@ from helpers.deployment import deploy, needs_flwr, phantom_sites
 
 # poll_s: how often the ServerApp asks the SuperLink for replies; each ask costs both processes CPU that the sites
 # training the round need more (the config's default is 0.5 s)
-OVERRIDES = "federation.local_steps=2 federation.batch_size=4 federation.poll_s=0.5 federation.min_sites=2"
+OVERRIDES = "federation.local_steps=2 train.batch_size=4 federation.poll_s=0.5 federation.min_sites=2"
 pytestmark = needs_flwr
 
 

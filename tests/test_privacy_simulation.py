@@ -24,7 +24,7 @@ def simulate(tmp: Path, privacy: str) -> Path:
     # torch & co. at start-up, longer on 2 cores than a site's single step
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
-               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1",
+               "train.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1",
                "client_resources.concurrent_sites=1", "probe.max_iter=20", "compare_centralized=false",
                f"privacy={privacy}",
                "federation.strategy=fedavg"]   # SecAgg+ needs several updates per round (the default is cyclic)

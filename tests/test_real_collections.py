@@ -42,7 +42,7 @@ pytestmark = [
 ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 # keys the doc commands leave at their defaults, set so that a run takes seconds: one round of one local step
 # at batch 4 on 1 core, no centralized baseline, a 20-iteration probe at 100 % labels with one seed
-SMALL_SIMULATION = ["federation.rounds=1", "federation.local_steps=1", "federation.batch_size=4",
+SMALL_SIMULATION = ["federation.rounds=1", "federation.local_steps=1", "train.batch_size=4",
                     "client_resources.num_cpus=1", "compare_centralized=false", "label_fraction=[1.0]",
                     "probe.max_iter=20"]
 SMALL_EVALUATION = ["seeds=1", "label_fraction=[1.0]", "probe.max_iter=20", "segmentation.epochs=1",
@@ -380,7 +380,7 @@ def test_the_papers_gpu_command_composes_for_the_apps(collections):
     overrides = app_overrides(cfg, choices, forced={"federation.site_dir": "/tmp/sites"})
     apps = compose(overrides)
     assert OmegaConf.to_container(apps.model, resolve=True) == OmegaConf.to_container(cfg.model, resolve=True)
-    assert apps.federation.rounds == 100 and apps.federation.batch_size == 64 and apps.partition.alpha == 0.3
+    assert apps.federation.rounds == 100 and apps.train.batch_size == 64 and apps.partition.alpha == 0.3
     assert cfg.data.root == str(collections["mimic_cxr"]) and cfg.data.layout == "mimic_cxr"
 
 

@@ -336,24 +336,28 @@ def test_secagg_sites_are_checked_and_the_mean_they_leave_is_bounded(federation,
 
 def test_the_server_app_refuses_a_bad_config_with_one_error_line(caplog, monkeypatch):
     monkeypatch.setattr(server.app.logging, "basicConfig", lambda **_: None)   # keep pytest's log capture
-    context = SimpleNamespace(run_config={"overrides": "federation.lr=nan federation.run_name=/abs"}, run_id=7)
+    context = SimpleNamespace(run_config={"overrides": "train.lr=nan federation.run_name=/abs"}, run_id=7)
     with pytest.raises(RunConfigError) as refused:
         server.app.main(None, context)
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "federation.lr=nan" in errors[0] and "federation.run_name='/abs'" in errors[0]
+    assert len(errors) == 1 and "train.lr=nan" in errors[0] and "federation.run_name='/abs'" in errors[0]
 
 
-@pytest.mark.parametrize("override", ["+federation.validate_updates=true", "federation.validate_updates=false"])
-def test_a_retired_key_is_refused_with_the_key_to_use(caplog, monkeypatch, override):
+@pytest.mark.parametrize("override, new", [("+federation.validate_updates=true", "federation.update_norm_action"),
+                                           ("federation.validate_updates=false", "federation.update_norm_action"),
+                                           ("federation.batch_size=8", "train.batch_size"),
+                                           ("federation.lr=0.001", "train.lr")])
+def test_a_retired_key_is_refused_with_the_key_to_use(caplog, monkeypatch, override, new):
     monkeypatch.setattr(server.app.logging, "basicConfig", lambda **_: None)   # keep pytest's log capture
-    with pytest.raises(RenamedKeyError, match="use federation.update_norm_action"):
+    with pytest.raises(RenamedKeyError, match=f"use {new}"):
         compose([override])
+    old = override.lstrip("+").split("=")[0]
     context = SimpleNamespace(run_config={"overrides": f"privacy=secagg {override}"}, run_id=7)
-    with pytest.raises(RunConfigError, match="federation.validate_updates is no longer a setting"):
+    with pytest.raises(RunConfigError, match=f"{old} is no longer a setting"):
         server.app.main(None, context)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "federation.update_norm_action" in errors[0]
+    assert len(errors) == 1 and new in errors[0]
 
 
 # ------------------------------------------------------------------------------------------ robust rules' quorum
@@ -384,9 +388,10 @@ def test_median_refuses_fewer_than_3_sites(federation):
 
 # ------------------------------------------------------------------------------------------ run config
 @pytest.mark.parametrize("override, named", [
-    ("federation.lr=nan", "federation.lr=nan must be a finite number > 0"),
-    ("train.lr=-1", "federation.lr=-1 must be a finite number > 0"),
-    ("federation.batch_size=-1", "federation.batch_size=-1 must be an integer >= 1"),
+    ("train.lr=nan", "train.lr=nan must be a finite number > 0"),
+    ("train.lr=-1", "train.lr=-1 must be a finite number > 0"),
+    ("train.lr=11", "train.lr=11 must be a finite number > 0 and <= 10"),
+    ("train.batch_size=-1", "train.batch_size=-1 must be an integer >= 1"),
     ("federation.local_steps=0", "federation.local_steps=0 must be an integer >= 1"),
     ("federation.rounds=0", "federation.rounds=0 must be an integer >= 1"),
     ("federation.run_name=../x", "federation.run_name='../x' must be 1-64 letters"),
@@ -411,7 +416,7 @@ def test_the_run_config_is_refused_before_round_1_in_one_message(tmp_path, overr
 
 def test_every_problem_is_named_at_once():
     with pytest.raises(RunConfigError) as refused:
-        server.app.check_supported(compose(["federation.lr=nan", "federation.batch_size=-1", "federation.local_steps=0",
+        server.app.check_supported(compose(["train.lr=nan", "train.batch_size=-1", "federation.local_steps=0",
                                             "federation.run_name=../x"]))
     assert str(refused.value).count("\n  - ") == 4
 

@@ -26,7 +26,7 @@ def simulation(tmp_path_factory):
     run_dir = tmp / "run"
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
-               "federation.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", ONE_ACTOR,
+               "train.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1", ONE_ACTOR,
                "probe.max_iter=20",
                "federation.strategy=fedavg",   # every site in every round (cyclic would ask one per round)
                "centralized_steps=all_sites",  # the baseline takes every site's steps (the default: one model's)
@@ -149,7 +149,7 @@ def test_sigterm_mid_federation_stops_every_flower_process(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}",
                "data.studies=40", "federation.sites=2", "federation.rounds=50", "federation.local_steps=1",
-               "federation.batch_size=4", "client_resources.num_cpus=1", ONE_ACTOR, "compare_centralized=false"]
+               "train.batch_size=4", "client_resources.num_cpus=1", ONE_ACTOR, "compare_centralized=false"]
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -21,7 +21,7 @@ from client.site import SiteConfigError, load_site
 from server.rounds import round_config
 from shared_models.config import compose
 
-BASE = "model=tiny federation.rounds=2 federation.local_steps=1 federation.batch_size=2"
+BASE = "model=tiny federation.rounds=2 federation.local_steps=1 train.batch_size=2"
 OPEN = {"require": []}   # a site that also takes rounds without DP: what is refused here is not the policy
 
 
@@ -168,9 +168,9 @@ def test_the_rounds_settings_reach_the_site_only_in_the_round_config(tmp_path):
     a site can read them only from the round's config record, which it validates."""
     from client.app import run_config
 
-    cfg = run_config(context(write_site(tmp_path, policy=OPEN), f"{BASE} federation.lr=0.5 seed=7 train.lr=0.25"))
-    assert "federation" not in cfg and "seed" not in cfg
-    assert cfg.model.name == "tiny" and cfg.train.lr == 0.25   # what the round config does not carry still arrives
+    cfg = run_config(context(write_site(tmp_path, policy=OPEN), f"{BASE} train.lr=0.5 seed=7 train.weight_decay=0.25"))
+    assert "federation" not in cfg and "seed" not in cfg and "lr" not in cfg.train and "batch_size" not in cfg.train
+    assert cfg.model.name == "tiny" and cfg.train.weight_decay == 0.25   # what the round config does not carry arrives
 
 
 def test_a_query_builds_the_initial_model_from_its_config_record(tmp_path):
