@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,9 @@ class ImageEncoder(nn.Module):
         self.pyramid_indices, self.pyramid_channels = self._pyramid_layout(pyramid_levels)
         self.feature_dim = self.model.num_features
         self.attention_pool = None
-        self._last_block_input: torch.Tensor | None = None
+        # The last block's input by thread: the DP loop runs studies' forwards on several threads at once, and one
+        # attribute would hand a study another study's tokens (its gradient then depends on that other patient).
+        self._last_block_inputs: dict[int, torch.Tensor] = {}
         if self.is_transformer:
             self.model.blocks[-1].attn.register_forward_pre_hook(self._keep_last_block_input)
         else:
@@ -137,11 +140,11 @@ class ImageEncoder(nn.Module):
         return list(range(first, len(self.model.feature_info))), [i["num_chs"] for i in info]
 
     def _keep_last_block_input(self, module: nn.Module, args: tuple) -> None:
-        self._last_block_input = args[0]
+        self._last_block_inputs[threading.get_ident()] = args[0]
 
     def _cls_attention(self) -> torch.Tensor:
-        """Recompute the last block's attention of the class token to the patches: [B, heads, N]."""
-        attn, x = self.model.blocks[-1].attn, self._last_block_input
+        """Recompute the last block's attention of the class token to the patches (this thread's forward): [B, heads, N]."""
+        attn, x = self.model.blocks[-1].attn, self._last_block_inputs.pop(threading.get_ident())
         b, n, _ = x.shape
         qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
@@ -158,7 +161,6 @@ class ImageEncoder(nn.Module):
             patch_tokens = final[:, self.num_prefix_tokens:]
             global_emb = final[:, 0] if self.global_pool == "token" else patch_tokens.mean(dim=1)
             attention = self._cls_attention()
-            self._last_block_input = None
         else:
             grid_hw = tuple(final.shape[-2:])
             global_emb, attention = self.attention_pool(final)

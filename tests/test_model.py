@@ -1,5 +1,7 @@
 """Encoders, tokenizer, collate, the composed pre-training model and parameter sharing (tiny random-init models)."""
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -98,6 +100,26 @@ def test_vit_patch_weights_equal_timm_attention():
     attn.attn_drop.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     out = encoder(torch.rand(2, 1, SIZE, SIZE))
     torch.testing.assert_close(out.pool_attention, seen[-1][:, :, 0, 1:])
+
+
+def test_vit_patch_weights_are_each_threads_own_when_two_threads_run_forward_at_once():
+    """The DP loop runs studies on several threads through one encoder: each study's attention must come from
+    its own image. A barrier holds both threads after the last block's input was kept, so that each would read
+    the other's if the encoder kept one input for all threads."""
+    encoder = ImageEncoder("vit_tiny_patch16_224", img_size=SIZE, kwargs={"depth": 2}).eval()
+    images = [torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    alone = [encoder(image).patch_weights for image in images]
+    assert not torch.allclose(alone[0], alone[1])
+    barrier = threading.Barrier(2, timeout=30)
+
+    def hold(module, args):   # runs after the encoder's own pre-hook kept this thread's input
+        barrier.wait()
+
+    encoder.model.blocks[-1].attn.register_forward_pre_hook(hold)
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda image: encoder(image).patch_weights, images))
+    for mine, expected in zip(together, alone):
+        torch.testing.assert_close(mine, expected)
 
 
 def test_input_is_normalised_inside():

@@ -141,7 +141,7 @@ SMOKE_OVERRIDES = [
     "objective=hybrid",
     # Shortened schedules: G2D's global-only warm-up and HybridMED stage 1 for 20 steps; from step 20 seg and
     # stage 2 (caption, distill, token, global_impression with the summary branch frozen) train as well.
-    "objective.schedule.warmup_steps=20",
+    "objective.schedule.seg_start_step=20",
     "objective.schedule.stage2_step=20",
     # 64 tokens hold most phantom findings and impressions and halve the text encoders' cost.
     "model.text.max_length=64",
