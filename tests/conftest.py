@@ -55,10 +55,12 @@ E2E_MODULES = {"test_federation", "test_faults", "test_secagg", "test_simulation
                "test_site_supervisor", "test_distributed", "test_privacy_audit"}
 # End-to-end tests in unit modules: the trainer's smoke test draws and indexes the 200-study phantom, trains the
 # whole hybrid objective for 60 steps and measures retrieval: a training run end to end, and the longest test
-# outside the modules above. The others start Python processes that import the stack (seconds each on 2 cores):
+# outside the modules above; its same-seed test trains the same model on that phantom (it would draw the phantom
+# for itself alone in a unit run). The others start Python processes that import the stack (seconds each on 2 cores):
 # an indexer killed mid-run and one racing another, a ledger reopened by a second process, a SuperLink, and the
 # hostile-input index run in a child process that measures its own peak memory.
 E2E_TESTS = {"tests/test_trainer.py::test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval",
+             "tests/test_trainer.py::test_same_seed_same_loss_history",
              "tests/test_catalog_index.py::test_killed_index_resumes_without_duplicates_or_losses",
              "tests/test_catalog_index.py::test_two_indexers_at_once_share_the_work_without_duplicates",
              "tests/test_privacy.py::test_ledger_survives_a_restart_and_composes_across_runs",
