@@ -57,7 +57,7 @@ class TrainSettings:
 @dataclass
 class TrainResult:
     steps: int
-    examples: int
+    images: int          # batch rows trained on (one image and its report each; under DP-SGD the patients drawn)
     seconds: float
     loss_start: dict[str, float]
     loss_end: dict[str, float]
@@ -66,8 +66,8 @@ class TrainResult:
     optimizer_state: dict | None = None  # AdamW moments, so a resumed run continues where this one stopped
 
     @property
-    def examples_per_s(self) -> float:
-        return self.examples / self.seconds if self.seconds > 0 else 0.0
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float) -> float:
@@ -137,7 +137,7 @@ def proximal_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], mu: floa
 
 TakeStep = Callable[[int], tuple[dict[str, float], int]]
 """One step's gradient at step number `step`, left in the trained parameters' `.grad`; returns the step's loss
-terms (for the log) and the examples it used."""
+terms (for the log) and the batch rows (images) it trained on."""
 
 
 class StepStrategy(Protocol):
@@ -186,7 +186,7 @@ def train_steps(
         total_steps = settings.total_steps or (settings.start_step + settings.steps)
         progress = progress and distributed.is_main()
         history: list[dict[str, float]] = []
-        examples = 0
+        images = 0
         started = time.perf_counter()
         bar = tqdm(range(settings.steps), desc=description, disable=not progress, leave=False)
         for i in bar:
@@ -195,7 +195,7 @@ def train_steps(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             terms, used = take_step(step)
-            examples += used
+            images += used
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.grad is not None], settings.grad_clip
@@ -208,7 +208,7 @@ def train_steps(
         seconds = time.perf_counter() - started
     return TrainResult(
         steps=settings.steps,
-        examples=examples,
+        images=images,
         seconds=seconds,
         loss_start=_window_mean(history, first=True),
         loss_end=_window_mean(history, first=False),
@@ -239,7 +239,7 @@ class PlainStep:
 
         def take_step(step: int) -> tuple[dict[str, float], int]:
             terms: dict[str, float] = {}
-            examples = 0
+            images = 0
             for micro in range(settings.grad_accum):
                 batch = move_to(next(batches), device)
                 # DDP all-reduces the gradients once, after the last micro-batch.
@@ -254,10 +254,10 @@ class PlainStep:
                             "lower train.lr or check the data"
                         )
                     (loss / settings.grad_accum).backward()
-                examples += int(batch["images"].shape[0]) * world
+                images += int(batch["images"].shape[0]) * world
                 for name, value in out.items():
                     terms[name] = terms.get(name, 0.0) + float(value.detach()) / settings.grad_accum
-            return distributed.mean_over_ranks(terms), examples
+            return distributed.mean_over_ranks(terms), images
 
         with distributed.gathering(model) if world > 1 else contextlib.nullcontext():
             yield take_step

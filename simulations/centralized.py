@@ -100,7 +100,7 @@ def train_centralized(cfg: DictConfig, run_dir: Path, dataset: CxrDataset | None
         "steps": result.steps,
         "start_step": start_step,
         "seconds": round(result.seconds, 3),
-        "examples_per_s": round(result.examples_per_s, 3),
+        "examples_per_s": round(result.images_per_s, 3),   # the contract's key: images per second
         "loss_start": result.loss_start,
         "loss_end": result.loss_end,
         "images": len(dataset),
@@ -117,7 +117,7 @@ def main(cfg: DictConfig) -> None:
     summary = train_centralized(cfg, run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"centralized {cfg.objective.name} on {cfg.model.name}: {summary['steps']} steps in {summary['seconds']:.0f} s "
-          f"({summary['examples_per_s']:.1f} examples/s)")
+          f"({summary['examples_per_s']:.1f} images/s)")
     for term in summary["loss_end"]:
         print(f"  {term:<18} {summary['loss_start'].get(term, float('nan')):8.4f} -> {summary['loss_end'][term]:8.4f}")
     print(f"checkpoint: {run_dir / 'checkpoint'}")

@@ -120,7 +120,7 @@ def test_two_accumulated_batches_equal_one_double_batch():
 def test_accumulation_counts_every_example_once_per_micro_batch():
     result = train_steps(toy_model(), toy_samples(), toy_collate, settings(steps=3, batch_size=4, grad_accum=2),
                          progress=False)
-    assert result.examples == 3 * 2 * 4 and len(result.history) == 3
+    assert result.images == 3 * 2 * 4 and len(result.history) == 3
 
 
 def test_nonfinite_loss_raises_a_clear_error():

@@ -172,7 +172,7 @@ def dp_train_steps(
     optimizer_state: dict | None = None,
     per_study: str = "auto",
 ) -> TrainResult:
-    """`settings.steps` DP-SGD steps: the trainer's loop with `PrivateStep`. The result's `examples` is the realised
+    """`settings.steps` DP-SGD steps: the trainer's loop with `PrivateStep`. The result's `images` is the realised
     number of sampled patients (site's log only)."""
     return train_steps(model, dataset, collate_fn, settings, device, proximal_anchor, progress, description,
                        optimizer_state, strategy=PrivateStep(clip, noise_multiplier, sampler, per_study))
@@ -285,6 +285,6 @@ def dp_train_round(
                             progress, description=f"site {site['name']} dp", optimizer_state=optimizer_state,
                             per_study=dp.per_study)
     local = {name: float(v) for name, v in result.loss_end.items()}
-    local.update(seconds=result.seconds, patients=float(result.examples))
+    local.update(seconds=result.seconds, patients=float(result.images))
     return DpRoundResult(result, charge, noise, sampler.sample_rate,
                          settings.steps * sampler.expected_batch_size, local)
