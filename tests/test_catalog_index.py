@@ -216,28 +216,39 @@ def test_sqlite_catalog_uses_wal_and_busy_timeout(tmp_path):
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
 
 
-def test_a_catalog_this_process_holds_is_never_opened_again_outside_sqlite(tmp_path, monkeypatch):
+def test_a_catalog_file_is_never_opened_outside_sqlite(tmp_path, monkeypatch):
     """Closing a second descriptor of a database file drops the POSIX locks SQLite holds on it in this process
     (sqlite.org/howtocorrupt.html 2.2): the catalog was found "malformed" after a simulation whose processes opened
-    it again. Once SQLite has the file, open_catalog reads its header no more; a file it has not seen is still
-    checked."""
-    import client.data.catalog as catalog_module
+    it again to read its header. open_catalog only stats the path; SQLite itself refuses a foreign file, which is
+    still named in words, and a folder or a pipe is refused before SQLite opens it."""
+    import builtins
+    import io
 
-    reads: list[Path] = []
-    real_open = catalog_module.open_regular
-    monkeypatch.setattr(catalog_module, "open_regular", lambda path, *a, **k: (reads.append(path), real_open(path, *a, **k))[1])
-    first = open_catalog(tmp_path / "c.sqlite")           # a new file: SQLite makes it, nothing reads it first
+    opened: list[str] = []
+    for module, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda path, *a, _real=real, **k: (opened.append(str(path)), _real(path, *a, **k))[1])
+    first = open_catalog(tmp_path / "c.sqlite")
     with first.engine.connect() as held:
         held.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
         open_catalog(tmp_path / "c.sqlite")
         open_catalog(tmp_path / "c.sqlite", readonly=True)
         open_catalog(f"sqlite:///{tmp_path / '.' / 'c.sqlite'}")   # another spelling of the same file
-    assert reads == []
     foreign = tmp_path / "notes.sqlite"
-    foreign.write_bytes(b"not a database at all")
-    with pytest.raises(CatalogError, match="not an SQLite database"):
+    foreign.write_bytes(b"not a database at all, but long enough to hold a header" * 20)
+    opened.clear()
+    with pytest.raises(CatalogError, match="notes.sqlite: not an SQLite database"):
         open_catalog(foreign)
-    assert reads == [foreign]
+    with pytest.raises(CatalogError, match="notes.sqlite: not an SQLite database"):
+        open_catalog(foreign, readonly=True)
+    monkeypatch.undo()
+    assert not [path for path in opened if "sqlite" in path]
+    assert foreign.read_bytes().startswith(b"not a database")   # refused, not overwritten
+    (tmp_path / "folder.sqlite").mkdir()
+    os.mkfifo(tmp_path / "pipe.sqlite")
+    for name, kind in (("folder.sqlite", "a folder"), ("pipe.sqlite", "not a regular file")):
+        with pytest.raises(CatalogError, match=f"{name}: not a catalog \\({kind}\\)"):
+            open_catalog(tmp_path / name)
 
 
 def test_cli_writes_contract_json_and_refuses_wrong_paths(tmp_path, capsys):

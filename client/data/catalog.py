@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,14 +13,11 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from client.data.errors import Rejected
-from client.data.files import open_regular
 from shared_models.vocab import CHEXPERT_LABELS
 
 SCHEMA_VERSION = "1"
 JSON_OR_NULL = JSON(none_as_null=True)   # Python None is SQL NULL, not the JSON text 'null'
 BUSY_TIMEOUT_MS = 30_000
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class CatalogError(RuntimeError):
@@ -197,6 +195,16 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
                            "a URL such as postgresql+psycopg2://user@host/db") from None
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+    if path is not None:
+        try:   # SQLite judges the content as it opens the file: another file fails here, in words
+            with engine.connect() as connection:
+                connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+        except DatabaseError as error:
+            engine.dispose()
+            if "not a database" in str(error.orig):
+                raise CatalogError(f"{path}: not an SQLite database (SQLite: {error.orig}); move the file away or "
+                                   "choose another --catalog path") from None
+            raise CatalogError(f"cannot open the catalog at {path}: {error.orig}") from None
     if readonly:
         return Catalog(url, engine)
     try:
@@ -209,37 +217,25 @@ def open_catalog(url_or_path: str | os.PathLike, readonly: bool = False) -> Cata
         engine.dispose()
         raise CatalogError(f"cannot write the catalog at {shown}: {error.orig}; "
                            "choose a writable catalog (--catalog PATH)") from None
-    if path is not None:                  # SQLite made or wrote it: its header is never read again here
-        status = path.stat()
-        _CHECKED_FILES.add((status.st_dev, status.st_ino))
     return Catalog(url, engine)
 
 
-# Files whose header this process has read, by (device, inode). Closing a second descriptor of a database file
-# drops every POSIX lock this process holds on it, SQLite's included; another process may then checkpoint and
-# reset the WAL under a live connection here, and the catalog is corrupted ("database disk image is malformed";
-# sqlite.org/howtocorrupt.html, 2.2). So the header is read once per file and process, before any connection.
-_CHECKED_FILES: set[tuple[int, int]] = set()
-
-
 def check_sqlite_file(path: Path) -> None:
-    """Refuse a path that is not an SQLite database (another file, a pipe, a folder) before SQLite touches it."""
-    if not path.exists():
-        return                            # a new catalog
-    status = path.stat()
-    identity = (status.st_dev, status.st_ino)
-    if identity in _CHECKED_FILES:
-        return
+    """Refuse a path that is not a regular file (a pipe, a folder, a device) before SQLite opens it.
+
+    Only its metadata is read: this process never opens the file beside SQLite, because closing a second descriptor
+    of a database file drops every POSIX lock the process holds on it, SQLite's included, and another process may
+    then reset the WAL under a live connection here ("database disk image is malformed";
+    sqlite.org/howtocorrupt.html, 2.2). Whether a regular file is a database, SQLite says as it opens it."""
     try:
-        with open_regular(path) as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-    except Rejected as error:
-        raise CatalogError(f"{path}: not a catalog ({error.detail}); choose another --catalog path") from None
-    if head and head != SQLITE_MAGIC:     # an empty file is a new database to SQLite
-        raise CatalogError(f"{path}: not an SQLite database (it does not start with 'SQLite format 3'); "
-                           "move the file away or choose another --catalog path")
-    if head:                              # an empty one is remembered once SQLite has written it
-        _CHECKED_FILES.add(identity)
+        status = path.stat()
+    except FileNotFoundError:
+        return                            # a new catalog
+    except OSError as error:
+        raise CatalogError(f"{path}: cannot be read ({error.strerror}); choose another --catalog path") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+        raise CatalogError(f"{path}: not a catalog ({kind}); choose another --catalog path")
 
 
 # --- cheap listings ----------------------------------------------------------------------------
