@@ -13,12 +13,13 @@ import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file
 
-from client.federated import build_model, site_dataset
+from client.federated import site_dataset
 from client.site import DEFAULT_LAUNCHER
 from client.trainer import TrainSettings, train_steps
 from server.registry import Registry
 from shared_models.batch import collate
 from shared_models.config import compose
+from shared_models.factory import create_model
 from shared_models.transfer import decode_arrays, encode_arrays
 from simulations.deployment import Deployment, phantom_site_fields
 
@@ -57,7 +58,7 @@ def central(cfg, sites: dict, steps: int, threads: int) -> dict:
     """The same number of optimizer steps in one process over the union of the sites' data."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     union = dict(next(iter(sites.values())), name="central", studies=[s for site in sites.values() for s in site["studies"]])
     dataset = site_dataset(union, cfg)
     settings = TrainSettings.from_config(cfg.train, steps=steps, seed=int(cfg.seed), start_step=0, total_steps=steps)

@@ -18,11 +18,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.secagg import secure_aggregation
-from client.federated import (FingerprintMismatch, RoundConfigError, build_model, query_model_settings, run_settings,
+from client.federated import (FingerprintMismatch, RoundConfigError, query_model_settings, run_settings,
                               shared_arrays, train_round, validate_round_config)
 from client.policy import PolicyRefused, accepted_overrides, enforce_policy
 from client.site import load_site
 from shared_models.config import RenamedKeyError, compose
+from shared_models.factory import create_model
 from shared_models.transfer import contiguous, decode_arrays, encode_arrays
 
 # Error codes of a refusal: the coordinator records the reason and goes on with the other sites.
@@ -149,7 +150,7 @@ def query(message: Message, context: Context) -> Message:
         return Message(refusal(POLICY_REFUSED, site, err), reply_to=message)
     except RoundConfigError as err:
         return Message(refusal(ROUND_CONFIG_REFUSED, site, err), reply_to=message)
-    params = shared_arrays(build_model(cfg, **model_settings), cfg)
+    params = shared_arrays(create_model(cfg, **model_settings), cfg)
     return Message(RecordDict({"arrays": _arrays(params), "site": ConfigRecord({"name": site["name"]})}), reply_to=message)
 
 

@@ -61,14 +61,6 @@ def run_settings(cfg: DictConfig) -> DictConfig:
     return settings
 
 
-def build_model(cfg: DictConfig, seed: int | None = None, total_steps: int | None = None) -> PretrainModel:
-    """The pre-training model, initialised identically at every site and at the coordinator by the run's seed.
-    A site passes its round config's `seed` and `rounds x local_steps` (the steps the objective schedule spans);
-    without them they are the composed config's (`seed`, `federation`), as the coordinator builds it."""
-    torch.manual_seed(int(cfg.seed if seed is None else seed))
-    return create_model(cfg, total_steps=total_steps)
-
-
 def shared_arrays(model: PretrainModel, cfg: DictConfig) -> Params:
     """numpy copies of the model's shared parameters (the only arrays that leave a site)."""
     return {name: t.detach().cpu().numpy().copy() for name, t in split_state(model, cfg)[0].items()}
@@ -240,7 +232,7 @@ QUERY_NUMBERS = ("seed", "rounds", "local_steps")
 
 
 def query_model_settings(config: dict) -> dict[str, int]:
-    """build_model's `seed` and `total_steps` from a query's config record (a query builds the initial model and
+    """create_model's `seed` and `total_steps` from a query's config record (a query builds the initial model and
     trains nothing): its `seed`, `rounds` and `local_steps`, checked as a round's are."""
     problems = _number_problems(config, {key: ROUND_NUMBERS[key] for key in QUERY_NUMBERS})
     if problems:
@@ -290,7 +282,7 @@ def train_round(shared: Params, round_config: dict, site: dict, run_name: str,
         return distributed.run(train_round, (shared, round_config, site, run_name, cfg), settings.nproc,
                                run_id=f"site-{site['name']}")
     local_file = _local_file(site, run_name)
-    model = build_model(cfg, seed=int(round_config["seed"]), total_steps=settings.total_steps)
+    model = create_model(cfg, seed=int(round_config["seed"]), total_steps=settings.total_steps)
     check_fingerprints(round_config, checkpoint_fingerprints(cfg, model.tokenizer))
     saved_local, local_notes = _read_local_state(local_file)
     _restore(model, shared, saved_local)

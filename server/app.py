@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
@@ -134,8 +133,7 @@ def check_supported(cfg: DictConfig) -> None:
 def initial_model(cfg: DictConfig):
     """The model every site also builds from `cfg.seed`: its shared parameters start the run, its tokenizer
     goes into every checkpoint."""
-    torch.manual_seed(int(cfg.seed))
-    return create_model(cfg)
+    return create_model(cfg, seed=int(cfg.seed))
 
 
 def _weighted_metrics(accepted: list[SiteReply]) -> dict[str, float]:

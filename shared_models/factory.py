@@ -1,6 +1,7 @@
 """Build the pre-training model (and its tokenizer) from the composed config's `model` and `objective`."""
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -31,10 +32,14 @@ def create_text_encoder(text_cfg: dict, tokenizer: PreTrainedTokenizerBase) -> T
 
 
 def create_model(cfg: DictConfig | dict, tokenizer: PreTrainedTokenizerBase | None = None,
-                 total_steps: int | None = None) -> PretrainModel:
+                 total_steps: int | None = None, seed: int | None = None) -> PretrainModel:
     """`PretrainModel` for `cfg.model` + `cfg.objective`; pass `tokenizer` when it comes from a checkpoint.
     `total_steps`: the run's steps that the objective's schedule spans; by default a federation's
-    (`rounds x local_steps`), the one run whose every process builds its model from the config alone."""
+    (`rounds x local_steps`), the one run whose every process builds its model from the config alone.
+    `seed`: torch's generator is seeded with it first, so the coordinator and every site that build the model
+    from the same config and the run's seed start from the same weights (None: the generator as it is)."""
+    if seed is not None:
+        torch.manual_seed(int(seed))
     model_cfg, objective = as_dict(cfg["model"]), as_dict(cfg["objective"])
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg["text"])
     return PretrainModel(

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from omegaconf import OmegaConf
 
-from client.federated import (FingerprintMismatch, build_model, check_fingerprints, run_settings, shared_arrays,
+from client.federated import (FingerprintMismatch, check_fingerprints, run_settings, shared_arrays,
                               site_dataset, train_round)
 from client.site import SiteConfigError, effective_caps, validate_caps
 from server.aggregation import ServerOptimizer, coordinate_median, trimmed_mean, weighted_mean
@@ -23,6 +23,7 @@ from server.strategy import strategy_from_config
 from server.validation import read_arrays
 from shared_models.checkpoint import checkpoint_fingerprints
 from shared_models.config import compose
+from shared_models.factory import create_model
 from shared_models.sharing import shared_parameter_names, sharing_settings
 from shared_models.transfer import contiguous
 from simulations.deployment import phantom_site_fields
@@ -249,7 +250,7 @@ def _site(sites, name, tmp_path):
 
 
 def test_one_sharing_rule_from_model_sharing(cfg):
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     shared = set(shared_arrays(model, cfg))
     assert shared == set(shared_parameter_names(model, **sharing_settings(cfg)))
     assert shared and all(k.startswith(("image_encoder.", "text_encoder.")) or "_projection." in k for k in shared)
@@ -274,7 +275,7 @@ def test_round_schedule():
 
 def test_local_only_parameters_persist_between_rounds(sites, cfg, tmp_path):
     cfg = OmegaConf.merge(cfg, {"federation": {"keep_optimizer_state": True}})
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     prints = checkpoint_fingerprints(cfg, model.tokenizer)
     shared, site = shared_arrays(model, cfg), _site(sites, "A", tmp_path)
     config = round_config(cfg, 1, "r", prints)
@@ -306,7 +307,7 @@ def test_local_only_parameters_persist_between_rounds(sites, cfg, tmp_path):
 def test_a_site_takes_the_rounds_settings_from_the_round_config_alone(sites, cfg, tmp_path):
     """The round's config record is the one source of the round's settings: a site whose composed overrides say
     otherwise (1 local step, no kept moments, another seed) trains what the round config says."""
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     config = dict(round_config(cfg, 1, "r", checkpoint_fingerprints(cfg, model.tokenizer)), local_steps=3,
                   keep_optimizer_state=True)
     disagreeing = OmegaConf.merge(cfg, {"seed": 5, "federation": {"local_steps": 1, "keep_optimizer_state": False}})
@@ -319,7 +320,7 @@ def test_a_site_takes_the_rounds_settings_from_the_round_config_alone(sites, cfg
 def test_optimizer_state_can_restart_every_round(sites, tmp_path):
     fresh = compose(["federation.rounds=2", "federation.local_steps=1", "train.batch_size=4",
                      "federation.keep_optimizer_state=false"])
-    model = build_model(fresh)
+    model = create_model(fresh, seed=int(fresh.seed))
     site = _site(sites, "A", tmp_path)
     train_round(shared_arrays(model, fresh), round_config(fresh, 1, "r", checkpoint_fingerprints(fresh, model.tokenizer)),
                 site, "r", fresh)
@@ -328,7 +329,7 @@ def test_optimizer_state_can_restart_every_round(sites, tmp_path):
 
 
 def test_site_refuses_a_round_built_for_another_model(sites, cfg, tmp_path):
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     prints = dict(checkpoint_fingerprints(cfg, model.tokenizer), tokenizer="0" * 16)
     with pytest.raises(FingerprintMismatch, match="tokenizer: coordinator 0000000000000000"):
         train_round(shared_arrays(model, cfg), round_config(cfg, 1, "r", prints), _site(sites, "A", tmp_path), "r", cfg)
@@ -339,7 +340,7 @@ def test_dp_round_sends_only_public_scalars_and_refuses_a_round_over_budget(site
     from client.privacy import BudgetExceeded
 
     cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "train.batch_size=2"])
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     config = round_config(cfg, 1, "dp", checkpoint_fingerprints(cfg, model.tokenizer))
     site = dict(_site(sites, "B", tmp_path), name=f"dp-{tmp_path.name}")  # its own ledger entries in the catalog
     new_shared, examples, metrics = train_round(shared_arrays(model, cfg), config, site, "dp", cfg)
@@ -495,7 +496,7 @@ def test_each_round_tells_the_site_how_many_rounds_it_trains_in_all(tmp_path, mo
 def test_a_dp_site_sizes_its_noise_for_its_own_rounds(sites, tmp_path):
     cfg = compose(["privacy=dpsgd", "privacy.dpsgd.target_epsilon=4.0", "federation.rounds=4",
                    "federation.local_steps=1", "train.batch_size=2"])
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     prints = checkpoint_fingerprints(cfg, model.tokenizer)
     noise = {}
     for turns in (4, 1):   # every round (FedAvg), or one turn in four (cyclic over 4 sites)

@@ -287,7 +287,7 @@ def test_dp_round_on_two_ranks_charges_the_ledger_once_at_the_global_rate(dp_run
 def test_a_site_with_nproc_2_trains_a_dp_round_on_two_processes(tmp_path):
     """The site file's `nproc: 2`: `train_round` (what the ClientApp calls) starts a 2-rank group, which trains the
     DP round and charges the ledger once; rank 0's weights and public scalars are the reply."""
-    from client.federated import build_model, shared_arrays, train_round
+    from client.federated import shared_arrays, train_round
     from client.privacy import PrivacyLedger
     from server.rounds import round_config
     from shared_models.checkpoint import checkpoint_fingerprints
@@ -295,7 +295,7 @@ def test_a_site_with_nproc_2_trains_a_dp_round_on_two_processes(tmp_path):
 
     cfg = compose(["privacy=dpsgd", "federation.rounds=2", "federation.local_steps=1", "train.batch_size=2",
                    *FAST[:3]])
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     shared = shared_arrays(model, cfg)
     site = dict(phantom_site_fields(tmp_path / "phantom")["A"], name="A", state_dir=str(tmp_path / "A"),
                 device="cpu", privacy={"max_epsilon": 8.0, "max_delta": 1e-5}, public_patient_count=10,

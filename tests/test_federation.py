@@ -12,12 +12,13 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from client.federated import build_model, shared_arrays, train_round
+from client.federated import shared_arrays, train_round
 from server.aggregation import weighted_mean
 from server.registry import Registry
 from server.rounds import round_config
 from shared_models.checkpoint import checkpoint_fingerprints, load_checkpoint
 from shared_models.config import compose
+from shared_models.factory import create_model
 from shared_models.sharing import shared_parameter_names, sharing_settings
 from simulations.deployment import Deployment
 from simulations.flower import PROJECT_ROOT, descendants, free_port
@@ -121,7 +122,7 @@ def test_checkpoints_load_as_models_and_the_final_model_is_exported(deployment, 
 def test_aggregate_is_the_example_weighted_mean_of_the_sites(deployment, first_run, tmp_path):
     assert first_run["status"] == "finished:completed"
     cfg = compose(first_run["overrides"].split())
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     prints, start = checkpoint_fingerprints(cfg, model.tokenizer), shared_arrays(model, cfg)
     updates = []
     for name in ("A", "B"):  # redo round 1 of each site from the same seeded start, on fresh local state
@@ -139,7 +140,7 @@ def test_aggregate_is_the_example_weighted_mean_of_the_sites(deployment, first_r
 def test_only_shared_parameters_and_scalars_leave_a_site(deployment, first_run):
     assert first_run["status"] == "finished:completed"
     cfg = compose(first_run["overrides"].split())
-    shared = set(shared_parameter_names(build_model(cfg), **sharing_settings(cfg)))
+    shared = set(shared_parameter_names(create_model(cfg, seed=int(cfg.seed)), **sharing_settings(cfg)))
     for name in ("A", "B"):
         state = Path(site_config(deployment, name)["state_dir"])
         local_only = set(load_file(state / "runs" / "e2e" / "local.safetensors"))
@@ -269,7 +270,7 @@ def test_cyclic_passes_the_model_from_site_to_site(deployment, tmp_path):
     assert {first, second} == {"A", "B"}, "each round asks the other site"
     # Round 1's model is the first site's own update from the seeded start, not a mean with the other's.
     cfg = compose(overrides.split())
-    model = build_model(cfg)
+    model = create_model(cfg, seed=int(cfg.seed))
     site = dict(site_config(deployment, first), state_dir=str(tmp_path / first))
     expected, _, _ = train_round(shared_arrays(model, cfg), round_config(cfg, 1, "cyclic",
                                  checkpoint_fingerprints(cfg, model.tokenizer)), site, "cyclic", cfg)

@@ -175,7 +175,8 @@ def test_the_rounds_settings_reach_the_site_only_in_the_round_config(tmp_path):
 
 def test_a_query_builds_the_initial_model_from_its_config_record(tmp_path):
     from client.app import query
-    from client.federated import build_model, shared_arrays
+    from client.federated import shared_arrays
+    from shared_models.factory import create_model
 
     ctx = context(write_site(tmp_path, policy=OPEN), BASE)
     bare = query(Message(RecordDict(), dst_node_id=7, message_type="query"), ctx)
@@ -183,8 +184,8 @@ def test_a_query_builds_the_initial_model_from_its_config_record(tmp_path):
     asked = RecordDict({"config": ConfigRecord({"seed": 3, "rounds": 2, "local_steps": 1})})
     reply = query(Message(asked, dst_node_id=7, message_type="query"), ctx)
     cfg = compose(BASE.split())
-    expected = shared_arrays(build_model(cfg, seed=3), cfg)
-    other_seed = shared_arrays(build_model(cfg, seed=4), cfg)
+    expected = shared_arrays(create_model(cfg, seed=3), cfg)
+    other_seed = shared_arrays(create_model(cfg, seed=4), cfg)
     got = {name: array.numpy() for name, array in reply.content["arrays"].items()}
     assert set(got) == set(expected) and all((got[k] == expected[k]).all() for k in expected)
     assert any((got[k] != other_seed[k]).any() for k in expected)
