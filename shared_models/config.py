@@ -28,6 +28,8 @@ class RenamedKeyError(ValueError):
 RENAMED_KEYS = {
     "federation.validate_updates": "federation.update_norm_action (the server checks every reply it sees; under "
                                    "SecAgg+ it sees only the mean, so only clip is accepted there: docs/privacy.md)",
+    "partition.strategy": "partition.name (which split makes the virtual sites; partition=NAME picks one; a "
+                          "federation's strategy is federation.strategy)",
     "objective.schedule.warmup_steps": "objective.schedule.seg_start_step (when seg starts, in steps; the lr warm-up "
                                        "is train.warmup_steps)",
     "federation.batch_size": "train.batch_size (one batch size for a site's rounds and the centralized run; the "

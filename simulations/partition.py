@@ -1,4 +1,4 @@
-"""Split a catalog's training studies into patient-disjoint virtual sites, by a registered strategy."""
+"""Split a catalog's training studies into patient-disjoint virtual sites, by a registered partition (`partition.name`)."""
 from __future__ import annotations
 
 import json
@@ -30,13 +30,13 @@ class Site:
 
 
 Patients = dict[str, list[StudyEntry]]          # patient id -> that patient's studies
-Strategy = Callable[[list[str], Patients, int, DictConfig, np.random.Generator], list[list[str]]]
-STRATEGIES: dict[str, Strategy] = {}
+Splitter = Callable[[list[str], Patients, int, DictConfig, np.random.Generator], list[list[str]]]
+PARTITIONS: dict[str, Splitter] = {}
 
 
-def strategy(name: str) -> Callable[[Strategy], Strategy]:
-    def register(fn: Strategy) -> Strategy:
-        STRATEGIES[name] = fn
+def register_partition(name: str) -> Callable[[Splitter], Splitter]:
+    def register(fn: Splitter) -> Splitter:
+        PARTITIONS[name] = fn
         return fn
     return register
 
@@ -67,19 +67,19 @@ def _fill_empty(groups: list[list[str]]) -> list[list[str]]:
     return groups
 
 
-@strategy("iid")
+@register_partition("iid")
 def iid(order: list[str], patients: Patients, sites: int, cfg: DictConfig, rng: np.random.Generator) -> list[list[str]]:
     """Patients shuffled and dealt into equal shares."""
     return _fill_empty(_split_by_shares(order, np.ones(sites)))
 
 
-@strategy("scanner")
+@register_partition("scanner")
 def scanner(order: list[str], patients: Patients, sites: int, cfg: DictConfig, rng: np.random.Generator) -> list[list[str]]:
     """An iid split; the sites differ by their scanner profile (set in `partition`)."""
     return iid(order, patients, sites, cfg, rng)
 
 
-@strategy("dirichlet")
+@register_partition("dirichlet")
 def dirichlet(order: list[str], patients: Patients, sites: int, cfg: DictConfig, rng: np.random.Generator) -> list[list[str]]:
     """Each dominant-finding class is dealt to the sites in Dirichlet(alpha) proportions: small alpha,
     each site sees a different finding mix."""
@@ -93,13 +93,13 @@ def dirichlet(order: list[str], patients: Patients, sites: int, cfg: DictConfig,
     return _fill_empty(groups)
 
 
-@strategy("quantity")
+@register_partition("quantity")
 def quantity(order: list[str], patients: Patients, sites: int, cfg: DictConfig, rng: np.random.Generator) -> list[list[str]]:
     """Site sizes drawn from Dirichlet(alpha) (small alpha: a few large sites, several small ones)."""
     return _fill_empty(_split_by_shares(order, rng.dirichlet(np.full(sites, float(cfg.alpha)))))
 
 
-@strategy("natural")
+@register_partition("natural")
 def natural(order: list[str], patients: Patients, sites: int, cfg: DictConfig, rng: np.random.Generator) -> list[list[str]]:
     """The data's own `site` column (e.g. a manifest's): one virtual site per value."""
     return list(natural_groups(patients).values())
@@ -123,14 +123,14 @@ def natural_groups(patients: Patients) -> dict[str, list[str]]:
 
 def partition(studies: list[StudyEntry], sites: int, cfg: DictConfig, seed: int,
               held_out: set[str] = frozenset()) -> list[Site]:
-    """Split `studies` (a catalog's training studies) into patient-disjoint sites with `cfg.strategy`.
+    """Split `studies` (a catalog's training studies) into patient-disjoint sites named `cfg.name`.
 
     Only studies with a usable report are pre-trained on (`has_report`); the others are counted per
     site by `composition`, and a data site (the `site` column) left with none is named in a warning.
     Patients in `held_out` (those the evaluation uses) never reach a site; the function refuses to
     return a split in which a patient is at two sites or in `held_out`."""
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"partition.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    if cfg.name not in PARTITIONS:
+        raise ValueError(f"partition.name={cfg.name!r} is not one of {sorted(PARTITIONS)} (partition=NAME picks one)")
     warn_sites_without_reports(studies, held_out)
     patients: Patients = defaultdict(list)
     for study in studies:
@@ -146,15 +146,15 @@ def partition(studies: list[StudyEntry], sites: int, cfg: DictConfig, seed: int,
         raise ValueError(f"none of the {len(studies)} training studies has a usable report and a patient outside "
                          "the evaluation splits: nothing to pre-train on (python -m client.data summary shows the "
                          "report status)")
-    if cfg.strategy != "natural" and len(patients) < sites:
+    if cfg.name != "natural" and len(patients) < sites:
         raise ValueError(f"{len(patients)} training patients cannot fill {sites} sites; lower federation.sites")
     rng = np.random.default_rng([seed, 0x5173])
     order = [str(p) for p in rng.permutation(sorted(patients))]
-    groups = STRATEGIES[cfg.strategy](order, patients, sites, cfg, rng)
-    names = list(natural_groups(patients)) if cfg.strategy == "natural" else [f"site_{i}" for i in range(len(groups))]
+    groups = PARTITIONS[cfg.name](order, patients, sites, cfg, rng)
+    names = list(natural_groups(patients)) if cfg.name == "natural" else [f"site_{i}" for i in range(len(groups))]
     result = [Site(name=str(name), patients=sorted(group),
                    studies=sorted(s.study_id for p in group for s in patients[p]),
-                   scanner=i if cfg.strategy == "scanner" else None)
+                   scanner=i if cfg.name == "scanner" else None)
               for i, (name, group) in enumerate(zip(names, groups))]
     check_disjoint(result, held_out)
     return result

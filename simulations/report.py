@@ -265,7 +265,7 @@ def final_table(summary: dict) -> str:
     cfg = summary["config"]
     seeds = cfg.get("seeds", 1)
     fractions = fractions_of(summary["final"], "linear_probe") or fractions_of(summary["final"], "segmentation")
-    head = (f"{len(summary['sites'])} sites ({cfg['partition']['strategy']}), {cfg['model']['name']} / "
+    head = (f"{len(summary['sites'])} sites ({cfg['partition']['name']}), {cfg['model']['name']} / "
             f"{cfg['objective']['name']}, {cfg['federation']['rounds']} rounds x {cfg['federation']['local_steps']} "
             f"local steps; evaluated at {', '.join(fractions) or '-'} of the labels, {seeds} seed"
             f"{'s' if seeds != 1 else ''} (mean ± std over seeds); wall {summary['wall_s']:.0f} s, "

@@ -273,7 +273,7 @@ def simulate(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = No
     sites = partition(studies, int(cfg.federation.sites), cfg.partition, int(cfg.seed), held_out)
     table = composition(sites, studies)
     save_partition(run_dir, sites, table)
-    print(f"\n{len(sites)} sites ({cfg.partition.strategy}), patient-disjoint, none in the evaluation splits:\n"
+    print(f"\n{len(sites)} sites ({cfg.partition.name}), patient-disjoint, none in the evaluation splits:\n"
           + composition_markdown(table) + "\n", flush=True)
 
     resources = ClientResources.from_machine(cfg.client_resources.num_cpus, cfg.client_resources.num_gpus,

@@ -800,7 +800,7 @@ def test_studies_without_report_leave_pretraining_not_evaluation_and_their_site_
     studies = usable_studies(db, "train", require_report=False)
     db.close()
     with caplog.at_level(logging.WARNING, logger="simulations.partition"):
-        sites = partition(studies, 3, OmegaConf.create({"strategy": "natural"}), seed=0)
+        sites = partition(studies, 3, OmegaConf.create({"name": "natural"}), seed=0)
     assert [s.name for s in sites] == ["north", "south"]   # east has nothing to pre-train on
     assert "east" in caplog.text and "no study with a usable report" in caplog.text
     table = composition(sites, studies)

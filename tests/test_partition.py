@@ -1,4 +1,4 @@
-"""Virtual sites: patient-disjoint, reproducible, and each strategy does what it says."""
+"""Virtual sites: patient-disjoint, reproducible, and each partition does what it says."""
 import dataclasses
 import math
 
@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from client.data.catalog import StudyEntry
 from client.data.scanner import apply_scanner, scanner_profile
 from shared_models.vocab import OBSERVATIONS
-from simulations.partition import (STRATEGIES, check_disjoint, composition, composition_markdown, dominant_finding,
+from simulations.partition import (PARTITIONS, check_disjoint, composition, composition_markdown, dominant_finding,
                                    partition)
 
 FINDINGS = ["atelectasis", "cardiomegaly", "pleural_effusion", "edema", "no_finding"]
@@ -30,23 +30,23 @@ def make_studies(patients: int = 120, seed: int = 0, sites: list[str] | None = N
     return studies
 
 
-def cfg(strategy: str, **extra):
-    return OmegaConf.create({"strategy": strategy, "split": "train", **extra})
+def cfg(name: str, **extra):
+    return OmegaConf.create({"name": name, "split": "train", **extra})
 
 
-@pytest.mark.parametrize("strategy,extra", [("iid", {}), ("scanner", {}), ("dirichlet", {"alpha": 0.3}),
+@pytest.mark.parametrize("name,extra", [("iid", {}), ("scanner", {}), ("dirichlet", {"alpha": 0.3}),
                                             ("quantity", {"alpha": 0.5})])
-def test_every_strategy_is_patient_disjoint_complete_and_reproducible(strategy, extra):
+def test_every_partition_is_patient_disjoint_complete_and_reproducible(name, extra):
     studies = make_studies()
-    sites = partition(studies, 4, cfg(strategy, **extra), seed=3)
+    sites = partition(studies, 4, cfg(name, **extra), seed=3)
     assert len(sites) == 4 and all(site.studies for site in sites)
     patients = [p for site in sites for p in site.patients]
     assert len(patients) == len(set(patients)) == 120
     assert sorted(s for site in sites for s in site.studies) == sorted(s.study_id for s in studies)
     for site in sites:   # a patient's studies all go with the patient
         assert {s.patient_id for s in studies if s.study_id in set(site.studies)} == set(site.patients)
-    assert partition(studies, 4, cfg(strategy, **extra), seed=3) == sites
-    assert partition(studies, 4, cfg(strategy, **extra), seed=4) != sites
+    assert partition(studies, 4, cfg(name, **extra), seed=3) == sites
+    assert partition(studies, 4, cfg(name, **extra), seed=4) != sites
 
 
 def test_held_out_patients_never_reach_a_site():
@@ -130,28 +130,28 @@ def test_dominant_finding_and_composition_table():
     assert "| site_0 |" in composition_markdown(table)
 
 
-def test_unknown_strategy_and_too_few_patients_are_clear_errors():
+def test_unknown_partition_and_too_few_patients_are_clear_errors():
     with pytest.raises(ValueError, match="not one of"):
         partition(make_studies(10), 2, cfg("bogus"), seed=0)
     with pytest.raises(ValueError, match="cannot fill"):
         partition(make_studies(3), 5, cfg("iid"), seed=0)
-    assert set(STRATEGIES) == {"iid", "dirichlet", "quantity", "scanner", "natural"}
+    assert set(PARTITIONS) == {"iid", "dirichlet", "quantity", "scanner", "natural"}
 
 
-@pytest.mark.parametrize("strategy", ["natural", "iid"])
-def test_studies_without_report_are_counted_per_site_and_a_site_left_with_none_is_named(strategy, caplog):
+@pytest.mark.parametrize("name", ["natural", "iid"])
+def test_studies_without_report_are_counted_per_site_and_a_site_left_with_none_is_named(name, caplog):
     studies = make_studies(60, sites=["north", "south", "east"])
     # east has no notes at all; one north study lacks its report
     first_north = next(s.study_id for s in studies if s.site == "north")
     studies = [dataclasses.replace(s, has_report=False) if s.site == "east" or s.study_id == first_north else s
                for s in studies]
     with caplog.at_level("WARNING", logger="simulations.partition"):
-        sites = partition(studies, 2, cfg(strategy), seed=0)
+        sites = partition(studies, 2, cfg(name), seed=0)
     assert "east" in caplog.text and "no study with a usable report" in caplog.text
     assert "north" not in caplog.text and "south" not in caplog.text
     pretrained = sorted(s for site in sites for s in site.studies)
     assert pretrained == sorted(s.study_id for s in studies if s.has_report)
-    if strategy == "natural":
+    if name == "natural":
         assert [s.name for s in sites] == ["north", "south"]   # east takes no part in the federation
     table = composition(sites, studies)
     east = sum(s.site == "east" for s in studies)
