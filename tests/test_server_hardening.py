@@ -347,7 +347,8 @@ def test_the_server_app_refuses_a_bad_config_with_one_error_line(caplog, monkeyp
 @pytest.mark.parametrize("override, new", [("+federation.validate_updates=true", "federation.update_norm_action"),
                                            ("federation.validate_updates=false", "federation.update_norm_action"),
                                            ("federation.batch_size=8", "train.batch_size"),
-                                           ("federation.lr=0.001", "train.lr")])
+                                           ("federation.lr=0.001", "train.lr"),
+                                           ("partition.strategy=iid", "partition.name")])
 def test_a_retired_key_is_refused_with_the_key_to_use(caplog, monkeypatch, override, new):
     monkeypatch.setattr(server.app.logging, "basicConfig", lambda **_: None)   # keep pytest's log capture
     with pytest.raises(RenamedKeyError, match=f"use {new}"):
