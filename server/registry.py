@@ -127,17 +127,17 @@ class Registry:
     def __init__(self, url_or_path: str | Path):
         self.engine = open_engine(url_or_path)
 
-    def start_run(self, name: str, flwr_run_id: str | None, rounds: int, config: dict, config_hash: str) -> None:
+    def start_run(self, run_name: str, flwr_run_id: str | None, rounds: int, config: dict, config_hash: str) -> None:
         with Session(self.engine) as session, session.begin():
-            run = session.get(Run, name)
+            run = session.get(Run, run_name)
             if run is None:
-                session.add(Run(name=name, flwr_run_id=flwr_run_id, rounds_planned=rounds, config=config, config_hash=config_hash))
+                session.add(Run(name=run_name, flwr_run_id=flwr_run_id, rounds_planned=rounds, config=config, config_hash=config_hash))
             else:  # a resumed run keeps its history
                 run.status, run.flwr_run_id, run.rounds_planned, run.error = "running", flwr_run_id, rounds, None
 
-    def finish_run(self, name: str, error: str | None = None) -> None:
+    def finish_run(self, run_name: str, error: str | None = None) -> None:
         with Session(self.engine) as session, session.begin():
-            run = session.get(Run, name)
+            run = session.get(Run, run_name)
             run.status, run.error, run.finished_at = ("failed" if error else "finished"), error, _now()
 
     def add_round(self, run: str, round_: int, **fields) -> None:
@@ -211,16 +211,16 @@ class Registry:
             entry["runs"] = sorted(entry["runs"])
         return sorted(table.values(), key=lambda e: (e["site"] == "-", e["site"], e["node_id"]))
 
-    def describe(self, name: str) -> dict:
+    def describe(self, run_name: str) -> dict:
         """Everything recorded about one run, as plain data."""
         with Session(self.engine) as session:
-            run = session.get(Run, name)
+            run = session.get(Run, run_name)
             if run is None:
                 known = ", ".join(r.name for r in session.scalars(select(Run))) or "none"
-                raise KeyError(f"no run named {name!r} in the registry (known: {known})")
+                raise KeyError(f"no run named {run_name!r} in the registry (known: {known})")
 
             def rows(model):
-                query = select(model).where(model.run == name).order_by(model.round, model.id)
+                query = select(model).where(model.run == run_name).order_by(model.round, model.id)
                 return [{c.name: getattr(r, c.name) for c in model.__table__.columns if c.name not in ("id", "run")}
                         for r in session.scalars(query)]
 
