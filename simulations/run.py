@@ -85,6 +85,8 @@ def _hydra_value(value) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_hydra_value(v)}" for key, v in value.items()) + "}"
     text = str(value)
     return text if re.fullmatch(r"[\w./:+@-]+", text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -93,6 +95,12 @@ def _leaves(node, prefix: str = "") -> dict[str, object]:
     if isinstance(node, dict):
         return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
+
+
+def _select(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
 
 
 def app_overrides(cfg: DictConfig, choices: dict[str, str], forced: dict[str, object]) -> list[str]:
@@ -109,11 +117,20 @@ def app_overrides(cfg: DictConfig, choices: dict[str, str], forced: dict[str, ob
         return _leaves({k: composed.get(k) for k in APP_SECTIONS})
 
     have = composed_leaves(groups)
-    # keys only this run has are appended (`+`), keys only the apps' defaults have deleted (`~`): another preset's
-    # kwargs, a `~key` on the command line
-    overrides = groups + [f"{'' if key in have else '+'}{key}={_hydra_value(value)}" for key, value in want.items()
-                          if have.get(key, object()) != value]
-    overrides += [f"~{key}" for key in have if key not in want]
+    # a section that one side has and the other sets to one value (`train.augmentation=null`, or a dict where the
+    # apps' default is null) is passed whole; below it, keys only this run has are appended (`+`) and keys only the
+    # apps' defaults have deleted (`~`): another preset's kwargs, a `~key` on the command line
+    reshaped = {key for key in want if any(k.startswith(key + ".") for k in have)} | \
+               {key for key in have if any(k.startswith(key + ".") for k in want)}
+
+    def in_reshaped(key: str) -> bool:
+        return any(key == section or key.startswith(section + ".") for section in reshaped)
+
+    whole = OmegaConf.to_container(wanted)
+    overrides = groups + [f"{key}={_hydra_value(_select(whole, key))}" for key in sorted(reshaped)]
+    overrides += [f"{'' if key in have else '+'}{key}={_hydra_value(value)}" for key, value in want.items()
+                  if not in_reshaped(key) and have.get(key, object()) != value]
+    overrides += [f"~{key}" for key in have if key not in want and not in_reshaped(key)]
     got = composed_leaves(overrides)
     absent = object()
     differing = [key for key in want.keys() | got.keys() if got.get(key, absent) != want.get(key, absent)]

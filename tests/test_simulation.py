@@ -244,6 +244,24 @@ def test_the_apps_compose_the_runs_model_even_without_its_group_choice():
     assert {"~model.image.kwargs.depth", "+model.image.kwargs.stem_type=deep"} <= set(app_overrides(cfg, {}, forced={}))
 
 
+def test_the_apps_compose_a_section_the_run_sets_to_null():
+    """`train.augmentation=null` (no augmentation) reaches the apps as one override, not as `+train.augmentation`
+    (refused: the key exists) beside deletions of its default's keys."""
+    from omegaconf import OmegaConf
+
+    from shared_models.config import compose
+    from simulations.run import APP_SECTIONS, app_overrides
+
+    cfg = compose(["train.augmentation=null", "train.lr=8e-4"], config_name="simulate")
+    overrides = app_overrides(cfg, {}, forced={})
+    assert "train.augmentation=null" in overrides and "train.lr=0.0008" in overrides
+    assert not any(o.startswith(("~train.augmentation", "+train.augmentation")) for o in overrides)
+    composed = OmegaConf.to_container(compose(overrides), resolve=True)
+    run = OmegaConf.to_container(cfg, resolve=True)
+    assert composed["train"]["augmentation"] is None
+    assert {section: composed[section] for section in APP_SECTIONS} == {section: run[section] for section in APP_SECTIONS}
+
+
 def test_a_federation_whose_server_app_fails_at_start_names_the_error_from_flowers_log(tmp_path, monkeypatch):
     import simulations.run as run
     from shared_models.config import compose
