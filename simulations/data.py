@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def prepare_data(data_cfg: DictConfig) -> PreparedData:
         from simulations.phantom import generate_phantom
 
         log.info("generating the phantom (%d studies, seed %d) into %s", data_cfg.studies, data_cfg.phantom_seed, root)
+        # a few hundred studies and more pay for starting a process per core (the same bytes either way)
+        workers = min(len(os.sched_getaffinity(0)), 8) if int(data_cfg.studies) >= 200 else 1
         generate_phantom(root, data_cfg.studies, data_cfg.phantom_seed, size=int(data_cfg.image_height),
                          held_out=float(data_cfg.held_out),
-                         finding_contrast=float(data_cfg.get("finding_contrast", 1.0)))
+                         finding_contrast=float(data_cfg.get("finding_contrast", 1.0)), workers=workers)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; set data.root to the folder holding the data")
     options = {"manifest": data_cfg.manifest} if data_cfg.get("manifest") else {}

@@ -61,6 +61,7 @@ E2E_MODULES = {"test_federation", "test_faults", "test_secagg", "test_simulation
 # hostile-input index run in a child process that measures its own peak memory.
 E2E_TESTS = {"tests/test_trainer.py::test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval",
              "tests/test_trainer.py::test_same_seed_same_loss_history",
+             "tests/test_phantom.py::test_worker_processes_write_the_same_bytes",
              "tests/test_catalog_index.py::test_killed_index_resumes_without_duplicates_or_losses",
              "tests/test_catalog_index.py::test_two_indexers_at_once_share_the_work_without_duplicates",
              "tests/test_privacy.py::test_ledger_survives_a_restart_and_composes_across_runs",

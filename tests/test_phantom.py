@@ -57,6 +57,11 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
     assert set(first) != set(other)          # different ids, so different paths
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path):
+    serial = file_hashes(generate_phantom(tmp_path / "serial", studies=40, seed=3, size=96))
+    assert file_hashes(generate_phantom(tmp_path / "two", studies=40, seed=3, size=96, workers=2)) == serial
+
+
 def test_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not an empty folder"):

@@ -5,7 +5,9 @@ import csv
 import gzip
 import io
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +189,12 @@ class _Writer:
             "view_positions": dict(zip(plan.dicom_ids, plan.views())),
             "findings": truth_findings, "labels": truth_labels(findings)}
 
+    def merge(self, other: "_Writer") -> None:
+        """Take another writer's rows (a worker's share of the studies), after this writer's."""
+        for name in ("records", "study_rows", "metadata", "split_rows", "chexpert"):
+            getattr(self, name).extend(getattr(other, name))
+        self.truth["studies"].update(other.truth["studies"])
+
     def tables(self) -> None:
         ids = ["subject_id", "study_id"]
         _write_gz_csv(self.root / "cxr-record-list.csv.gz", [*ids, "dicom_id", "path"], self.records)
@@ -198,12 +206,20 @@ class _Writer:
         (self.root / "ground_truth.json").write_text(json.dumps(self.truth, indent=1, sort_keys=True) + "\n")
 
 
+def _write_share(root: Path, seed: int, size: int, finding_contrast: float, plans: list[StudyPlan]) -> _Writer:
+    writer = _Writer(root, seed, size, finding_contrast)
+    for plan in plans:
+        writer.study(plan)
+    return writer
+
+
 def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 512, progress: bool = False,
-                     held_out: float = 0.1, finding_contrast: float = 1.0) -> Path:
+                     held_out: float = 0.1, finding_contrast: float = 1.0, workers: int = 1) -> Path:
     """Write a `studies`-study phantom to `out` (absent or empty) and return it; same seed and
-    arguments, same bytes. `held_out` of the patients go to `test` and as many to `validate`;
-    `finding_contrast` scales how strongly the findings show (see `render_study`). Built in a sibling
-    `.partial` folder and renamed, so a killed run never leaves a phantom that looks complete."""
+    arguments, same bytes, whatever the number of `workers` (processes; each study draws from its own
+    generator). `held_out` of the patients go to `test` and as many to `validate`; `finding_contrast` scales
+    how strongly the findings show (see `render_study`). Built in a sibling `.partial` folder and renamed, so
+    a killed run never leaves a phantom that looks complete."""
     out = Path(out)
     if studies < 1:
         raise ValueError(f"--studies must be >= 1, got {studies}")
@@ -222,11 +238,18 @@ def generate_phantom(out: str | Path, studies: int, seed: int = 0, size: int = 5
     (partial / "masks").mkdir(parents=True)
     writer = _Writer(partial, seed, size, finding_contrast)
     plans = plan_studies(studies, seed, held_out)
-    if progress:
-        from tqdm import tqdm
-        plans = tqdm(plans, desc="phantom studies", unit="study")
-    for plan in plans:
-        writer.study(plan)
+    if workers > 1:   # chunks in study order, merged in that order: the tables are the serial run's
+        chunks = [plans[i:i + 32] for i in range(0, len(plans), 32)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            shares = pool.map(_write_share, *zip(*[(partial, seed, size, finding_contrast, chunk) for chunk in chunks]))
+            for share in shares:
+                writer.merge(share)
+    else:
+        if progress:
+            from tqdm import tqdm
+            plans = tqdm(plans, desc="phantom studies", unit="study")
+        for plan in plans:
+            writer.study(plan)
     writer.tables()
     if out.exists():
         out.rmdir()
