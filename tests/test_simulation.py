@@ -289,7 +289,7 @@ def test_report_shows_every_label_fraction_and_the_seed_count(tmp_path):
                                                   "per_seed": [base + k / 10] * 3}, "per_label": {}}
                                  for k, f in enumerate(["0.01", "0.1", "1.0"])}}
 
-    summary = {"config": {"seeds": 3, "partition": {"strategy": "iid"}, "model": {"name": "tiny_cnn"},
+    summary = {"config": {"seeds": 3, "partition": {"name": "iid"}, "model": {"name": "tiny_cnn"},
                           "objective": {"name": "hybrid"}, "federation": {"rounds": 1, "local_steps": 1}},
                "sites": {"site_0": {}}, "final": {"federated": result(0.6), "centralized": result(0.5),
                                                    "random": result(0.4)},
@@ -336,7 +336,7 @@ def test_report_shows_each_terms_curve_and_start_the_bytes_each_way_and_each_see
     assert curves["global_"] == [(1, 1.75), (2, 0.5)] and curves["seg"] == [(2, 0.3)]
     assert "setup_s" not in curves and "examples" not in curves
     probe = {"0.1": {"mean_auc": {"mean": 0.65, "std": 0.01, "per_seed": [0.64, 0.65, 0.66]}}}
-    summary = {"config": {"seeds": 3, "partition": {"strategy": "scanner"}, "model": {"name": "tiny_cnn"},
+    summary = {"config": {"seeds": 3, "partition": {"name": "scanner"}, "model": {"name": "tiny_cnn"},
                           "objective": {"name": "hybrid"},
                           "federation": {"rounds": 2, "local_steps": 5, "strategy": "fedavg"}},
                "sites": {"site_0": {}, "site_1": {}}, "rounds": rounds,
