@@ -106,7 +106,14 @@ class ImageEncoder(nn.Module):
             # Rebuilt through timm's own kwarg rather than swapped module by module, so that export's
             # `timm.create_model(name, **kwargs)` gives the identical architecture.
             timm_kwargs["norm_layer"] = "groupnorm"
-            self.model, self.timm_kwargs = _create_timm(timm_name, pretrained, img_size, timm_kwargs)
+            try:
+                self.model, self.timm_kwargs = _create_timm(timm_name, pretrained, img_size, timm_kwargs)
+            except ValueError as error:
+                if "num_groups" not in str(error):
+                    raise
+                raise ValueError(f"{timm_name} with kwargs {kwargs or {}} has a layer that GroupNorm's 32 groups cannot "
+                                 f"divide ({error}); norm=group (DP-SGD) needs a model whose every layer has a multiple "
+                                 "of 32 channels, e.g. model=tiny_cnn") from None
             if _has_batch_norm(self.model):
                 raise ValueError(f"{timm_name} keeps BatchNorm with norm_layer='groupnorm'; use norm=batch for it")
         _without_inplace_activations(self.model)

@@ -122,6 +122,13 @@ def test_vit_patch_weights_are_each_threads_own_when_two_threads_run_forward_at_
         torch.testing.assert_close(mine, expected)
 
 
+def test_group_norm_on_a_layer_32_groups_cannot_divide_names_the_model_to_use():
+    with pytest.raises(ValueError, match="norm=group .DP-SGD. needs a model whose every layer has a multiple of 32 "
+                                         "channels, e.g. model=tiny_cnn"):
+        ImageEncoder("resnet10t", img_size=SIZE, norm="group",
+                     kwargs={"stem_type": "deep", "stem_width": 16, "channels": [32, 64, 128, 256]})
+
+
 def test_input_is_normalised_inside():
     encoder = ImageEncoder("vit_tiny_patch16_224", img_size=SIZE, kwargs={"depth": 1}).eval()
     images = torch.rand(1, 1, SIZE, SIZE)

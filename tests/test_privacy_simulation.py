@@ -26,7 +26,7 @@ def simulate(tmp: Path, privacy: str) -> Path:
                "data.studies=40", "federation.sites=2", "federation.rounds=2", "federation.local_steps=1",
                "train.batch_size=4", "label_fraction=[1.0]", "client_resources.num_cpus=1",
                "client_resources.concurrent_sites=1", "probe.max_iter=20", "compare_centralized=false",
-               f"privacy={privacy}",
+               f"privacy={privacy}", "model=tiny_cnn",   # DP's GroupNorm needs tiny_cnn (simulate: tiny_cnn_half)
                "federation.strategy=fedavg"]   # SecAgg+ needs several updates per round (the default is cyclic)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
