@@ -157,7 +157,7 @@ def test_centralized_checkpoint_hashes_its_optimizer_state(tmp_path, monkeypatch
                "param_groups": [{"lr": 1e-3, "params": [0]}]}
 
     def no_training(model, dataset, collate_fn, settings, **kwargs):   # the checkpoint is under test, not training
-        return SimpleNamespace(steps=settings.steps, seconds=1.0, examples_per_s=4.0, loss_start={"loss": 1.0},
+        return SimpleNamespace(steps=settings.steps, seconds=1.0, images_per_s=4.0, loss_start={"loss": 1.0},
                                loss_end={"loss": 0.5}, history=[], optimizer_state=moments)
 
     monkeypatch.setattr(centralized, "train_steps", no_training)

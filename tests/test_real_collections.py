@@ -517,7 +517,7 @@ def test_random_needs_a_model_and_a_checkpoint_refuses_another(evaluations):
     assert random_code != 0 and not (evaluations["refused"] / "results.json").exists()
     assert "checkpoint=random needs model=NAME" in evaluations["stderr"]
     assert contradicted_code != 0 and not (evaluations["contradicted"] / "results.json").exists()
-    assert "holds model 'tiny_cnn' (its meta.json), not model=tiny" in evaluations["stderr"]
+    assert "holds model 'tiny_cnn_half' (its meta.json), not model=tiny" in evaluations["stderr"]   # make simulate's model
 
 
 # ------------------------------------------------------------------------- the benchmarks pre-train not
