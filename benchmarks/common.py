@@ -39,12 +39,14 @@ def synthetic_samples(n: int, image_size: int, seed: int = 0) -> list[dict]:
     for i, text in enumerate(synthetic_reports(n, seed=seed)):
         findings, impression = text.removeprefix("FINDINGS: ").split(" IMPRESSION: ")
         # Findings then impression sentences, as the dataset gives them (the report pass reads both).
-        sentences = [s.strip() + "." for section in (findings, impression) for s in section.split(".") if s.strip()]
+        parts = [(name, s.strip() + ".") for name, section in (("findings", findings), ("impression", impression))
+                 for s in section.split(".") if s.strip()]
+        sentences = [sentence for _, sentence in parts]
         samples.append({
             "image": torch.rand(1, image_size, image_size, generator=generator),
             "patient_id": f"p{i}", "study_id": f"s{i}", "image_id": f"i{i}",
             "findings": findings, "impression": impression, "report": text,
-            "sentences": sentences,
+            "sentences": sentences, "sentence_sections": [name for name, _ in parts],
             "sentence_regions": [int(torch.randint(len(REGIONS), (1,), generator=generator)) for _ in sentences],
             "tags": torch.randint(-1, 2, (len(OBSERVATIONS),), generator=generator).float(),
             "labels": torch.randint(0, 2, (len(CHEXPERT_LABELS),), generator=generator).float(),

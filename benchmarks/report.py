@@ -66,9 +66,10 @@ def objectives(body: dict) -> list[str]:
 
 @renderer("hardware")
 def hardware(body: dict) -> list[str]:
-    lines = [f"`{body.get('model')}` / `{body.get('objective')}` training step, batch {body.get('batch_size')} at "
-             f"{body.get('image_size')} px on {body.get('device')}, vs one {body.get('matmul_size')}² fp32 matmul "
-             "timed in between the steps.", ""]
+    overrides = " ".join(body.get("overrides") or [])
+    lines = [f"`{body.get('model')}` / `{body.get('objective')}`{f' ({overrides})' if overrides else ''} training "
+             f"step, batch {body.get('batch_size')} at {body.get('image_size')} px on {body.get('device')}, vs one "
+             f"{body.get('matmul_size')}² fp32 matmul timed in between the steps.", ""]
     lines += table(["train FLOP/s", "matmul FLOP/s", "ratio", "step FLOPs", "step s"],
                    [[body.get("train_flops_per_s"), body.get("matmul_flops_per_s"), body.get("ratio"),
                      body.get("step_flops"), body.get("step_s")]])

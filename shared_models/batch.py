@@ -4,20 +4,31 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-def _report_tokens(sample: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], list[int]]:
-    """[CLS] sentence_0 sentence_1 ... [SEP] truncated to max_length, and each token's sentence (-1 outside)."""
+# Each report token's section in `report_sections`; 0 marks [CLS], [SEP] and padding. The findings words are read
+# off the report pass (the text encoder lets them attend only to each other: shared_models/text_encoder.py).
+SECTIONS = {"findings": 1, "impression": 2, "text": 3}
+OUTSIDE = 0
+
+
+def _report_tokens(sample: dict, tokenizer: PreTrainedTokenizerBase,
+                   max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """[CLS] sentence_0 sentence_1 ... [SEP] truncated to max_length, each token's sentence (-1 outside) and its
+    section (`SECTIONS`, `OUTSIDE` for [CLS] and [SEP])."""
     sentences = list(sample.get("sentences") or [])
     if sentences:
         pieces = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+        sections = [SECTIONS[name] for name in sample["sentence_sections"]]
     else:
         # Free text the report parser could not split: the whole report, with no sentence spans.
         pieces = [tokenizer(sample["report"], add_special_tokens=False)["input_ids"]]
-    ids, sentence_ids = [tokenizer.cls_token_id], [-1]
-    for index, piece in enumerate(pieces):
+        sections = [SECTIONS["text"]]
+    ids, sentence_ids, section_ids = [tokenizer.cls_token_id], [-1], [OUTSIDE]
+    for index, (piece, section) in enumerate(zip(pieces, sections, strict=True)):
         ids += piece
         sentence_ids += [index if sentences else -1] * len(piece)
-    ids, sentence_ids = ids[: max_length - 1], sentence_ids[: max_length - 1]
-    return ids + [tokenizer.sep_token_id], sentence_ids + [-1]
+        section_ids += [section] * len(piece)
+    keep = max_length - 1
+    return ids[:keep] + [tokenizer.sep_token_id], sentence_ids[:keep] + [-1], section_ids[:keep] + [OUTSIDE]
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -41,10 +52,11 @@ def collate(samples: list[dict], tokenizer: PreTrainedTokenizerBase, max_length:
     """Batch dataset samples (see client.data.dataset) into model inputs.
 
     Keys: images [B,1,S,S]; report_ids / report_mask [B,L] (the sentences concatenated, or the free
-    text when there are none) with sentence_ids [B,L] (-1 outside sentences) and sentence_regions
-    [B,S] (-1 for none, padding, or a sentence truncated away); findings_ids / findings_mask,
-    impression_ids / impression_mask (right-padded) with has_findings / has_impression [B]; tags,
-    labels, boxes stacked.
+    text when there are none) with sentence_ids [B,L] (-1 outside sentences), report_sections [B,L]
+    (`SECTIONS`: where the findings words are) and sentence_regions [B,S] (-1 for none, padding, or a
+    sentence truncated away); impression_ids / impression_mask (right-padded: the impression has its
+    own pass, for its global embedding) with has_findings / has_impression [B]; tags, labels, boxes
+    stacked.
     """
     if not samples:
         raise ValueError("collate: empty list of samples")
@@ -53,15 +65,20 @@ def collate(samples: list[dict], tokenizer: PreTrainedTokenizerBase, max_length:
             raise ValueError(
                 f"collate: image {sample.get('image_id')!r} has an empty report; the dataset must reject it"
             )
-        if len(sample.get("sentence_regions") or []) != len(sample.get("sentences") or []):
-            raise ValueError(
-                f"collate: image {sample.get('image_id')!r} has {len(sample.get('sentences') or [])} sentences but "
-                f"{len(sample.get('sentence_regions') or [])} sentence_regions; they must pair one to one"
-            )
+        for key in ("sentence_regions", "sentence_sections"):
+            if len(sample.get(key) or []) != len(sample.get("sentences") or []):
+                raise ValueError(
+                    f"collate: image {sample.get('image_id')!r} has {len(sample.get('sentences') or [])} sentences but "
+                    f"{len(sample.get(key) or [])} {key}; they must pair one to one"
+                )
+        unknown = set(sample.get("sentence_sections") or []) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"collate: image {sample.get('image_id')!r} has sentences of sections {sorted(unknown)}; "
+                             f"known: {', '.join(SECTIONS)}")
 
     reports = [_report_tokens(s, tokenizer, max_length) for s in samples]
-    report_ids = _pad([ids for ids, _ in reports], tokenizer.pad_token_id)
-    sentence_ids = _pad([sids for _, sids in reports], -1)
+    report_ids = _pad([ids for ids, _, _ in reports], tokenizer.pad_token_id)
+    sentence_ids = _pad([sids for _, sids, _ in reports], -1)
     num_sentences = max(1, max(len(s.get("sentences", [])) for s in samples))
     sentence_regions = torch.full((len(samples), num_sentences), -1, dtype=torch.long)
     for row, sample in enumerate(samples):
@@ -70,7 +87,7 @@ def collate(samples: list[dict], tokenizer: PreTrainedTokenizerBase, max_length:
             if index in kept:
                 sentence_regions[row, index] = int(region)
 
-    lengths = torch.tensor([len(ids) for ids, _ in reports])
+    lengths = torch.tensor([len(ids) for ids, _, _ in reports])
     return dict(
         images=torch.stack([s["image"] for s in samples]),
         tags=torch.stack([s["tags"] for s in samples]),
@@ -79,7 +96,8 @@ def collate(samples: list[dict], tokenizer: PreTrainedTokenizerBase, max_length:
         report_ids=report_ids,
         report_mask=(torch.arange(report_ids.shape[1]) < lengths[:, None]).long(),
         sentence_ids=sentence_ids,
+        report_sections=_pad([sections for _, _, sections in reports], OUTSIDE),
         sentence_regions=sentence_regions,
-        **_section([s.get("findings", "") for s in samples], tokenizer, max_length, "findings"),
+        has_findings=torch.tensor([bool((s.get("findings") or "").strip()) for s in samples]),
         **_section([s.get("impression", "") for s in samples], tokenizer, max_length, "impression"),
     )

@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from shared_models.batch import SECTIONS
 from shared_models.image_encoder import ImageEncoder, ImageFeatures
 from shared_models.objectives.registry import objective_of_term, objectives
 from shared_models.objectives.schedule import resolve_schedule
 from shared_models.projection import create_projection_head
 from shared_models.text_encoder import TextEncoder, TextFeatures
 from shared_models.vocab import OBSERVATIONS
+
+
+# The `StepInputs` rows that hold the findings words (token alignment and summarisation read them).
+FINDINGS_INPUTS = {"findings_tokens", "word_mask", "word_weights"}
 
 
 def term_start_steps(objective, total_steps: int | None = None) -> dict[str, int]:
@@ -87,6 +92,9 @@ class PretrainModel(nn.Module):
             raise ValueError(f"objective enables terms of {missing} but has no config section for them")
         registry = objectives()
         self.objectives = nn.ModuleDict({m: registry[m].build(dict(objective[m]), self) for m in modules})
+        # Whether the report pass encodes the findings apart (`StepInputs.report`): only when some term reads them,
+        # so that clip, asg and g2d encode the report whole, as their papers do.
+        self.reads_findings = any(set(known[term].inputs) & FINDINGS_INPUTS for term in self.lambdas)
 
     # -- schedule -------------------------------------------------------------------------------
     def plan_schedule(self, total_steps: int | None) -> None:
@@ -177,29 +185,37 @@ class StepInputs:
 
     @cached_property
     def report(self) -> TextFeatures:
+        """The report pass. When a weighted term reads the findings words, they attend only to each other: they are
+        the findings encoded as if alone (HybridMED encodes the findings apart), and no third pass is needed."""
         b = self.batch
         return self.model.text_encoder(
-            b["report_ids"], b["report_mask"], b["sentence_ids"], num_sentences=b["sentence_regions"].shape[1]
+            b["report_ids"], b["report_mask"], b["sentence_ids"], num_sentences=b["sentence_regions"].shape[1],
+            apart=self.findings_words if self.model.reads_findings else None,
         )
+
+    @cached_property
+    def findings_words(self) -> Tensor:
+        """The report's findings tokens (sentences of the FINDINGS section, [CLS] and [SEP] excluded)."""
+        return (self.batch["report_sections"] == SECTIONS["findings"]) & self.batch["report_mask"].bool()
 
     @cached_property
     def report_emb(self) -> Tensor:
         return self.model.text_projection(self.report.report_emb)
 
     @cached_property
-    def findings(self) -> TextFeatures:
-        return self.model.text_encoder(self.batch["findings_ids"], self.batch["findings_mask"])
-
-    @cached_property
     def findings_tokens(self) -> Tensor:
-        return self.model.text_token_projection(self.findings.token_embeds)
+        """[B, L, D] projected report tokens; `word_mask` picks the findings words among them."""
+        return self.model.text_token_projection(self.report.token_embeds)
 
     @cached_property
     def word_mask(self) -> Tensor:
-        """Findings words: real tokens other than [CLS]/[SEP], none for studies without findings."""
-        ids, tokenizer = self.batch["findings_ids"], self.model.tokenizer
-        special = (ids == tokenizer.cls_token_id) | (ids == tokenizer.sep_token_id)
-        return self.batch["findings_mask"].bool() & ~special & self.batch["has_findings"][:, None]
+        """Findings words, none for studies without findings."""
+        return self.findings_words & self.batch["has_findings"][:, None]
+
+    @cached_property
+    def word_weights(self) -> Tensor:
+        """The report [CLS]'s last-layer attention over its tokens (token alignment keeps the findings words')."""
+        return self.report.word_weights
 
     @cached_property
     def impression_emb(self) -> Tensor:

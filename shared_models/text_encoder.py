@@ -135,12 +135,20 @@ class TextEncoder(nn.Module):
         attention_mask: torch.Tensor,
         sentence_ids: torch.Tensor | None = None,
         num_sentences: int | None = None,
+        apart: torch.Tensor | None = None,
     ) -> TextFeatures:
+        """`apart` [B, L]: tokens that attend only to each other (a report's findings, so that they are encoded as
+        if alone and carry nothing of the impression the summarisation branch must predict from them); the other
+        tokens attend to every token."""
         # The additive [B, 1, 1, L] mask is what transformers would build from the 2D one; built here, it spares
         # transformers' check of whether any token is padded, a data-dependent branch torch.func.vmap refuses
         # (DP-SGD's per-study gradients, client/privacy/clipped_sum.py).
         dtype = self.model.get_input_embeddings().weight.dtype
-        additive_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        allowed = attention_mask[:, None, None, :].bool()                          # [B, 1, 1, L]: query x key
+        if apart is not None:
+            apart = apart.bool()
+            allowed = allowed & (~apart[:, None, :, None] | apart[:, None, None, :])   # [B, 1, L, L]
+        additive_mask = (~allowed).to(dtype) * torch.finfo(dtype).min
         out = self.model(input_ids=input_ids, attention_mask=additive_mask, output_attentions=True)
         tokens = out.last_hidden_state
         word_weights = out.attentions[-1][:, :, 0, :].mean(dim=1) * attention_mask

@@ -168,6 +168,10 @@ def test_hardware_report_shows_each_measured_model():
         return {"model": model, "objective": "hybrid", "batch_size": 8, "image_size": 128, "device": "cpu",
                 "matmul_size": 2048, "train_flops_per_s": 1.0e9, "matmul_flops_per_s": 4.0e9, "ratio": ratio}
 
-    lines = "\n".join(RENDERERS["hardware"]({**body("resnet50_bert", 0.71), "models": {"tiny_cnn": body("tiny_cnn", 0.25)}}))
-    assert "`resnet50_bert` / `hybrid`" in lines and "`tiny_cnn` / `hybrid`" in lines
-    assert lines.index("`resnet50_bert`") < lines.index("`tiny_cnn`") and "0.25" in lines
+    half = {**body("tiny_cnn_half", 0.47), "overrides": ["+recipe=cpu_quick"]}
+    lines = "\n".join(RENDERERS["hardware"]({**body("resnet50_bert", 0.71),
+                                             "models": {"tiny_cnn_half": half, "tiny_cnn": body("tiny_cnn", 0.25)}}))
+    assert "`resnet50_bert` / `hybrid` training" in lines and "`tiny_cnn` / `hybrid` training" in lines
+    assert "`tiny_cnn_half` / `hybrid` (+recipe=cpu_quick) training" in lines   # the recipe it was measured with
+    assert lines.index("`resnet50_bert`") < lines.index("`tiny_cnn_half`") < lines.index("`tiny_cnn` /")
+    assert "0.25" in lines and "0.47" in lines

@@ -54,7 +54,7 @@ def make_sample(i: int) -> dict:
         "image": torch.rand(1, SIZE, SIZE, generator=torch.Generator().manual_seed(i)),
         "patient_id": f"p{i}", "study_id": f"s{i}", "image_id": f"i{i}",
         "findings": " ".join(sentences[:2]), "impression": sentences[2], "report": " ".join(sentences),
-        "sentences": sentences,
+        "sentences": sentences, "sentence_sections": ["findings", "findings", "impression"],
         "sentence_regions": [REGIONS.index("left_costophrenic_angle"), REGIONS.index("heart"),
                              REGIONS.index("right_lung")],
         "tags": tags, "labels": torch.zeros(14), "boxes": torch.tensor([ZONE_ATLAS[r] for r in REGIONS]),
@@ -112,8 +112,9 @@ def runs():
         cfgs[objective] = compose([*FAST, f"objective={objective}"])
         models[objective] = without_dropout(create_model(cfgs[objective]))
     batch = collate(samples, models["hybrid"].tokenizer, MAX_LENGTH)
-    for key in ("report_mask", "findings_mask", "impression_mask"):  # the precondition of the comment above
+    for key in ("report_mask", "impression_mask"):  # the precondition of the comment above
         assert len(set(batch[key].sum(1).tolist())) == 1, key
+    assert len(set((batch["report_sections"] == 1).sum(1).tolist())) == 1   # as many findings words in each
     before = {name: copy.deepcopy(model.state_dict()) for name, model in models.items()}
     single = {name: train(model, samples) for name, model in models.items()}
     builds = {name: (cfgs[name], before[name]) for name in models}

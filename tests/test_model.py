@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from omegaconf import OmegaConf
 
-from shared_models.batch import collate
+from shared_models.batch import SECTIONS, collate
 from shared_models.config import RenamedKeyError, compose
 from shared_models.factory import create_model
 from shared_models.image_encoder import ImageEncoder
@@ -45,7 +45,8 @@ def make_sample(i: int, findings: bool = True, impression: bool = True) -> dict:
         "image": torch.rand(1, SIZE, SIZE, generator=generator),
         "patient_id": f"p{i}", "study_id": f"s{i}", "image_id": f"i{i}",
         "findings": find, "impression": imp, "report": f"{find} {imp}".strip(),
-        "sentences": [t for t, _, _ in chosen], "sentence_regions": [r for _, _, r in chosen],
+        "sentences": [t for t, _, _ in chosen], "sentence_sections": [sec for _, sec, _ in chosen],
+        "sentence_regions": [r for _, _, r in chosen],
         "tags": tags, "labels": torch.zeros(14),
         "boxes": torch.tensor([ZONE_ATLAS[r] for r in REGIONS]),
     }
@@ -229,6 +230,11 @@ def test_collate_tracks_sentence_spans(hybrid):
         n = len(sample["sentences"])
         assert regions[:n] == sample["sentence_regions"] and all(r == -1 for r in regions[n:])
         assert out["report_mask"][row].sum() == (ids != tokenizer.pad_token_id).sum()
+        # Each token's section: its sentence's, 0 on [CLS], [SEP] and padding.
+        sections = out["report_sections"][row]
+        for index, section in enumerate(sample["sentence_sections"]):
+            assert set(sections[sids == index].tolist()) == {SECTIONS[section]}
+        assert (sections[sids == -1] == 0).all() and sections[0] == 0
     # Truncation: a sentence left without tokens loses its region too.
     short = collate(samples, tokenizer, max_length=6)
     kept = set(short["sentence_ids"][0].tolist()) - {-1}
@@ -240,13 +246,46 @@ def test_collate_marks_missing_sections(hybrid):
     out = collate([make_sample(0, impression=False), make_sample(1, findings=False)], hybrid.tokenizer, 48)
     assert out["has_findings"].tolist() == [True, False] and out["has_impression"].tolist() == [False, True]
     empty = make_sample(2)
-    empty.update(report="  ", sentences=[], sentence_regions=[])
+    empty.update(report="  ", sentences=[], sentence_sections=[], sentence_regions=[])
     with pytest.raises(ValueError, match="i2"):
         collate([empty], hybrid.tokenizer, 48)
     unpaired = make_sample(3)
     unpaired["sentence_regions"] = unpaired["sentence_regions"][:-1]
     with pytest.raises(ValueError, match="pair one to one"):
         collate([unpaired], hybrid.tokenizer, 48)
+    unsectioned = make_sample(4)
+    del unsectioned["sentence_sections"]
+    with pytest.raises(ValueError, match="'i4' has 4 sentences but 0 sentence_sections"):
+        collate([unsectioned], hybrid.tokenizer, 48)
+    misnamed = make_sample(5)
+    misnamed["sentence_sections"][0] = "history"
+    with pytest.raises(ValueError, match=r"'i5' has sentences of sections \['history'\]"):
+        collate([misnamed], hybrid.tokenizer, 48)
+
+
+def test_findings_words_are_encoded_apart_from_the_impression(hybrid):
+    """The findings words come off the report pass; they must carry nothing of the impression (the summarisation
+    branch predicts it from them), while the report embedding reads both sections."""
+    hybrid.eval()   # no dropout: the two passes below differ only in their input
+    try:
+        same = make_sample(0)
+        other = {**same, "sentences": [*same["sentences"][:-1], "Moderate edema."],
+                 "impression": "Moderate edema."}
+        batch = collate([same, other], hybrid.tokenizer, 48)
+        assert batch["report_ids"][0].tolist() != batch["report_ids"][1].tolist()
+        with torch.no_grad():
+            inputs = hybrid.step_inputs(batch)
+            words = inputs.word_mask
+            assert words[0].tolist() == words[1].tolist() and int(words[0].sum()) > 5
+            torch.testing.assert_close(inputs.findings_tokens[0][words[0]], inputs.findings_tokens[1][words[1]])
+            assert not torch.allclose(inputs.report_emb[0], inputs.report_emb[1], atol=1e-4)
+            # Encoded whole (as clip does), the findings words would see the impression.
+            whole = hybrid.text_encoder(batch["report_ids"], batch["report_mask"]).token_embeds
+            assert not torch.allclose(whole[0][words[0]], whole[1][words[1]], atol=1e-4)
+    finally:
+        hybrid.train()
+    assert hybrid.reads_findings
+    assert not create_model(compose([*FAST, "objective=clip"])).reads_findings
 
 
 def test_sample_order_keeps_regions_with_their_image(hybrid):
@@ -407,7 +446,7 @@ def test_stage1_trains_only_the_summary_path(batch):
 def test_missing_sections_fall_back(hybrid):
     samples = [make_sample(i, findings=False, impression=False) for i in range(3)]
     for s in samples:  # free text only
-        s.update(report="The lungs are clear. No pneumothorax.", sentences=[], sentence_regions=[])
+        s.update(report="The lungs are clear. No pneumothorax.", sentences=[], sentence_sections=[], sentence_regions=[])
     out = hybrid(collate(samples, hybrid.tokenizer, 48), step=10)
     torch.testing.assert_close(out["global_impression"], out["global"])  # impression falls back to the report
     for term in ("token", "summary", "caption", "distill", "region"):

@@ -24,6 +24,7 @@ class StudyText:
     impression: str
     report: str
     sentences: list[str]
+    sentence_sections: list[str]    # each sentence's section: findings, impression, or text (no sections)
     sentence_regions: list[int]
     tags: torch.Tensor
     labels: torch.Tensor
@@ -115,6 +116,7 @@ class CxrDataset(Dataset):
         findings, impression, sentences = study.findings or "", study.impression or "", list(study.sentences or [])
         tags = study.tags if study.tags is not None else [0.0] * len(OBSERVATIONS)
         return StudyText(findings, impression, report_text(findings, impression, sentences), sentences,
+                         list(study.sentence_section or ["text"] * len(sentences)),
                          [int(r) for r in study.sentence_regions or [-1] * len(sentences)],
                          torch.tensor(tags, dtype=torch.float32),
                          torch.tensor(labels_as_floats(study.labels), dtype=torch.float32),
@@ -143,6 +145,7 @@ class CxrDataset(Dataset):
             "image": image.clamp_(0.0, 1.0), "patient_id": entry.patient_id, "study_id": entry.study_id,
             "image_id": entry.image_id, "findings": study.findings, "impression": study.impression,
             "report": study.report, "sentences": list(study.sentences),
+            "sentence_sections": list(study.sentence_sections),
             "sentence_regions": list(study.sentence_regions), "tags": study.tags.clone(),
             "labels": study.labels.clone(), "boxes": boxes,
             "label_values": dict(study.label_values), "has_report": study.has_report,

@@ -166,19 +166,18 @@ def build_impression(c: dict, m) -> ImpressionGeneration:
 
 
 @register_objective("impression", terms=("summary", "caption", "distill"), build=build_impression,
-                    inputs=("patch_tokens", "findings_tokens"),
-                    batch=("has_findings", "has_impression", "findings_mask", "impression_ids", "impression_mask"),
+                    inputs=("patch_tokens", "findings_tokens", "word_mask"),
+                    batch=("has_impression", "impression_ids", "impression_mask"),
                     starts={"caption": "stage2", "distill": "stage2"})
 def impression_loss(model, s, step: int) -> dict[str, Tensor]:
     """HybridMED L_Sum, L_Cap, L_Dis. On every row, studies lacking findings or impression masked out of the
     token means: no branch on the batch's values, so the same code runs under DP-SGD's vmapped per-study
     gradients (no row: exact 0s)."""
     b = s.batch
-    rows = b["has_findings"] & b["has_impression"]
+    words = s.word_mask   # the summary branch's memory: the findings words (none left after truncation: no row)
+    rows = words.any(dim=1) & b["has_impression"]
     # A row without findings would cross-attend to no token (NaN); give it the first one, its loss is masked.
-    findings_mask = b["findings_mask"].bool()
-    findings_mask = findings_mask | (~findings_mask.any(dim=1, keepdim=True) & (torch.arange(
-        findings_mask.shape[1], device=findings_mask.device) == 0))
+    findings_mask = words | (~rows[:, None] & (torch.arange(words.shape[1], device=words.device) == 0))
     # In stage 1 only the summary branch runs, so the image encoder is not needed for it.
     stage = model.hybridmed_stage(step)
     patches = s.patch_tokens if stage == 2 else s.findings_tokens.new_zeros(len(rows), 1, 1)

@@ -104,11 +104,11 @@ class TokenAlignment(nn.Module):
 
 
 @register_objective("token", build=lambda c, m: TokenAlignment(c["temperature"]),
-                    inputs=("image", "patch_tokens", "findings", "findings_tokens", "word_mask"),
+                    inputs=("image", "patch_tokens", "findings_tokens", "word_mask", "word_weights"),
                     starts={"token": "stage2"})
 def token_loss(model, s, step: int) -> dict[str, Tensor]:
     """HybridMED L_CL."""
     loss = model.objectives["token"](
-        s.patch_tokens, s.image.patch_weights, s.findings_tokens, s.word_mask, s.findings.word_weights
+        s.patch_tokens, s.image.patch_weights, s.findings_tokens, s.word_mask, s.word_weights
     )
     return {"token": loss}
