@@ -28,6 +28,7 @@ def create_text_encoder(text_cfg: dict, tokenizer: PreTrainedTokenizerBase) -> T
         freeze_layers=text_cfg.get("freeze_layers", 0),
         truncate_layers=text_cfg.get("truncate_layers"),
         pooling=text_cfg.get("pooling", "cls"),
+        dropout=text_cfg.get("dropout"),
     )
 
 

@@ -99,7 +99,9 @@ class TextEncoder(nn.Module):
         freeze_layers: int = 0,
         truncate_layers: int | None = None,
         pooling: str = "cls",
+        dropout: float | None = None,
     ):
+        """`dropout`: None keeps the encoder's own dropout rates; a number sets every dropout in it to that rate."""
         super().__init__()
         if pooling not in REPORT_POOLING:
             raise ValueError(f"text encoder pooling must be one of {sorted(REPORT_POOLING)}, got {pooling!r}")
@@ -120,6 +122,12 @@ class TextEncoder(nn.Module):
                 module.requires_grad_(False)
         self.freeze_layers = freeze_layers
         self.hidden_size = self.model.config.hidden_size
+        if dropout is not None:
+            if not 0.0 <= float(dropout) < 1.0:
+                raise ValueError(f"model.text.dropout={dropout} must be in [0, 1), or null to keep the encoder's own")
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = float(dropout)
 
     def _layers(self) -> nn.ModuleList:
         try:

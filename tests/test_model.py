@@ -174,6 +174,23 @@ def test_truncated_text_encoder_keeps_first_layers():
         tiny_text(truncate_layers=5)
 
 
+def test_text_dropout_setting_sets_every_dropout_of_the_encoder():
+    config = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64}   # BERT's own rates: 0.1
+    ids, mask = torch.randint(3, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    torch.manual_seed(0)
+    own = TextEncoder(config=config).train()
+    assert not torch.equal(own(ids, mask).token_embeds, own(ids, mask).token_embeds)   # dropout draws differ
+    torch.manual_seed(0)
+    none = TextEncoder(config=config, dropout=0.0).train()
+    assert {m.p for m in none.modules() if isinstance(m, nn.Dropout)} == {0.0}
+    torch.testing.assert_close(none(ids, mask).token_embeds, none(ids, mask).token_embeds, rtol=0, atol=0)
+    # Same weights, so in eval mode the two encoders agree: the setting changes dropout alone.
+    torch.testing.assert_close(own.eval()(ids, mask).token_embeds, none(ids, mask).token_embeds)
+    with pytest.raises(ValueError, match="model.text.dropout=1.5"):
+        TextEncoder(config=config, dropout=1.5)
+
+
 def test_text_features_sentences_and_word_weights():
     encoder = tiny_text().eval()
     ids = torch.randint(5, 100, (2, 6))
