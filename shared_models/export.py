@@ -9,6 +9,7 @@ on and how they did.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sqlite3
 from pathlib import Path
@@ -34,7 +35,9 @@ def export_image(encoder, out: Path, source: dict) -> Path:
     `source`). CNN encoders also get `attention_pool.safetensors`, the pooling head that gives their global
     feature (not part of the timm model)."""
     data_config = {**IMAGE_DATA_CONFIG, "input_size": (1, encoder.img_size, encoder.img_size)}
-    save_for_hf(encoder.model, str(out), safe_serialization=True, data_config=data_config)
+    # safetensors writes contiguous tensors only; the encoder holds its convolutions channels_last.
+    contiguous = copy.deepcopy(encoder.model).to(memory_format=torch.contiguous_format)
+    save_for_hf(contiguous, str(out), safe_serialization=True, data_config=data_config)
     config = json.loads((out / "config.json").read_text())
     pretrained_cfg = {k: v for k, v in config["pretrained_cfg"].items() if k not in NOT_OURS}
     config["pretrained_cfg"] = pretrained_cfg | {"tag": "fedcxr"}

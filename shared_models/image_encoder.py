@@ -136,6 +136,10 @@ class ImageEncoder(nn.Module):
             reduction = self.model.feature_info[-1]["reduction"]
             grid = (img_size // reduction, img_size // reduction)
             self.attention_pool = AttentionPool2d(grid, self.feature_dim, pool_heads)
+            # Convolution weights held channels_last: oneDNN's fast layout on CPU (make bench: resnet50's forward
+            # 0.72 -> 0.87 of a large matmul's FLOP/s; tiny_cnn_half's step 9 % faster). The values are the same;
+            # whatever writes them out makes them contiguous (checkpoints, the wire, export).
+            self.model.to(memory_format=torch.channels_last)
 
     def _pyramid_layout(self, levels: int) -> tuple[list[int], list[int]]:
         if self.is_transformer:

@@ -1,14 +1,17 @@
 """Encoders, tokenizer, collate, the composed pre-training model and parameter sharing (tiny random-init models)."""
+import copy
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from omegaconf import OmegaConf
 
 from shared_models.batch import SECTIONS, collate
+from shared_models.checkpoint import load_checkpoint, save_checkpoint
 from shared_models.config import RenamedKeyError, compose
 from shared_models.factory import create_model
 from shared_models.image_encoder import ImageEncoder
@@ -172,6 +175,34 @@ def test_truncated_text_encoder_keeps_first_layers():
     torch.testing.assert_close(truncated.model.encoder.layer[0].state_dict(), full.model.encoder.layer[0].state_dict())
     with pytest.raises(ValueError, match="truncate_layers"):
         tiny_text(truncate_layers=5)
+
+
+def test_cnn_encoder_holds_convolutions_channels_last_and_writes_them_out_contiguous(tmp_path):
+    cfg = compose(["model=tiny_cnn", f"model.image.img_size={SIZE}", "model.text.max_length=48",
+                   "model.text.tokenizer.num_reports=300", "objective=clip"])
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    convs = [p for n, p in model.image_encoder.named_parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert sum(not p.is_contiguous() for p in convs) > len(convs) // 2   # 1-channel and 1x1 kernels are both
+    images = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        held = model.encode_image(images)
+        plain = copy.deepcopy(model.image_encoder).to(memory_format=torch.contiguous_format)
+        assert all(p.is_contiguous() for p in plain.parameters())
+        # The layout changes how oneDNN computes, not what: the same embedding either way.
+        torch.testing.assert_close(F.normalize(model.image_projection(plain(images).global_emb), dim=-1), held,
+                                   rtol=1e-4, atol=1e-5)
+    # A checkpoint and the wire (numpy copies) carry the values, and a model loaded from them is channels_last again.
+    save_checkpoint(tmp_path / "ckpt", model, cfg)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    loaded.eval()
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for n, p in loaded.image_encoder.named_parameters()
+               if p.dim() == 4)
+    wire = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
+    assert all(a.flags["C_CONTIGUOUS"] for a in wire.values())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), held)
 
 
 def test_text_dropout_setting_sets_every_dropout_of_the_encoder():
