@@ -216,6 +216,35 @@ def test_stage_two_freezes_the_summarisation_teacher():
     assert patches.grad.abs().sum() > 0 and findings.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_a_frozen_branch_computes_the_same_logits_and_leaves_the_model_untouched(train):
+    """Freezing the summary branch reads its weights as constants: the logits are the unfrozen pass's, the
+    gradient reaches the memory and the shared weights but not the branch's own, and the module is never
+    written to during the pass (the DP loop runs studies on several threads over one model)."""
+    decoder, ids, mask, patches, findings, findings_mask = _decoder_batch()
+    decoder.train(train)   # dropout 0: train mode takes MultiheadAttention's slow path, eval its fast one
+    owned = dict(decoder.named_branch_parameters("summary"))
+    seen_during_pass = []
+
+    def check_owned(module, args):
+        now = dict(decoder.named_branch_parameters("summary"))
+        seen_during_pass.append(now.keys() == owned.keys() and all(now[n] is owned[n] for n in owned))
+
+    hooks = [layer.register_forward_pre_hook(check_owned) for layer in decoder.layers]
+    frozen = decoder(ids, mask, findings, findings_mask, "summary", frozen=True)
+    for hook in hooks:
+        hook.remove()
+    assert seen_during_pass == [True] * len(decoder.layers)
+    plain = decoder(ids, mask, findings, findings_mask, "summary")
+    assert torch.allclose(frozen, plain, atol=1e-6)
+
+    (frozen * torch.randn_like(frozen)).sum().backward()
+    assert all(p.grad is None for p in owned.values())
+    assert findings.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.layers[0].self_attention.parameters())
+    assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in owned.values())
+
+
 def test_decoder_is_causal_and_rejects_left_padding():
     decoder, ids, mask, patches, findings, findings_mask = _decoder_batch()
     decoder.eval()

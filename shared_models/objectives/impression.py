@@ -4,7 +4,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from shared_models.objectives.checks import values_checkable
 from shared_models.objectives.registry import register_objective
@@ -15,6 +14,32 @@ BRANCHES = ("caption", "summary")  # caption attends to image patches, summary t
 def _check_branch(branch: str) -> None:
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+
+
+def _detached(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+def frozen_layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """`norm(x)` with its weights as constants: gradients reach `x`, never the weights."""
+    return F.layer_norm(x, norm.normalized_shape, _detached(norm.weight), _detached(norm.bias), norm.eps)
+
+
+def frozen_attention(attention: nn.MultiheadAttention, query: Tensor, memory: Tensor,
+                     key_padding_mask: Tensor) -> Tensor:
+    """`attention(query, memory, memory)` (batch first) with its weights as constants.
+
+    Reads the module's weights detached instead of swapping them out (torch.func.functional_call): a swap is a
+    write to the shared model, and DP-SGD's loop runs studies on several threads at once
+    (client/privacy/clipped_sum.py), where a swap on one thread is what another thread saves and restores."""
+    query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+    out, _ = F.multi_head_attention_forward(
+        query, memory, memory, attention.embed_dim, attention.num_heads,
+        _detached(attention.in_proj_weight), _detached(attention.in_proj_bias), None, None, False,
+        attention.dropout, _detached(attention.out_proj.weight), _detached(attention.out_proj.bias),
+        training=attention.training, key_padding_mask=key_padding_mask, need_weights=False,
+    )
+    return out.transpose(0, 1)
 
 
 class SharedBranchLayer(nn.Module):
@@ -32,15 +57,21 @@ class SharedBranchLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, causal_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str) -> Tensor:
+    def forward(self, x: Tensor, causal_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str,
+                frozen: bool = False) -> Tensor:
+        """`frozen`: the branch's own weights (its cross-attention and norm) are constants in this pass."""
         h = self.self_norm(x)
         x = x + self.self_attention(h, h, h, attn_mask=causal_mask, need_weights=False)[0]
         # A row with no valid memory (e.g. a study without findings) attends to all of it to stay finite
         # (a fully masked softmax is NaN, and NaN leaks into every gradient), then its output is zeroed.
         has_memory = memory_mask.any(dim=1)
         padding = ~memory_mask & has_memory[:, None]
-        h = self.cross_norm[branch](x)
-        context = self.cross_attention[branch](h, memory, memory, key_padding_mask=padding, need_weights=False)[0]
+        if frozen:
+            h = frozen_layer_norm(self.cross_norm[branch], x)
+            context = frozen_attention(self.cross_attention[branch], h, memory, padding)
+        else:
+            h = self.cross_norm[branch](x)
+            context = self.cross_attention[branch](h, memory, memory, key_padding_mask=padding, need_weights=False)[0]
         x = x + context * has_memory[:, None, None]
         return x + self.mlp(self.mlp_norm(x))
 
@@ -78,8 +109,10 @@ class ImpressionDecoder(nn.Module):
         return (parameter for _, parameter in self.named_branch_parameters(branch))
 
     def forward(
-        self, input_ids: Tensor, input_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str
+        self, input_ids: Tensor, input_mask: Tensor, memory: Tensor, memory_mask: Tensor, branch: str,
+        frozen: bool = False,
     ) -> Tensor:
+        """`frozen`: the branch's own weights (`named_branch_parameters`) get no gradient from this pass."""
         _check_branch(branch)
         length = input_ids.shape[1]
         if length > self.max_len:
@@ -90,7 +123,7 @@ class ImpressionDecoder(nn.Module):
         causal_mask = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).triu(1)
         x = self.token_embedding(input_ids) + self.position_embedding[:length]
         for layer in self.layers:
-            x = layer(x, causal_mask, memory, memory_mask.bool(), branch)
+            x = layer(x, causal_mask, memory, memory_mask.bool(), branch, frozen)
         return self.head(self.norm(x))
 
 
@@ -124,13 +157,6 @@ class ImpressionGeneration(nn.Module):
         self.decoder = decoder
         self.distill_temperature = distill_temperature
 
-    def _summary_logits(self, inputs: Tensor, input_mask: Tensor, memory: Tensor, memory_mask: Tensor, frozen: bool):
-        args = (inputs, input_mask, memory, memory_mask, "summary")
-        if not frozen:
-            return self.decoder(*args)
-        detached = {name: p.detach() for name, p in self.decoder.named_branch_parameters("summary")}
-        return functional_call(self.decoder, detached, args, strict=False)
-
     def forward(
         self,
         impression_ids: Tensor,
@@ -145,7 +171,7 @@ class ImpressionGeneration(nn.Module):
         inputs, targets = impression_ids[:, :-1], impression_ids[:, 1:]
         input_mask, target_mask = impression_mask[:, :-1], impression_mask[:, 1:].bool()
 
-        summary_logits = self._summary_logits(inputs, input_mask, findings_tokens, findings_mask, frozen=stage == 2)
+        summary_logits = self.decoder(inputs, input_mask, findings_tokens, findings_mask, "summary", frozen=stage == 2)
         terms = {"summary": token_cross_entropy(summary_logits, targets, target_mask)}
         if stage == 1:
             return terms
