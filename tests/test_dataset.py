@@ -197,6 +197,40 @@ def test_dataset_filters_and_site_transform(indexed):
     assert (scanned[0]["image"] - plain[0]["image"]).abs().mean() > 0.01
 
 
+@pytest.mark.parametrize("sections, regions, reason", [
+    (None, None, "sentences have no section labels"),
+    (["findings"], None, "section labels"),
+    ("findings", None, "not a list"),
+    (["summary"], None, "unknown sentence sections ['summary']"),
+    (["findings"], [99], "region outside"),
+])
+def test_a_study_whose_sentence_labels_do_not_match_is_left_out_by_name(indexed, caplog, sections, regions, reason):
+    """A catalog row whose per-sentence sections or regions do not match its sentences (another writer, a hand
+    edit) is left out of pre-training with the reason, recorded and logged; the other studies stay, and image-only
+    evaluation keeps its image without the text."""
+    specs, catalog, cache = indexed
+    broken = specs[1]["study"]
+    session = open_catalog(catalog).session()
+    row = session.get(Study, broken)
+    kept = list(row.sentences)
+    if sections is not None and isinstance(sections, list) and len(sections) == 1:
+        sections = sections * len(kept) if reason != "section labels" else sections * (len(kept) + 1)
+    row.sentence_section = sections
+    if regions is not None:
+        row.sentence_regions = regions * len(kept)
+    session.commit()
+    session.close()
+    with caplog.at_level("WARNING", logger="client.data.dataset"):
+        dataset = CxrDataset(catalog, cache, image_size=32)
+    assert dataset.study_ids == [specs[0]["study"], specs[2]["study"]]
+    assert list(dataset.refused_studies) == [broken] and reason in dataset.refused_studies[broken]
+    assert broken in caplog.text and "client.data index" in caplog.text
+    images_only = CxrDataset(catalog, cache, image_size=32, require_report=False)
+    assert images_only.refused_studies == {} and broken in images_only.study_ids
+    sample = images_only[images_only.study_ids.index(broken)]
+    assert sample["sentences"] == [] and sample["report"] == ""
+
+
 def test_usable_studies_lists_partition_keys(indexed):
     specs, catalog, _ = indexed
     entries = usable_studies(open_catalog(catalog))

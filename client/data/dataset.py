@@ -1,6 +1,7 @@
 """The torch Dataset over the catalog and the image cache: one sample per usable image."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -13,7 +14,10 @@ from torch.utils.data import Dataset
 from client.data.cache import ImageCache
 from client.data.catalog import Catalog, Image, Study, in_split, label_values, labels_as_floats, open_catalog
 from client.data.transforms import EvalTransform, TrainTransform
+from shared_models.batch import SECTIONS
 from shared_models.vocab import OBSERVATIONS, REGIONS, ZONE_ATLAS
+
+log = logging.getLogger(__name__)
 
 ATLAS_BOXES = torch.tensor([ZONE_ATLAS[region] for region in REGIONS], dtype=torch.float32)
 
@@ -44,6 +48,33 @@ class ImageEntry:
 def report_text(findings: str, impression: str, sentences: list[str]) -> str:
     """Findings then impression; free-text reports (neither section) as their sentences."""
     return " ".join(part for part in (findings, impression) if part) or " ".join(sentences)
+
+
+def sentence_labels(study: Study) -> tuple[list[str], list[int]]:
+    """Each sentence's section and region as the catalog holds them; ValueError (the reason) where they do not
+    match the sentences: the findings words, the region-sentence pairs and the triplets are read through them,
+    and a guess ("text", no region) would train those terms on the wrong words without a word said."""
+    sentences = list(study.sentences or [])
+    sections = study.sentence_section
+    regions = study.sentence_regions if study.sentence_regions is not None else [-1] * len(sentences)
+    if sections is None and not sentences:
+        sections = []
+    if not isinstance(sections, list) or len(sections) != len(sentences):
+        held = "no" if sections is None else (f"{len(sections)}" if isinstance(sections, list) else "not a list")
+        raise ValueError(f"its {len(sentences)} sentences have {held} section labels")
+    unknown = sorted({str(name) for name in sections} - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown sentence sections {unknown} (known: {', '.join(SECTIONS)})")
+    if not isinstance(regions, list) or len(regions) != len(sentences):
+        raise ValueError(f"its {len(sentences)} sentences have {len(regions) if isinstance(regions, list) else 'no'} "
+                         "region labels")
+    try:
+        regions = [int(region) for region in regions]
+    except (TypeError, ValueError):
+        raise ValueError("its sentence regions are not whole numbers") from None
+    if any(not -1 <= region < len(REGIONS) for region in regions):
+        raise ValueError(f"a sentence region outside -1..{len(REGIONS) - 1}")
+    return list(sections), regions
 
 
 def boxes_for(image: Image) -> torch.Tensor:
@@ -77,6 +108,7 @@ class CxrDataset(Dataset):
                  site_transform: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
                  require_report: bool = True):
         self.require_report = require_report
+        self.refused_studies: dict[str, str] = {}   # study id -> why its report cannot be read (logged)
         self.cache = ImageCache(cache_dir)
         self.transform = (EvalTransform(image_size) if augmentation is None
                           else TrainTransform(image_size, **dict(augmentation)))
@@ -101,25 +133,42 @@ class CxrDataset(Dataset):
         try:
             with catalog.session() as session:
                 for image, study in session.execute(query):
+                    if study.id in self.refused_studies:
+                        continue
                     if study.id not in studies:
-                        studies[study.id] = self._study_text(study)
+                        try:
+                            studies[study.id] = self._study_text(study)
+                        except ValueError as error:
+                            if self.require_report:
+                                self.refused_studies[study.id] = str(error)
+                                continue
+                            studies[study.id] = self._study_text(study, report=False)
                     images.append(ImageEntry(image.id, study.id, study.patient_id,
                                              (image.cache_shard, image.cache_offset, image.cache_height,
                                               image.cache_width), boxes_for(image)))
         finally:
             if owned:
                 catalog.close()
+        if self.refused_studies:
+            log.warning("%d studies left out: their catalog rows' sentence labels do not match their sentences "
+                        "(first: %s); index the site again into a new catalog (python -m client.data index ... "
+                        "--catalog NEW) to parse their reports afresh", len(self.refused_studies),
+                        "; ".join(f"{sid}: {why}" for sid, why in list(self.refused_studies.items())[:3]))
         return images, studies
 
     @staticmethod
-    def _study_text(study: Study) -> StudyText:
+    def _study_text(study: Study, report: bool = True) -> StudyText:
+        """`report=False`: the study's images without its text (image-only evaluation of a study whose
+        sentence labels are unreadable)."""
+        labels = torch.tensor(labels_as_floats(study.labels), dtype=torch.float32)
+        if not report:
+            return StudyText("", "", "", [], [], [], torch.zeros(len(OBSERVATIONS)), labels,
+                             label_values(study.labels), False)
         findings, impression, sentences = study.findings or "", study.impression or "", list(study.sentences or [])
+        sections, regions = sentence_labels(study)
         tags = study.tags if study.tags is not None else [0.0] * len(OBSERVATIONS)
         return StudyText(findings, impression, report_text(findings, impression, sentences), sentences,
-                         list(study.sentence_section or ["text"] * len(sentences)),
-                         [int(r) for r in study.sentence_regions or [-1] * len(sentences)],
-                         torch.tensor(tags, dtype=torch.float32),
-                         torch.tensor(labels_as_floats(study.labels), dtype=torch.float32),
+                         sections, regions, torch.tensor(tags, dtype=torch.float32), labels,
                          label_values(study.labels), study.report_status == "ok")
 
     @property
