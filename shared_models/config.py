@@ -10,6 +10,8 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from shared_models.objectives.schedule import LEGACY_KEYS
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # A run's name becomes a folder at the coordinator and under every site's state_dir: both ends check it with this.
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -30,13 +32,13 @@ RENAMED_KEYS = {
                                    "SecAgg+ it sees only the mean, so only clip is accepted there: docs/privacy.md)",
     "partition.strategy": "partition.name (which split makes the virtual sites; partition=NAME picks one; a "
                           "federation's strategy is federation.strategy)",
-    "objective.schedule.warmup_steps": "objective.schedule.seg_start_step (when seg starts, in steps; the lr warm-up "
-                                       "is train.warmup_steps)",
     "federation.batch_size": "train.batch_size (one batch size for a site's rounds and the centralized run; the "
                              "round config carries it to the sites)",
     "federation.lr": "train.lr (one learning rate for a site's rounds and the centralized run; the round config "
                      "carries it to the sites)",
-    "objective.schedule.warmup_at": "objective.schedule.seg_start_at (when seg starts, as a fraction of the run)",
+    # the seg start's old keys, which old checkpoints still hold (read there with their new names)
+    **{f"objective.schedule.{old}": f"objective.schedule.{new} (when seg starts; the lr warm-up is train.warmup_steps)"
+       for old, new in LEGACY_KEYS.items()},
 }
 
 
