@@ -216,6 +216,7 @@ def test_loop_on_several_threads_sums_the_same_gradient_with_one_intra_op_thread
     hook = hybrid.image_encoder.register_forward_hook(
         lambda module, args, out: seen.append((threading.get_ident(), torch.get_num_threads())))
     threads = torch.get_num_threads()
+    parameters = dict(hybrid.named_parameters())
     hybrid.eval()   # no dropout: the two runs draw different masks
     try:
         for clip in (ClipNorms(patient=1e9, coupled=1e9), ClipNorms(patient=0.05, coupled=0.05)):
@@ -235,6 +236,10 @@ def test_loop_on_several_threads_sums_the_same_gradient_with_one_intra_op_thread
             assert float(gap.abs().max()) <= 1e-5 * scale
             assert three.clipped_patients == one.clipped_patients
             assert three.terms == pytest.approx(one.terms, rel=1e-6)
+            # the threads only read the model: every parameter is still the very one it was (a swap on one
+            # thread, saved and put back by another, once left detached copies in the model)
+            now = dict(hybrid.named_parameters())
+            assert now.keys() == parameters.keys() and all(now[n] is parameters[n] for n in parameters)
         assert one.clipped_patients == 5
     finally:
         hook.remove()
