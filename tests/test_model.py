@@ -222,6 +222,21 @@ def test_text_dropout_setting_sets_every_dropout_of_the_encoder():
         TextEncoder(config=config, dropout=1.5)
 
 
+def test_tag_decoder_dropout_is_a_setting_and_cpu_quick_turns_it_off():
+    """objective.tag.dropout reaches every dropout of the tag decoder; the papers' 0.1 stays the default, an old
+    checkpoint's config without the key builds that, and a rate outside [0, 1) is refused."""
+    def rates(overrides):
+        model = create_model(compose([*FAST, "objective=hybrid", *overrides]))
+        return {m.p for m in model.objectives["tag"].decoder.modules() if isinstance(m, nn.Dropout)}
+
+    assert rates([]) == {0.1}
+    assert rates(["+recipe=cpu_quick"]) == {0.0}
+    assert rates(["objective.tag.dropout=0.25"]) == {0.25}
+    assert rates(["~objective.tag.dropout"]) == {0.1}
+    with pytest.raises(ValueError, match="objective.tag.dropout=1.0"):
+        rates(["objective.tag.dropout=1.0"])
+
+
 def test_text_features_sentences_and_word_weights():
     encoder = tiny_text().eval()
     ids = torch.randint(5, 100, (2, 6))

@@ -29,6 +29,8 @@ class TagRecognition(nn.Module):
         super().__init__()
         if uncertain not in UNCERTAIN_TARGETS:
             raise ValueError(f"uncertain must be one of {sorted(UNCERTAIN_TARGETS)}, got {uncertain!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"objective.tag.dropout={dropout} must be in [0, 1)")
         self.uncertain = uncertain
         layer = nn.TransformerDecoderLayer(
             dim, num_heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True
@@ -72,8 +74,9 @@ class TagRecognition(nn.Module):
         return (losses * counted).sum() / counted.sum().clamp_min(1), logits
 
 
+# A checkpoint written before `dropout` was a setting holds no such key: it had the decoder's 0.1.
 @register_objective("tag", build=lambda c, m: TagRecognition(m.projection_dim, len(OBSERVATIONS), c["layers"],
-                                                             c["heads"], c["uncertain"]),
+                                                             c["heads"], c["uncertain"], c.get("dropout", 0.1)),
                     inputs=("patch_tokens",), batch=("tags",))
 def tag_loss(model, s, step: int) -> dict[str, Tensor]:
     """ASG IRL (its queries: `PretrainModel.refresh_tag_queries`)."""
