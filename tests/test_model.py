@@ -2,6 +2,7 @@
 import copy
 import re
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -225,9 +226,10 @@ def test_text_dropout_setting_sets_every_dropout_of_the_encoder():
 def test_tag_decoder_dropout_is_a_setting_and_cpu_quick_turns_it_off():
     """objective.tag.dropout reaches every dropout of the tag decoder; the papers' 0.1 stays the default, an old
     checkpoint's config without the key builds that, and a rate outside [0, 1) is refused."""
-    def rates(overrides):
-        model = create_model(compose([*FAST, "objective=hybrid", *overrides]))
-        return {m.p for m in model.objectives["tag"].decoder.modules() if isinstance(m, nn.Dropout)}
+    def rates(overrides):   # the tag objective as the factory builds it from the composed config
+        tag = objectives()["tag"].build(compose(["objective=hybrid", *overrides]).objective.tag,
+                                        types.SimpleNamespace(projection_dim=16))
+        return {m.p for m in tag.decoder.modules() if isinstance(m, nn.Dropout)}
 
     assert rates([]) == {0.1}
     assert rates(["+recipe=cpu_quick"]) == {0.0}
