@@ -1,6 +1,8 @@
 """Epsilon of a DP-SGD history with Opacus's accountants; the history (noise, sample rate, steps) is the state."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -28,6 +30,7 @@ def epsilon_spent(history: list[Spend], delta: float, accountant: str = "rdp") -
     return float(state.get_epsilon(delta=delta))
 
 
+@lru_cache(maxsize=64)   # a pure function of its arguments, and Opacus's search takes seconds (a site asks every round)
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                      accountant: str = "rdp") -> float:
     """The smallest noise multiplier (to Opacus's tolerance) that keeps `steps` steps within target_epsilon."""
