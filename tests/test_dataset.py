@@ -203,6 +203,7 @@ def test_dataset_filters_and_site_transform(indexed):
     ("findings", None, "not a list"),
     (["summary"], None, "unknown sentence sections ['summary']"),
     (["findings"], [99], "region outside"),
+    ("sentences", None, "not a list of texts"),
 ])
 def test_a_study_whose_sentence_labels_do_not_match_is_left_out_by_name(indexed, caplog, sections, regions, reason):
     """A catalog row whose per-sentence sections or regions do not match its sentences (another writer, a hand
@@ -215,6 +216,8 @@ def test_a_study_whose_sentence_labels_do_not_match_is_left_out_by_name(indexed,
     kept = list(row.sentences)
     if sections is not None and isinstance(sections, list) and len(sections) == 1:
         sections = sections * len(kept) if reason != "section labels" else sections * (len(kept) + 1)
+    if sections == "sentences":   # the sentences themselves a string: never read character by character
+        row.sentences, sections = "Heart size is normal.", ["findings"] * len("Heart size is normal.")
     row.sentence_section = sections
     if regions is not None:
         row.sentence_regions = regions * len(kept)

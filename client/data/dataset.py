@@ -50,11 +50,13 @@ def report_text(findings: str, impression: str, sentences: list[str]) -> str:
     return " ".join(part for part in (findings, impression) if part) or " ".join(sentences)
 
 
-def sentence_labels(study: Study) -> tuple[list[str], list[int]]:
-    """Each sentence's section and region as the catalog holds them; ValueError (the reason) where they do not
-    match the sentences: the findings words, the region-sentence pairs and the triplets are read through them,
+def sentence_labels(study: Study) -> tuple[list[str], list[str], list[int]]:
+    """The study's sentences with each one's section and region, as the catalog holds them; ValueError (the reason)
+    where they do not match: the findings words, the region-sentence pairs and the triplets are read through them,
     and a guess ("text", no region) would train those terms on the wrong words without a word said."""
-    sentences = list(study.sentences or [])
+    sentences = study.sentences if study.sentences is not None else []
+    if not isinstance(sentences, list) or not all(isinstance(sentence, str) for sentence in sentences):
+        raise ValueError("its sentences are not a list of texts")
     sections = study.sentence_section
     regions = study.sentence_regions if study.sentence_regions is not None else [-1] * len(sentences)
     if sections is None and not sentences:
@@ -74,7 +76,7 @@ def sentence_labels(study: Study) -> tuple[list[str], list[int]]:
         raise ValueError("its sentence regions are not whole numbers") from None
     if any(not -1 <= region < len(REGIONS) for region in regions):
         raise ValueError(f"a sentence region outside -1..{len(REGIONS) - 1}")
-    return list(sections), regions
+    return list(sentences), list(sections), regions
 
 
 def boxes_for(image: Image) -> torch.Tensor:
@@ -164,8 +166,8 @@ class CxrDataset(Dataset):
         if not report:
             return StudyText("", "", "", [], [], [], torch.zeros(len(OBSERVATIONS)), labels,
                              label_values(study.labels), False)
-        findings, impression, sentences = study.findings or "", study.impression or "", list(study.sentences or [])
-        sections, regions = sentence_labels(study)
+        findings, impression = study.findings or "", study.impression or ""
+        sentences, sections, regions = sentence_labels(study)
         tags = study.tags if study.tags is not None else [0.0] * len(OBSERVATIONS)
         return StudyText(findings, impression, report_text(findings, impression, sentences), sentences,
                          sections, regions, torch.tensor(tags, dtype=torch.float32), labels,
