@@ -17,6 +17,7 @@ from client.data.dataset import CxrDataset
 from client.data.images import read_image
 from client.data.index import index_data
 from client.data.layouts import open_layout
+from client.trainer import build_optimizer
 from shared_models.batch import collate
 from simulations.phantom import generate_phantom
 
@@ -78,7 +79,7 @@ def run(quick: bool = False) -> dict:
                                                max_length=int(cfg.model.text.max_length)))
         batches = endless(loader)
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.0)
         step = all_terms_step(cfg)
         batch = next(batches)
         train_step_seconds(model, optimizer, batch, step)    # warm-up (and the tag queries' first refresh)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import all_terms_step, build, make_batch, synchronize
+from client.trainer import build_optimizer
 
 MODEL, OBJECTIVE, BATCH_SIZE = "resnet50_bert", "hybrid", 8
 # name -> (model, batch size, overrides): the small models as their runs train them
@@ -161,7 +162,7 @@ def measure(model_name: str, batch_size: int, quick: bool = False, overrides: li
     model.to(device).train()
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_batch(model, cfg, batch_size).items()}
     step = all_terms_step(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.0)
 
     phased_step(model, optimizer, batch, step)   # warm-up: allocations, the tag queries' first refresh
     forward_flops, backward_flops, component_flops = count_flops(model, batch, step)

@@ -6,6 +6,7 @@ from functools import partial
 import torch
 
 from benchmarks.common import all_terms_step, build, interleaved, make_batch, median_seconds, ratio_to, train_step
+from client.trainer import build_optimizer
 from shared_models.sharing import shared_parameter_names, sharing_settings
 
 PRESETS = ["clip", "hybridmed", "asg", "g2d", "hybrid"]
@@ -32,7 +33,7 @@ def run(quick: bool = False) -> dict:
         steps = {}
         for preset in PRESETS:
             cfg, model = build(model_name, preset)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.0)
             model.train()
             steps[preset] = partial(train_step, model, make_batch(model, cfg, batch_size), all_terms_step(cfg),
                                     optimizer)

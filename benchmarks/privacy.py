@@ -10,6 +10,7 @@ from benchmarks.common import (all_terms_step, build, interleaved, median_second
 from client.privacy.clipped_sum import clipped_gradient_sum, per_study_method, trainable_parameters
 from client.privacy.clipping import ClipNorms
 from client.privacy.training import noisy_gradient
+from client.trainer import build_optimizer
 from shared_models.batch import collate
 
 # model -> batch size (patients per step), as in `objectives`; tiny_cnn: what `make simulate` and the sweep train
@@ -33,8 +34,8 @@ def step_ratios(model, samples: list[dict], collate_fn, step: int, repeats: int,
     """The non-DP step and each DP method's step, timed in turn within every repeat (`interleaved`); per method,
     the median over repeats of its DP/non-DP ratio within a repeat, wall and CPU."""
     params = trainable_parameters(model)
-    plain_optimizer = torch.optim.AdamW(params, lr=1e-5)
-    dp_optimizer = torch.optim.AdamW(params, lr=1e-5)
+    plain_optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.0)
+    dp_optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     batch = collate_fn(samples)
     model.train()

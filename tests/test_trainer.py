@@ -215,3 +215,38 @@ def test_training_smoke_hybrid_lowers_every_term_and_learns_retrieval(smoke_mode
     recall, studies = retrieval_recall_at_5(model, eval_set, cfg.model.text.max_length)
     print(f"image->report R@5 {recall:.3f} over {studies} studies (chance {5 / studies:.3f})")
     assert recall > 3 * 5 / studies
+
+
+def test_the_optimizer_is_fused_adamw_with_the_loops_update_and_takes_a_loop_optimizers_state():
+    import copy
+
+    from client.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    twin = copy.deepcopy(model)
+    fused = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] is True
+    decay, no_decay = fused.param_groups          # no weight decay on biases and norms (1-d parameters)
+    assert [p.ndim for p in decay["params"]] == [2, 2] and all(p.ndim == 1 for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    loop = torch.optim.AdamW([{"params": [p for p in twin.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                              {"params": [p for p in twin.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.98), foreach=True)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (twin, loop)):
+            optimizer.zero_grad()
+            net(x).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, torch.zeros_like(a))
+    # a state saved by the per-tensor optimizer (an older run's, on resume) loads and keeps its step count
+    resumed = build_optimizer(twin, lr=1e-2, weight_decay=0.1)
+    resumed.load_state_dict(loop.state_dict())
+    assert [float(s["step"]) for s in resumed.state.values()] == [3.0] * 6
+    before = [p.detach().clone() for p in twin.parameters()]
+    resumed.zero_grad()
+    twin(x).pow(2).sum().backward()
+    resumed.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, twin.parameters()))
