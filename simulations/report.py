@@ -131,7 +131,10 @@ def plot_term_curves(path: Path, summary: dict) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(terms):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    # a DP run's sites send no per-term losses: the first panel with a curve carries the legend, if any has one
+    labelled = next((ax for ax in axes.flat if ax.get_legend_handles_labels()[0]), None)
+    if labelled is not None:
+        labelled.legend(fontsize=6)
     fig.supxlabel("share of the run's optimizer steps (dotted: the term's first step)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
