@@ -21,7 +21,8 @@ first target but adds a third of its noise (what calibrating to C instead of C +
 Writes audit.json, audit.md and audit.png (empirical lower bound against the accountant's epsilon) in the run
 directory. `audits=[canary,relinkage]` (the default) also runs the image-report re-linkage membership inference on
 the project's model (simulations/relinkage_audit.py); its table joins audit.md and its arms audit.json's
-`relinkage`.
+`relinkage`. `audits=[run_relinkage] run_relinkage.runs=[FOLDER]` runs the same attack on the global model of
+finished `simulations.run` federations (audit.json's `run_relinkage`).
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def flagged(row: dict) -> bool:
     return row["white_box"]["epsilon_lower_bound"] > row["accountant_epsilon"]
 
 
-AUDITS = ("canary", "relinkage")
+AUDITS = ("canary", "relinkage", "run_relinkage")
 
 
 def chosen_audits(cfg: DictConfig) -> list[str]:
@@ -228,17 +229,23 @@ def chosen_audits(cfg: DictConfig) -> list[str]:
     return audits
 
 
-def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict], relinkage: list[dict] | None = None) -> None:
-    """audit.json / audit.md (and audit.png with canary arms): `rows` the canary arms, `relinkage` the re-linkage's."""
+def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict], relinkage: list[dict] | None = None,
+                  run_relinkage: list[dict] | None = None) -> None:
+    """audit.json / audit.md (and audit.png with canary arms): `rows` the canary arms, `relinkage` the re-linkage's,
+    `run_relinkage` the re-linkage of finished federations' global models."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    (run_dir / "audit.json").write_text(json.dumps({"config": config, "arms": rows, "relinkage": relinkage or []},
-                                                   indent=2, default=str))
+    (run_dir / "audit.json").write_text(json.dumps({"config": config, "arms": rows, "relinkage": relinkage or [],
+                                                    "run_relinkage": run_relinkage or []}, indent=2, default=str))
     lines = canary_markdown(cfg, rows) if rows else []
     if relinkage:
         from simulations.relinkage_audit import markdown
 
         lines += ([""] if lines else []) + markdown(cfg, relinkage)
+    if run_relinkage:
+        from simulations.relinkage_audit import runs_markdown
+
+        lines += ([""] if lines else []) + runs_markdown(cfg, run_relinkage)
     (run_dir / "audit.md").write_text("\n".join(lines) + "\n")
     if rows:
         plot(run_dir / "audit.png", rows)
@@ -298,7 +305,12 @@ def main(cfg: DictConfig) -> None:
         from simulations.relinkage_audit import run_relinkage
 
         relinkage = run_relinkage(cfg)
-    write_outputs(run_dir, cfg, rows, relinkage)
+    of_runs = None
+    if "run_relinkage" in audits:
+        from simulations.relinkage_audit import run_relinkage_of_runs
+
+        of_runs = run_relinkage_of_runs(cfg)
+    write_outputs(run_dir, cfg, rows, relinkage, of_runs)
     print((run_dir / "audit.md").read_text())
 
 

@@ -9,6 +9,11 @@ trained on? Its score for a study is the margin by which the image's embedding p
 best wrong report of a fixed candidate pool (every audited study's report): a model that memorised a pair links
 it tighter than it links an unseen one. Reported: the attack's AUC (members against non-members) with a
 bootstrap interval, and its TPR at a false-positive rate of `fpr` among the non-members.
+
+The same attack runs on the global model of a finished federation (`audits=[run_relinkage]
+run_relinkage.runs=[outputs/simulate/<timestamp>]`): there the members are the patients whose studies the run's
+sites trained on (its partition.json) and the non-members every other patient of the same collection, which no
+site ever read (the evaluation splits' patients, and any the partition left out).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import logging
 import math
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,6 +107,16 @@ def split_patients(patient_ids: list[str], members: int, nonmembers: int, seed: 
     return {patients[i] for i in order[:members]}, {patients[i] for i in order[members:members + nonmembers]}
 
 
+def one_image_per_study(pool, members: set) -> tuple[torch.utils.data.Subset, np.ndarray]:
+    """The pool's first image of each study (the candidate pool of reports is then one per study), and whether
+    each of those studies belongs to a member patient."""
+    first: dict[str, int] = {}
+    for index, study in enumerate(pool.study_ids):
+        first.setdefault(study, index)
+    rows = sorted(first.values())
+    return torch.utils.data.Subset(pool, rows), np.array([pool.patient_ids[i] in members for i in rows], dtype=bool)
+
+
 @torch.no_grad()
 def embed_pairs(model, dataset, collate_fn, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(image, report) embeddings of every sample, through the same collate the model trained on."""
@@ -153,14 +169,9 @@ def run_relinkage(cfg: DictConfig) -> list[dict]:
                            patient_ids=members)
     pool = CxrDataset(data.catalog, data.cache, split=None, image_size=size, augmentation=None,
                       patient_ids=members | nonmembers)
-    first = {}
-    for index, study in enumerate(pool.study_ids):    # one image per study: the pool's first of each
-        first.setdefault(study, index)
-    rows = sorted(first.values())
-    scored = torch.utils.data.Subset(pool, rows)
-    is_member = np.array([pool.patient_ids[i] in members for i in rows])
+    scored, is_member = one_image_per_study(pool, members)
     log.info("re-linkage: %d member patients (%d studies), %d non-members (%d studies), pool of %d reports",
-             len(members), int(is_member.sum()), len(nonmembers), int((~is_member).sum()), len(rows))
+             len(members), int(is_member.sum()), len(nonmembers), int((~is_member).sum()), len(scored))
 
     arms: list[tuple[str, float | None, bool]] = [("untrained", None, False), ("no DP", None, True)]
     arms += [(f"DP-SGD epsilon {float(e):g}", float(e), True) for e in rl.epsilons]
@@ -202,4 +213,143 @@ def markdown(cfg: DictConfig, rows: list[dict]) -> list[str]:
     lines += ["", "Score: cos(image, own report) minus the best cos with another report of the pool."
               + ("" if meaningful else f" With {first['nonmembers']} non-members the 1 % FPR point allows no false "
                  f"positive at all (it needs >= {math.ceil(1 / float(rl.fpr))} non-members to mean 1 %).")]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- a federation's model
+class RunFolderError(ValueError):
+    """A `run_relinkage.runs` entry that is not a finished `simulations.run` folder this machine can read."""
+
+
+def run_membership(run_dir: Path) -> tuple[set[str], Path, Path]:
+    """(the studies the run's sites trained on, the catalog and image cache they came from), read from the run's
+    partition.json and its site files (sites/<n>.yaml), as `simulations.run` wrote them."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    partition_file = run_dir / "partition.json"
+    try:
+        partition = json.loads(partition_file.read_text())
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"{partition_file}: not a readable partition ({error}); give the folder of a "
+                             "`python -m simulations.run` (outputs/simulate/<timestamp>)") from error
+    studies: set[str] = set()
+    for site, entry in (partition.items() if isinstance(partition, dict) else []):
+        listed = entry.get("studies") if isinstance(entry, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(study, str) for study in listed):
+            raise RunFolderError(f"{partition_file}: site {site!r} has no list of study ids under 'studies'")
+        studies.update(listed)
+    if not studies:
+        raise RunFolderError(f"{partition_file}: no site with studies (a mapping of site name to its 'studies')")
+    site_files = sorted((run_dir / "sites").glob("*.yaml"))
+    sources = set()
+    for site_file in site_files:
+        try:
+            site = OmegaConf.load(site_file)
+        except Exception as error:   # OmegaConf raises yaml's and its own errors alike
+            raise RunFolderError(f"{site_file}: not a readable site file ({error})") from error
+        if not isinstance(site, DictConfig) or site.get("catalog") is None or site.get("cache") is None:
+            raise RunFolderError(f"{site_file}: no 'catalog' and 'cache' (the collection the site read)")
+        sources.add((str(site.catalog), str(site.cache)))
+    if len(sources) != 1:
+        raise RunFolderError(f"{run_dir / 'sites'}: the site files name {len(sources)} collections "
+                             f"({sorted(sources)}); the audit needs the one collection the run partitioned")
+    catalog, cache = sources.pop()
+    return studies, Path(catalog), Path(cache)
+
+
+def run_epsilon(run_dir: Path) -> float:
+    """The run's accountant epsilon from its summary.json: the highest site's (patient-level DP-SGD) or the
+    central one (site-level DP); infinity for a run without DP, or without a summary."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return math.inf
+    claimed = [float(value) for value in (summary.get("epsilon") or {}).values()]
+    if summary.get("central_epsilon") is not None:
+        claimed.append(float(summary["central_epsilon"]))
+    return max(claimed) if claimed else math.inf
+
+
+def audit_run(run_dir: Path, cfg: DictConfig) -> list[dict]:
+    """The attack on a federation's global model (run_dir/checkpoint) and on the same model untrained (the
+    floor): members are the patients whose studies the sites trained on, non-members all the others."""
+    from client.data.dataset import CxrDataset
+    from shared_models.batch import collate
+    from shared_models.checkpoint import load_checkpoint
+    from shared_models.factory import create_model
+
+    rl = cfg.relinkage
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run_relinkage.runs: {run_dir} is not a folder; give a `python -m simulations.run` "
+                             "output folder (outputs/simulate/<timestamp>)")
+    trained, catalog, cache = run_membership(run_dir)
+    model, meta = load_checkpoint(run_dir / "checkpoint")
+    project = meta["config"]
+    size = int(project["train"].get("image_size") or project["model"]["image"]["img_size"])
+    everyone = CxrDataset(catalog, cache, split=None, image_size=size, augmentation=None)
+    absent = trained - set(everyone.study_ids)
+    if absent:
+        raise RunFolderError(f"{catalog} lacks {len(absent)} of the {len(trained)} studies the run trained on "
+                             f"(e.g. {sorted(absent)[:3]}): it is not the collection {run_dir} partitioned")
+    members = {patient for study, patient in zip(everyone.study_ids, everyone.patient_ids) if study in trained}
+    # a member patient's study outside the partition was never read; it is neither member nor non-member evidence
+    keep = [i for i, (study, patient) in enumerate(zip(everyone.study_ids, everyone.patient_ids))
+            if study in trained or patient not in members]
+    scored, is_member = one_image_per_study(_restricted(everyone, keep), members)
+    if is_member.all() or not is_member.any():
+        raise RunFolderError(f"{run_dir}: the collection has {'no' if is_member.all() else 'only'} patients the "
+                             "sites never read; the attack needs both members and non-members")
+    log.info("re-linkage of %s: %d member studies, %d non-member studies", run_dir, int(is_member.sum()),
+             int((~is_member).sum()))
+    collate_fn = partial(collate, tokenizer=model.tokenizer,
+                         max_length=project["train"].get("max_text_length") or project["model"]["text"]["max_length"])
+    untrained = create_model(project, tokenizer=model.tokenizer, seed=int(project.get("seed", 0)))
+    claimed = run_epsilon(run_dir)
+    rows = []
+    for index, (arm, audited, epsilon) in enumerate([(f"{run_dir.name}: untrained", untrained, 0.0),
+                                                     (f"{run_dir.name}: global model", model, claimed)]):
+        started = time.monotonic()
+        images, texts = embed_pairs(audited, scored, collate_fn)
+        attack = attack_summary(relinkage_scores(images, texts), is_member, float(rl.fpr), int(rl.bootstrap),
+                                float(cfg.confidence), int(rl.seed) + index)
+        rows.append({"arm": arm, "run": str(run_dir), "accountant_epsilon": epsilon, **attack,
+                     "seconds": round(time.monotonic() - started, 1)})
+        log.info("%s: AUC %.3f [%.3f, %.3f], TPR %.3f at FPR <= %g", arm, attack["auc"], *attack["auc_ci"],
+                 attack["tpr_at_fpr"]["tpr"], float(rl.fpr))
+    return rows
+
+
+def _restricted(dataset, keep: list[int]):
+    """`dataset`'s entries `keep`, with the study and patient ids `one_image_per_study` reads."""
+    subset = torch.utils.data.Subset(dataset, keep)
+    subset.study_ids = [dataset.study_ids[i] for i in keep]
+    subset.patient_ids = [dataset.patient_ids[i] for i in keep]
+    return subset
+
+
+def run_relinkage_of_runs(cfg: DictConfig) -> list[dict]:
+    runs = list(cfg.get("run_relinkage", {}).get("runs") or [])
+    if not runs:
+        raise ValueError("audits=[run_relinkage] needs the runs to attack: run_relinkage.runs=[outputs/simulate/"
+                         "<timestamp>] (folders of `python -m simulations.run`)")
+    return [row for run in runs for row in audit_run(Path(str(run)).expanduser(), cfg)]
+
+
+def runs_markdown(cfg: DictConfig, rows: list[dict]) -> list[str]:
+    rl = cfg.relinkage
+    lines = ["# Re-linkage membership inference on federations' global models", "",
+             "Members: the patients whose studies the run's sites trained on; non-members: every other patient of "
+             "the same collection.", "",
+             f"| arm | accountant epsilon | member / non-member studies | AUC [{float(cfg.confidence):.0%} bootstrap "
+             f"CI] | TPR at FPR <= {float(rl.fpr):g} | margin members / non-members |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        epsilon = "–" if row["accountant_epsilon"] == 0.0 else f"{row['accountant_epsilon']:.2f}"
+        lines.append(f"| {row['arm']} | {epsilon} | {row['members']} / {row['nonmembers']} | {row['auc']:.3f} "
+                     f"[{row['auc_ci'][0]:.3f}, {row['auc_ci'][1]:.3f}] | {row['tpr_at_fpr']['tpr']:.3f} | "
+                     f"{row['member_margin_mean']:+.3f} / {row['nonmember_margin_mean']:+.3f} |")
     return lines

@@ -105,3 +105,59 @@ def test_a_tiny_relinkage_audit_trains_each_arm_and_writes_its_table(phantom_200
     table = (tmp_path / "audit.md").read_text()
     assert "| DP-SGD epsilon 8 | 8.00 |" in table and "allows no false positive" in table
     assert not (tmp_path / "audit.png").exists()       # the plot is the canary audit's
+
+
+# ------------------------------------------------------------------------------------------- a federation's run
+def _run_folder(root, partition, sites):
+    root.mkdir()
+    (root / "partition.json").write_text(json.dumps(partition))
+    (root / "sites").mkdir()
+    for index, site in enumerate(sites):
+        (root / "sites" / f"{index}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(site)))
+    return root
+
+
+def test_a_runs_members_and_collection_come_from_its_partition_and_site_files(tmp_path):
+    from simulations.relinkage_audit import RunFolderError, run_membership
+
+    same = {"catalog": "/data/catalog.sqlite", "cache": "/data/cache"}
+    run = _run_folder(tmp_path / "run", {"site_0": {"studies": ["s1", "s2"]}, "site_1": {"studies": ["s3"]}},
+                      [same, same])
+    studies, catalog, cache = run_membership(run)
+    assert studies == {"s1", "s2", "s3"} and str(catalog) == "/data/catalog.sqlite" and str(cache) == "/data/cache"
+
+    with pytest.raises(RunFolderError, match="partition.json: not a readable partition"):
+        run_membership(tmp_path)
+    bad = _run_folder(tmp_path / "string", {"site_0": {"studies": "s1"}}, [same])
+    with pytest.raises(RunFolderError, match="site 'site_0' has no list of study ids"):
+        run_membership(bad)
+    empty = _run_folder(tmp_path / "empty", {}, [same])
+    with pytest.raises(RunFolderError, match="no site with studies"):
+        run_membership(empty)
+    mixed = _run_folder(tmp_path / "mixed", {"site_0": {"studies": ["s1"]}},
+                        [same, {"catalog": "/other/catalog.sqlite", "cache": "/data/cache"}])
+    with pytest.raises(RunFolderError, match="name 2 collections"):
+        run_membership(mixed)
+    no_catalog = _run_folder(tmp_path / "no_catalog", {"site_0": {"studies": ["s1"]}}, [{"cache": "/data/cache"}])
+    with pytest.raises(RunFolderError, match="no 'catalog' and 'cache'"):
+        run_membership(no_catalog)
+    listed = _run_folder(tmp_path / "listed", {"site_0": {"studies": ["s1"]}}, [same])
+    (listed / "sites" / "0.yaml").write_text("- a list\n- not a site\n")
+    with pytest.raises(RunFolderError, match="no 'catalog' and 'cache'"):
+        run_membership(listed)
+    (listed / "sites" / "0.yaml").write_text("catalog: [unclosed\n")
+    with pytest.raises(RunFolderError, match="0.yaml: not a readable site file"):
+        run_membership(listed)
+
+
+def test_a_runs_claimed_epsilon_is_its_highest_sites_or_the_central_one(tmp_path):
+    from simulations.relinkage_audit import run_epsilon
+
+    assert run_epsilon(tmp_path) == math.inf                                  # no summary.json
+    (tmp_path / "summary.json").write_text(json.dumps({"epsilon": {}, "central_epsilon": None}))
+    assert run_epsilon(tmp_path) == math.inf                                  # a run without DP
+    (tmp_path / "summary.json").write_text(json.dumps({"epsilon": {"site_0": 2.5, "site_1": 3.75},
+                                                       "central_epsilon": None}))
+    assert run_epsilon(tmp_path) == 3.75
+    (tmp_path / "summary.json").write_text(json.dumps({"epsilon": {"site_0": 2.5}, "central_epsilon": 6.0}))
+    assert run_epsilon(tmp_path) == 6.0

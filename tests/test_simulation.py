@@ -1,5 +1,6 @@
 """`python -m simulations.run` end to end: 2 virtual sites, 2 rounds on a tiny phantom, the deployment's apps."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -390,3 +391,61 @@ def test_the_baselines_curves_come_from_its_step_history_where_it_kept_one():
     # without it, the means of the first and last steps the summary records
     assert centralized_curves({"steps": 2, "loss_start": {"global": 1.0}, "loss_end": {"global": 0.8}}) == {
         "global": [(0.0, 1.0), (1.0, 0.8)]}
+
+
+def test_the_run_relinkage_audit_attacks_the_global_model_with_the_runs_own_members(simulation, tmp_path):
+    from omegaconf import OmegaConf
+
+    from client.data.dataset import CxrDataset
+    from simulations.privacy_audit import write_outputs
+    from simulations.relinkage_audit import RunFolderError, audit_run, run_membership
+
+    run_dir, _ = simulation
+    cfg = OmegaConf.create({"confidence": 0.95, "relinkage": {"fpr": 0.01, "bootstrap": 50, "seed": 0}})
+    trained, catalog, cache = run_membership(run_dir)
+    everyone = CxrDataset(catalog, cache, split=None, image_size=64, augmentation=None)
+    partition = json.loads((run_dir / "partition.json").read_text())
+    member_patients = {p for site in partition.values() for p in site["patients"]}
+    nonmember_studies = {s for s, p in zip(everyone.study_ids, everyone.patient_ids) if p not in member_patients}
+    assert trained and nonmember_studies and not trained & nonmember_studies
+
+    untrained, global_model = audit_run(run_dir, cfg)
+    for row in (untrained, global_model):       # one scored image per study: every trained study is a member
+        assert (row["members"], row["nonmembers"]) == (len(trained), len(nonmember_studies))
+        assert 0.0 <= row["auc_ci"][0] <= row["auc"] <= row["auc_ci"][1] <= 1.0
+    assert untrained["accountant_epsilon"] == 0.0 and global_model["accountant_epsilon"] == math.inf  # no DP
+    assert untrained["member_margin_mean"] != global_model["member_margin_mean"]   # two different models scored
+    write_outputs(tmp_path / "audit", cfg, [], None, [untrained, global_model])
+    assert json.loads((tmp_path / "audit" / "audit.json").read_text())["run_relinkage"][1]["arm"] == \
+        f"{run_dir.name}: global model"
+    assert f"| {run_dir.name}: global model | inf | {len(trained)} / {len(nonmember_studies)} |" in \
+        (tmp_path / "audit" / "audit.md").read_text()
+
+    # a partition naming a study the collection does not hold is another collection's run: refused by name
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sites").mkdir(parents=True)
+    for site_file in (run_dir / "sites").glob("*.yaml"):
+        (elsewhere / "sites" / site_file.name).write_text(site_file.read_text())
+    (elsewhere / "checkpoint").symlink_to(run_dir / "checkpoint")
+    (elsewhere / "partition.json").write_text(json.dumps({"site_0": {"studies": sorted(trained) + ["no-such-study"]}}))
+    with pytest.raises(RunFolderError, match="lacks 1 of the .* studies the run trained on"):
+        audit_run(elsewhere, cfg)
+    with pytest.raises(RunFolderError, match="is not a folder"):
+        audit_run(tmp_path / "missing", cfg)
+
+
+def test_the_term_plot_of_a_run_whose_sites_send_no_term_losses_draws_without_a_legend_warning(tmp_path):
+    import warnings
+
+    from simulations.report import plot_term_curves
+
+    def summary(sites: dict) -> dict:   # a DP run's sites send no per-term losses; the baseline is off
+        return {"config": {"federation": {"rounds": 2}}, "final": {},
+                "rounds": [{"round": r, "sites": sites, "global": {}} for r in (1, 2)],
+                "schedule": {"federated": {"steps": 10}}, "term_starts": {"federated": {"seg": 0, "global_": 0}}}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # matplotlib warns when asked for a legend of a panel with no curve
+        plot_term_curves(tmp_path / "none.png", summary({"site_0": {"examples": 4, "loss": 1.0}}))
+        plot_term_curves(tmp_path / "second.png", summary({"site_0": {"examples": 4, "loss": 1.0, "global_": 0.5}}))
+    assert (tmp_path / "none.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "second.png").stat().st_size > 0
