@@ -161,9 +161,12 @@ def attach_masks(eval_set: EvalSet, data_cfg, catalog: Path, target: str) -> Eva
     catalog_db = open_catalog(catalog, readonly=True)
     try:
         with catalog_db.session() as session:
+            # in slices: one IN over a large split binds more ids than SQLite allows (32766 in its default builds)
+            ids = eval_set.image_ids
             rows = {row.id: ((row.crop_x0, row.crop_y0, row.crop_x1, row.crop_y1), (row.cache_height, row.cache_width),
                              (row.rows, row.cols), row.mask_path)
-                    for row in session.scalars(select(Image).where(Image.id.in_(eval_set.image_ids)))}
+                    for start in range(0, len(ids), 500)
+                    for row in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500])))}
     finally:
         catalog_db.close()
     phantom = (root / "ground_truth.json").is_file()

@@ -174,6 +174,14 @@ def test_dataset_filters_and_site_transform(indexed):
     assert only.study_ids == [specs[2]["study"]]
     by_patient = CxrDataset(catalog, cache, patient_ids=[specs[0]["patient"]], image_size=32)
     assert by_patient.patient_ids == [specs[0]["patient"]] * 2
+    # a partition of a large collection: more ids than SQLite binds in one statement (32766 in its default builds,
+    # 250000 in others), with the real ones at the end
+    many = [f"absent-{i}" for i in range(300_000)]
+    assert CxrDataset(catalog, cache, study_ids=many + [specs[2]["study"]], image_size=32).study_ids == \
+        [specs[2]["study"]]
+    assert CxrDataset(catalog, cache, patient_ids=many + [specs[0]["patient"]], image_size=32).patient_ids == \
+        [specs[0]["patient"]] * 2
+    assert len(CxrDataset(catalog, cache, study_ids=many, image_size=32)) == 0
     seen = []
 
     def invert(image, image_id):

@@ -127,15 +127,17 @@ class CxrDataset(Dataset):
             query = query.where(Study.report_status == "ok")
         if split is not None:
             query = query.where(in_split(split))
-        if study_ids is not None:
-            query = query.where(Study.id.in_(list(study_ids)))
-        if patient_ids is not None:
-            query = query.where(Study.patient_id.in_(list(patient_ids)))
+        # the restriction is applied here, not as an SQL IN: a site's partition of a large collection (MIMIC-CXR's
+        # 227k studies in 3 sites) holds more ids than SQLite binds in one statement (32766 in its default builds)
+        wanted_studies = None if study_ids is None else set(study_ids)
+        wanted_patients = None if patient_ids is None else set(patient_ids)
         images, studies = [], {}
         try:
             with catalog.session() as session:
                 for image, study in session.execute(query):
-                    if study.id in self.refused_studies:
+                    if ((wanted_studies is not None and study.id not in wanted_studies)
+                            or (wanted_patients is not None and study.patient_id not in wanted_patients)
+                            or study.id in self.refused_studies):
                         continue
                     if study.id not in studies:
                         try:
