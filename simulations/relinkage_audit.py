@@ -17,6 +17,7 @@ site ever read (the evaluation splits' patients, and any the partition left out)
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -224,8 +225,6 @@ class RunFolderError(ValueError):
 def run_membership(run_dir: Path) -> tuple[set[str], Path, Path]:
     """(the studies the run's sites trained on, the catalog and image cache they came from), read from the run's
     partition.json and its site files (sites/<n>.yaml), as `simulations.run` wrote them."""
-    import json
-
     from omegaconf import OmegaConf
 
     partition_file = run_dir / "partition.json"
@@ -262,15 +261,18 @@ def run_membership(run_dir: Path) -> tuple[set[str], Path, Path]:
 def run_epsilon(run_dir: Path) -> float:
     """The run's accountant epsilon from its summary.json: the highest site's (patient-level DP-SGD) or the
     central one (site-level DP); infinity for a run without DP, or without a summary."""
-    import json
-
+    summary_file = run_dir / "summary.json"
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads(summary_file.read_text())
     except (OSError, ValueError):
         return math.inf
-    claimed = [float(value) for value in (summary.get("epsilon") or {}).values()]
-    if summary.get("central_epsilon") is not None:
-        claimed.append(float(summary["central_epsilon"]))
+    try:
+        claimed = [float(value) for value in (summary.get("epsilon") or {}).values()]
+        if summary.get("central_epsilon") is not None:
+            claimed.append(float(summary["central_epsilon"]))
+    except (AttributeError, TypeError, ValueError) as error:
+        raise RunFolderError(f"{summary_file}: 'epsilon' must map each site to a number and 'central_epsilon' be a "
+                             f"number or null, as `simulations.run` writes them ({error})") from None
     return max(claimed) if claimed else math.inf
 
 
@@ -297,9 +299,10 @@ def audit_run(run_dir: Path, cfg: DictConfig) -> list[dict]:
                              f"(e.g. {sorted(absent)[:3]}): it is not the collection {run_dir} partitioned")
     members = {patient for study, patient in zip(everyone.study_ids, everyone.patient_ids) if study in trained}
     # a member patient's study outside the partition was never read; it is neither member nor non-member evidence
-    keep = [i for i, (study, patient) in enumerate(zip(everyone.study_ids, everyone.patient_ids))
-            if study in trained or patient not in members]
-    scored, is_member = one_image_per_study(_restricted(everyone, keep), members)
+    kept = {study for study, patient in zip(everyone.study_ids, everyone.patient_ids)
+            if study in trained or patient not in members}
+    pool = CxrDataset(catalog, cache, split=None, image_size=size, augmentation=None, study_ids=kept)
+    scored, is_member = one_image_per_study(pool, members)
     if is_member.all() or not is_member.any():
         raise RunFolderError(f"{run_dir}: the collection has {'no' if is_member.all() else 'only'} patients the "
                              "sites never read; the attack needs both members and non-members")
@@ -321,14 +324,6 @@ def audit_run(run_dir: Path, cfg: DictConfig) -> list[dict]:
         log.info("%s: AUC %.3f [%.3f, %.3f], TPR %.3f at FPR <= %g", arm, attack["auc"], *attack["auc_ci"],
                  attack["tpr_at_fpr"]["tpr"], float(rl.fpr))
     return rows
-
-
-def _restricted(dataset, keep: list[int]):
-    """`dataset`'s entries `keep`, with the study and patient ids `one_image_per_study` reads."""
-    subset = torch.utils.data.Subset(dataset, keep)
-    subset.study_ids = [dataset.study_ids[i] for i in keep]
-    subset.patient_ids = [dataset.patient_ids[i] for i in keep]
-    return subset
 
 
 def run_relinkage_of_runs(cfg: DictConfig) -> list[dict]:
