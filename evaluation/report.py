@@ -40,13 +40,13 @@ def check_results(results: Mapping) -> None:
 
 
 def jsonable(value):
-    """numpy scalars/arrays to Python, NaN to null (strict JSON has no NaN)."""
+    """numpy scalars/arrays to Python, NaN and infinities to null (strict JSON has neither)."""
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
         return [jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
     if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) else float(value)
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, Path):

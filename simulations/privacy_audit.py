@@ -39,6 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binom
 from torch import nn
 
+from evaluation.report import jsonable
+
 log = logging.getLogger(__name__)
 
 
@@ -235,8 +237,9 @@ def write_outputs(run_dir: Path, cfg: DictConfig, rows: list[dict], relinkage: l
     `run_relinkage` the re-linkage of finished federations' global models."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    (run_dir / "audit.json").write_text(json.dumps({"config": config, "arms": rows, "relinkage": relinkage or [],
-                                                    "run_relinkage": run_relinkage or []}, indent=2, default=str))
+    # strict JSON: a run without DP has an infinite accountant epsilon, written as null
+    audit = jsonable({"config": config, "arms": rows, "relinkage": relinkage or [], "run_relinkage": run_relinkage or []})
+    (run_dir / "audit.json").write_text(json.dumps(audit, indent=2, default=str, allow_nan=False))
     lines = canary_markdown(cfg, rows) if rows else []
     if relinkage:
         from simulations.relinkage_audit import markdown

@@ -36,6 +36,10 @@ def test_a_small_audit_finds_the_leak_without_noise_and_stays_under_the_accounta
     write_outputs(tmp_path, cfg, list(rows.values()))
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert [a["arm"] for a in saved["arms"]] == [r["arm"] for r in rows.values()] and saved["config"]["canaries"] == 600
+    # strict JSON: the noiseless arm's infinite epsilon is null, not the non-standard `Infinity`
+    assert rows["no noise"]["accountant_epsilon"] == math.inf and \
+        next(a for a in saved["arms"] if a["arm"].startswith("no noise"))["accountant_epsilon"] is None
+    assert "Infinity" not in (tmp_path / "audit.json").read_text()
     assert "| epsilon 2 |" in (tmp_path / "audit.md").read_text() and (tmp_path / "audit.png").stat().st_size > 0
 
 
