@@ -155,7 +155,7 @@ def test_a_runs_members_and_collection_come_from_its_partition_and_site_files(tm
 
 
 def test_a_runs_claimed_epsilon_is_its_highest_sites_or_the_central_one(tmp_path):
-    from simulations.relinkage_audit import run_epsilon
+    from simulations.relinkage_audit import RunFolderError, run_epsilon
 
     assert run_epsilon(tmp_path) == math.inf                                  # no summary.json
     (tmp_path / "summary.json").write_text(json.dumps({"epsilon": {}, "central_epsilon": None}))
@@ -165,8 +165,6 @@ def test_a_runs_claimed_epsilon_is_its_highest_sites_or_the_central_one(tmp_path
     assert run_epsilon(tmp_path) == 3.75
     (tmp_path / "summary.json").write_text(json.dumps({"epsilon": {"site_0": 2.5}, "central_epsilon": 6.0}))
     assert run_epsilon(tmp_path) == 6.0
-    from simulations.relinkage_audit import RunFolderError
-
     for edited in ({"epsilon": {"site_0": "about 3"}}, {"epsilon": ["site_0", 3.0]},
                    {"epsilon": {}, "central_epsilon": {"value": 6.0}}):
         (tmp_path / "summary.json").write_text(json.dumps(edited))
