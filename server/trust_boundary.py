@@ -56,6 +56,9 @@ class TrustBoundary:
                 self.reject(round_, label, node, problems)
                 continue
             checked.append(site_reply)
+        # replies arrive in whatever order the sites finish; the aggregate's floating-point sum must not depend on
+        # it, or a seeded run would not repeat (the first claim of a name above still goes by arrival)
+        checked.sort(key=lambda site_reply: (site_reply.site, site_reply.node))
         accepted, rejected = bound_influence(params, checked, self.norm_history, self.bounds,
                                              self.site_names.first_examples)
         for reply, problems in rejected:

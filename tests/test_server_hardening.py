@@ -172,6 +172,26 @@ def test_each_malformed_reply_is_refused_and_recorded_and_the_round_goes_on(fede
     assert load_latest_valid(fed.run_dir).round == 1
 
 
+def test_the_round_takes_the_sites_in_name_order_whatever_order_their_replies_arrive_in(federation):
+    """A seeded run repeats only if the aggregate's floating-point sum does: replies arrive as sites finish."""
+    make = {1: lambda: content(honest(1), site="A", examples=100.0), 2: lambda: content(honest(2), site="B", examples=300.0),
+            3: lambda: content(honest(3), site="C", examples=200.0)}
+    rounds = []
+    for order in ((1, 2, 3), (3, 1, 2), (2, 3, 1)):
+        name = "r" + "".join(map(str, order))
+        accepted = federation(ReplyGrid({}), name=f"{name}_accept").trust.accept(
+            1, GLOBAL, [(node, reply_from(node, make[node]())) for node in order])
+        assert [(reply.site, reply.node) for reply in accepted] == [("A", 1), ("B", 2), ("C", 3)]
+        fed = federation(ReplyGrid({node: make[node] for node in order}), name=name)
+        rounds.append((fed.round(1, GLOBAL), [m["site"] for m in fed.registry.describe(name)["site_metrics"]]))
+    for params, sites in rounds:
+        assert sites == ["A", "B", "C"]
+        for key in GLOBAL:
+            assert np.array_equal(params[key], rounds[0][0][key])
+    expected = np.tensordot(np.array([1, 3, 2]) / 6, np.stack([honest(n)["enc.weight"] for n in (1, 2, 3)]), axes=1)
+    np.testing.assert_allclose(rounds[0][0]["enc.weight"], expected, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ site names
 def test_a_second_node_claiming_a_site_name_is_refused_and_the_binding_survives_a_resume(federation):
     replies = {1: lambda: content(honest(1), site="A"), 2: lambda: content(honest(2), site="B"),
