@@ -364,6 +364,26 @@ def test_mimic_cxr_dicom_release_simulates_as_documented(mimic_run, collections)
     assert "| federated |" in stdout and "linear probe mean AUC @ 1.0" in (run_dir / "report.md").read_text()
 
 
+def test_the_run_relinkage_audit_attacks_a_mimic_cxr_federation_as_documented(mimic_run, tmp_path):
+    """docs/privacy.md's `audits=[run_relinkage]` command on the MIMIC-CXR DICOM release's federation: members are
+    the 16 train studies its sites read, non-members the validate and test patients' studies of the same catalog."""
+    run_dir, _ = mimic_run
+    audit_dir = tmp_path / "audit"
+    done = subprocess.run([sys.executable, "-m", "simulations.privacy_audit", "audits=[run_relinkage]",
+                           f"run_relinkage.runs=[{run_dir}]", "relinkage.bootstrap=50", f"hydra.run.dir={audit_dir}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    rows = json.loads((audit_dir / "audit.json").read_text())["run_relinkage"]
+    assert [row["arm"] for row in rows] == ["run: untrained", "run: global model"]
+    partition = json.loads((run_dir / "partition.json").read_text())
+    trained = {study for site in partition.values() for study in site["studies"]}
+    for row in rows:
+        assert (row["members"], row["nonmembers"]) == (len(trained), 16)     # one image per study
+        assert 0.0 <= row["auc_ci"][0] <= row["auc"] <= row["auc_ci"][1] <= 1.0
+    assert rows[1]["accountant_epsilon"] is None                             # no DP: infinite, written as null
+    assert "| run: global model | inf | 16 / 16 |" in done.stdout
+
+
 def test_the_papers_gpu_command_composes_for_the_apps(collections):
     """The GPU command (ViT-B/16 + BioClinicalBERT weights, 100 rounds) cannot train here: its configuration is
     composed as the run and as the apps would compose it, and its data prepared."""
